@@ -1,0 +1,21 @@
+"""The errors diffship raises on purpose. Each message names what was wrong and what to do."""
+
+
+class DiffshipError(Exception):
+    """Base class: something about the user's input or files is wrong."""
+
+
+class NotAPipelineError(DiffshipError):
+    """A directory that is not an exported (or diffusers) pipeline."""
+
+
+class MissingComponentError(DiffshipError):
+    """A component the task needs is not in the directory."""
+
+
+class BackendError(DiffshipError):
+    """An unknown or unavailable backend, or a model file the backend cannot read."""
+
+
+class ValidationError(DiffshipError):
+    """An exported component differs from its PyTorch reference beyond tolerance."""

@@ -1,0 +1,40 @@
+"""PyTorch -> ONNX for one component."""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from diffship.exporters.components import ComponentSpec
+from diffship.graphs.external_data import TWO_GB, save_model
+
+DEFAULT_OPSET = 17
+
+
+def export_onnx(
+    spec: ComponentSpec, path: str | Path, opset: int = DEFAULT_OPSET, external_data_threshold: int = TWO_GB
+) -> list[Path]:
+    """Trace `spec.module` with its example inputs and write the graph to `path`. Returns the files written."""
+    path = Path(path)
+    with tempfile.TemporaryDirectory() as scratch, torch.no_grad(), warnings.catch_warnings():
+        # Tracer warnings about Python control flow on shapes are expected for these models.
+        warnings.simplefilter("ignore")
+        traced = Path(scratch) / "model.onnx"
+        torch.onnx.export(
+            spec.module.eval(),
+            tuple(spec.example_inputs.values()),
+            str(traced),
+            input_names=list(spec.example_inputs),
+            output_names=spec.output_names,
+            dynamic_axes={k: v for k, v in spec.dynamic_axes.items() if v},
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+        # Re-save from memory: the tracer's own external-data layout (one file per tensor) is not ours.
+        model = onnx.load(str(traced), load_external_data=True)
+    return save_model(model, path, external_data_threshold)

@@ -1,0 +1,50 @@
+"""The Session protocol: the only thing a pipeline knows of a backend."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One graph input or output. Dynamic dimensions are strings (their symbolic name) or None."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...]
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+
+@runtime_checkable
+class Session(Protocol):
+    """A compiled component graph. `run` takes and returns numpy arrays keyed by tensor name."""
+
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    path: str
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+def input_info(session: Session, name: str) -> TensorInfo | None:
+    return next((i for i in session.inputs if i.name == name), None)
+
+
+def check_feeds(session: Session, feeds: dict[str, np.ndarray]) -> None:
+    """Fail with the graph's own input list when a feed is missing or unexpected: a clearer error than the
+    backends' own."""
+    expected = {i.name for i in session.inputs}
+    missing, extra = expected - set(feeds), set(feeds) - expected
+    if missing or extra:
+        from diffship.errors import BackendError
+
+        raise BackendError(
+            f"{session.path}: the graph takes inputs {sorted(expected)}; "
+            f"missing {sorted(missing)}, unexpected {sorted(extra)}"
+        )

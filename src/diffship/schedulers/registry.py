@@ -1,0 +1,151 @@
+"""Finding a scheduler class: by diffusers class name (from a config) or by a short command-line name."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Mapping
+
+from diffship.errors import DiffshipError
+
+# diffusers class name -> module in this package holding it (one file per algorithm)
+_MODULES = {
+    "DDPMScheduler": "ddpm",
+    "DDIMScheduler": "ddim",
+    "PNDMScheduler": "pndm",
+    "LMSDiscreteScheduler": "lms_discrete",
+    "EulerDiscreteScheduler": "euler_discrete",
+    "EulerAncestralDiscreteScheduler": "euler_ancestral_discrete",
+    "HeunDiscreteScheduler": "heun_discrete",
+    "KDPM2DiscreteScheduler": "k_dpm_2_discrete",
+    "KDPM2AncestralDiscreteScheduler": "k_dpm_2_ancestral_discrete",
+    "DPMSolverMultistepScheduler": "dpmsolver_multistep",
+    "DPMSolverSinglestepScheduler": "dpmsolver_singlestep",
+    "UniPCMultistepScheduler": "unipc_multistep",
+    "DEISMultistepScheduler": "deis_multistep",
+    "LCMScheduler": "lcm",
+    "TCDScheduler": "tcd",
+}
+
+# diffusers schedulers diffship knows of but does not run, and why
+UNSUPPORTED = {
+    "DPMSolverSDEScheduler": (
+        "its noise comes from torchsde's Brownian tree (BrownianTreeNoiseSampler), which has no numpy equivalent "
+        "that reproduces diffusers' samples; use DPMSolverMultistepScheduler with "
+        "algorithm_type='sde-dpmsolver++' (short name 'dpm++2m-sde') for a stochastic DPM-Solver++ instead"
+    ),
+}
+
+
+def _load_all() -> dict[str, type]:
+    found = {}
+    for class_name, module in _MODULES.items():
+        try:
+            found[class_name] = getattr(importlib.import_module(f"{__package__}.{module}"), class_name)
+        except ModuleNotFoundError as error:
+            if error.name != f"{__package__}.{module}":
+                raise
+    return found
+
+
+SCHEDULERS: dict[str, type] = _load_all()
+
+
+def scheduler_class(class_name: str) -> type:
+    """The scheduler class named `class_name` (a diffusers class name); a DiffshipError if there is none."""
+    if class_name in SCHEDULERS:
+        return SCHEDULERS[class_name]
+    if class_name in UNSUPPORTED:
+        raise DiffshipError(f"{class_name} is not supported by diffship: {UNSUPPORTED[class_name]}.")
+    raise DiffshipError(
+        f"Unknown scheduler class {class_name!r}. Supported: {', '.join(sorted(SCHEDULERS))}. "
+        "Pass one of these as class_name, or fix `_class_name` in scheduler_config.json."
+    )
+
+
+def scheduler_from_config(config: Mapping[str, Any], class_name: str | None = None, **kwargs):
+    """A scheduler built from `config`, of class `class_name` or else of the class the config names."""
+    class_name = class_name or config.get("_class_name")
+    if not class_name:
+        raise DiffshipError(
+            "The scheduler config has no `_class_name`; pass class_name=, one of: " + ", ".join(sorted(SCHEDULERS))
+        )
+    return scheduler_class(class_name).from_config(config, **kwargs)
+
+
+# Short names (as on the command line and in other UIs) -> (class name, config overrides).
+SHORT_NAMES: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddpm": ("DDPMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "lms-karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "euler-ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "heun-karras": ("HeunDiscreteScheduler", {"use_karras_sigmas": True}),
+    "dpm2": ("KDPM2DiscreteScheduler", {}),
+    "dpm2-karras": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}),
+    "dpm2-a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "dpm2-ancestral": ("KDPM2AncestralDiscreteScheduler", {}),
+    "dpm2-a-karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpm++2m-karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
+    "dpm++2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "dpm++2m-sde-karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
+    "dpm++3m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 3}),
+    "dpm++2s": ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpm++2s-karras": (
+        "DPMSolverSinglestepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "unipc-karras": ("UniPCMultistepScheduler", {"use_karras_sigmas": True}),
+    "deis": ("DEISMultistepScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),
+}
+
+
+def normalize_name(name: str) -> str:
+    """'Euler_A' -> 'euler-a', 'DPM++ 2M Karras' -> 'dpm++-2m-karras' -> 'dpm++2m-karras'."""
+    name = name.strip().lower().replace("_", "-").replace(" ", "-")
+    return name.replace("++-", "++")
+
+
+def scheduler_by_name(name: str, base_config: Mapping[str, Any] | None = None):
+    """A scheduler for a short name (see SHORT_NAMES) or a diffusers class name, configured from `base_config`
+    (usually the pipeline's own scheduler config, which carries the model's beta schedule and prediction type)."""
+    base_config = dict(base_config or {})
+    if name in SCHEDULERS or name in UNSUPPORTED:
+        return scheduler_class(name).from_config(base_config)
+    key = normalize_name(name)
+    if key not in SHORT_NAMES:
+        raise DiffshipError(
+            f"Unknown scheduler name {name!r}. Short names: {', '.join(SHORT_NAMES)}; "
+            f"or a class name: {', '.join(sorted(SCHEDULERS))}."
+        )
+    class_name, overrides = SHORT_NAMES[key]
+    cls = scheduler_class(class_name)
+    # the short name's own settings win over the base config's (e.g. karras sigmas off in a DPM++ 2M config)
+    flags_off = {
+        k: False
+        for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+        if k not in overrides and k in base_config
+    }
+    return cls.from_config(base_config, **{**_applicable(cls, flags_off), **overrides})
+
+
+def _applicable(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    from .config import init_keys
+
+    keys = init_keys(cls)
+    return {k: v for k, v in values.items() if k in keys}

@@ -1,0 +1,181 @@
+"""Tiny deterministic diffusers-format Stable Diffusion pipelines, built from configs with fixed seeds.
+
+They stand in for hub checkpoints in tests, the demo and benchmarks: the same architectures and code paths as
+the real models, small enough to export and run in seconds. `sd1` mirrors Stable Diffusion 1.x (epsilon
+prediction, an int attention_head_dim, the OpenAI CLIP tokenizer's pad token); `sd2` mirrors 2.x
+(v_prediction, linear projections, per-block head dims, upcast attention, "!" padding). `full-size` has the
+SD1.5 architecture with random weights, for speed measurements (latency does not depend on weight values).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from diffship.testing.vocabulary import BOS_TOKEN, EOS_TOKEN, build_clip_vocabulary
+
+KINDS = ("sd1", "sd2", "full-size")
+
+_SCHEDULER_SD1 = {
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+}
+_SCHEDULER_SD2 = {
+    "_class_name": "DDIMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "prediction_type": "v_prediction",
+}
+
+_SPECS = {
+    "sd1": {
+        "unet": dict(
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=32,
+        ),
+        "vae": dict(block_out_channels=(32, 64), norm_num_groups=32, sample_size=64),
+        "text_encoder": dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
+                             hidden_act="quick_gelu", projection_dim=32),
+        "pad_token": EOS_TOKEN,
+        "scheduler": _SCHEDULER_SD1,
+    },
+    "sd2": {
+        "unet": dict(
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            upcast_attention=True,
+            norm_num_groups=32,
+        ),
+        "vae": dict(block_out_channels=(32, 64), norm_num_groups=32, sample_size=64),
+        "text_encoder": dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
+                             hidden_act="gelu", projection_dim=32),
+        "pad_token": "!",
+        "scheduler": _SCHEDULER_SD2,
+    },
+    "full-size": {
+        # Stable Diffusion 1.5: diffusers' UNet2DConditionModel defaults are the SD1 UNet.
+        "unet": dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
+        "vae": dict(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            sample_size=512,
+        ),
+        "text_encoder": dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                             hidden_act="quick_gelu", projection_dim=768, vocab_size=49408),
+        "pad_token": EOS_TOKEN,
+        "scheduler": _SCHEDULER_SD1,
+    },
+}
+
+
+def save_tokenizer(out_dir: str | Path, pad_token: str = EOS_TOKEN, model_max_length: int = 77) -> Path:
+    """Write a CLIP tokenizer (vocab.json, merges.txt, tokenizer.json, configs) trained on a prompt corpus."""
+    from transformers import CLIPTokenizer
+
+    out_dir = Path(out_dir)
+    vocab, merges = build_clip_vocabulary()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], pad_token=pad_token, model_max_length=model_max_length)
+    tokenizer.save_pretrained(out_dir)
+    # transformers 5 writes only tokenizer.json; older readers (and Optimum) look for the BPE files.
+    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return out_dir
+
+
+def build_tiny_pipeline(kind: str = "sd1", seed: int = 0):
+    """The diffusers StableDiffusionPipeline (torch) for `kind`, with weights drawn from `seed`."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.schedulers import DDIMScheduler, PNDMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if kind not in _SPECS:
+        raise ValueError(f"unknown tiny model kind {kind!r}; choose one of {', '.join(KINDS)}")
+    spec = _SPECS[kind]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(save_tokenizer(tmp, spec["pad_token"]))
+    text_config = dict(spec["text_encoder"])
+    text_config.setdefault("vocab_size", len(tokenizer))
+    text_config = CLIPTextConfig(
+        **text_config,
+        max_position_embeddings=77,
+        layer_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+    # One seed per component, so that changing one component's config leaves the others' weights alone.
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**spec["unet"])
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **_vae_blocks(spec["vae"]))
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(text_config)
+
+    scheduler_config = spec["scheduler"]
+    scheduler_cls = {"PNDMScheduler": PNDMScheduler, "DDIMScheduler": DDIMScheduler}[scheduler_config["_class_name"]]
+    pipe = StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=scheduler_cls.from_config(scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _vae_blocks(vae_spec: dict) -> dict:
+    spec = dict(vae_spec)
+    n = len(spec["block_out_channels"])
+    spec.setdefault("down_block_types", ("DownEncoderBlock2D",) * n)
+    spec.setdefault("up_block_types", ("UpDecoderBlock2D",) * n)
+    return spec
+
+
+def save_tiny_pipeline(out_dir: str | Path, kind: str = "sd1", seed: int = 0) -> Path:
+    """Write the `kind` pipeline as a diffusers directory (safetensors weights) and return its path."""
+    out_dir = Path(out_dir)
+    pipe = build_tiny_pipeline(kind, seed)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    # Replace the tokenizer folder with ours so that vocab.json/merges.txt sit beside tokenizer.json.
+    save_tokenizer(out_dir / "tokenizer", _SPECS[kind]["pad_token"])
+    return out_dir
