@@ -22,6 +22,7 @@ from diffship.exporters.loading import load_reference_pipeline, resolve_model_di
 from diffship.exporters.onnx import DEFAULT_OPSET, export_onnx
 from diffship.exporters.validate import DEFAULT_ATOL, validate
 from diffship.graphs.external_data import TWO_GB
+from diffship.pipelines.base import FINAL_LAYER_NORM_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +150,8 @@ def _export_components(pipe, shapes, staging, formats, atols, opset, threshold, 
                 for f in onnx_files:
                     f.unlink()
         _save_config(spec, folder)
+        if spec.name == "text_encoder":
+            _save_final_layer_norm(pipe.text_encoder, folder)
         components[spec.name] = entry
         logger.info("exported %s: %s", spec.name, {b: v["max_abs"] for b, v in entry["validation"].items()})
     return {"components": components}
@@ -163,6 +166,21 @@ def _save_config(spec, folder: Path) -> None:
         data = {k: v for k, v in dict(config).items()}
         data.setdefault("_class_name", type(spec.module).__name__)
         (folder / "config.json").write_text(json.dumps(data, indent=2, default=list) + "\n")
+
+
+def _save_final_layer_norm(text_encoder, folder: Path) -> None:
+    """clip_skip normalises an earlier hidden state with the final layer norm; the numpy pipeline needs its
+    weights, and they are too small to be worth a graph of their own."""
+    import numpy as np
+
+    # transformers 4 nests it under text_model, transformers 5 does not.
+    norm = next(m for name, m in text_encoder.named_modules() if name.endswith("final_layer_norm"))
+    np.savez(
+        folder / FINAL_LAYER_NORM_FILE,
+        weight=norm.weight.detach().float().numpy(),
+        bias=norm.bias.detach().float().numpy(),
+        eps=np.float64(norm.eps),
+    )
 
 
 def _write_pipeline_files(source: Path, staging: Path, index: dict) -> None:

@@ -21,7 +21,9 @@ from .schedules import (
     make_betas,
     rescale_zero_terminal_snr,
     sigma_spacing,
-    sigma_to_t_each,
+    sigma_to_t,
+    spaced_float_timesteps,
+    training_sigmas,
 )
 
 
@@ -109,29 +111,16 @@ class EulerDiscreteScheduler(Scheduler):
             num_inference_steps = len(timesteps) if timesteps is not None else len(sigmas) - 1
         self.num_inference_steps = num_inference_steps
 
-        train_sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5  # float32, ascending in t
+        train_sigmas = training_sigmas(self.alphas_cumprod)  # float32, ascending in t
         log_sigmas = np.log(train_sigmas)
         if sigmas is not None:
             sigmas = np.array(sigmas).astype(np.float32)
-            timesteps = sigma_to_t_each(sigmas[:-1], log_sigmas)
+            timesteps = sigma_to_t(sigmas[:-1], log_sigmas)
         else:
-            n_train = config.num_train_timesteps
             if timesteps is not None:
                 timesteps = np.array(timesteps).astype(np.float32)
-            elif config.timestep_spacing == "linspace":
-                timesteps = np.linspace(0, n_train - 1, num_inference_steps, dtype=np.float32)[::-1].copy()
-            elif config.timestep_spacing == "leading":
-                step_ratio = n_train // num_inference_steps
-                timesteps = (np.arange(0, num_inference_steps) * step_ratio).round()[::-1].copy().astype(np.float32)
-                timesteps += config.steps_offset
-            elif config.timestep_spacing == "trailing":
-                step_ratio = n_train / num_inference_steps
-                timesteps = np.arange(n_train, 0, -step_ratio).round().copy().astype(np.float32)
-                timesteps -= 1
             else:
-                raise ValueError(
-                    f"{config.timestep_spacing} is not supported. Please make sure to choose one of 'linspace', 'leading' or 'trailing'."
-                )
+                timesteps = spaced_float_timesteps(config, num_inference_steps)
 
             if config.interpolation_type == "linear":
                 sigmas = np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)
@@ -145,7 +134,7 @@ class EulerDiscreteScheduler(Scheduler):
 
             if spacing is not None:
                 sigmas = convert_sigmas(config, sigmas, self.num_inference_steps, spacing)
-                timesteps = sigma_to_t_each(sigmas, log_sigmas)
+                timesteps = sigma_to_t(sigmas, log_sigmas)
 
             if config.final_sigmas_type == "sigma_min":
                 sigma_last = ((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5

@@ -19,6 +19,8 @@ def randn(shape: tuple[int, ...], generator=None, dtype=np.float32) -> np.ndarra
     """Standard normal noise of `shape` and `dtype` drawn from `generator` (see the module docstring)."""
     shape = tuple(int(s) for s in shape)
     dtype = np.dtype(dtype)
+    if isinstance(generator, (list, tuple)) and len(generator) == 1:  # diffusers treats [g] as g
+        generator = generator[0]
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ValueError(f"Got {len(generator)} generators for a batch of {shape[0]}; pass one per batch item.")

@@ -88,7 +88,7 @@ class PNDMScheduler(Scheduler):
         self.timesteps = np.concatenate([self.prk_timesteps, self.plms_timesteps]).astype(np.int64)
         self._reset_state()
 
-    def step(self, model_output: np.ndarray, timestep: int, sample: np.ndarray, return_dict: bool = True, **kwargs):
+    def step(self, model_output: np.ndarray, timestep: int, sample: np.ndarray, return_dict: bool = True):
         if self.counter < len(self.prk_timesteps) and not self.config.skip_prk_steps:
             return self.step_prk(model_output, timestep, sample, return_dict=return_dict)
         return self.step_plms(model_output, timestep, sample, return_dict=return_dict)

@@ -65,6 +65,8 @@ def make_betas(
         return roots**2
     if beta_schedule == "squaredcos_cap_v2":
         return betas_for_alpha_bar(num_train_timesteps)
+    if beta_schedule == "exp" and "exp" in extra_schedules:
+        return betas_for_alpha_bar(num_train_timesteps, alpha_transform_type="exp")
     if beta_schedule == "laplace" and "laplace" in extra_schedules:
         return betas_for_alpha_bar(num_train_timesteps, alpha_transform_type="laplace")
     if beta_schedule == "sigmoid" and "sigmoid" in extra_schedules:
@@ -172,11 +174,6 @@ def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     return t.reshape(sigma.shape)
 
 
-def sigma_to_t_each(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
-    """`sigma_to_t` for each sigma, as diffusers does it (one scalar at a time, same dtype promotion)."""
-    return np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
-
-
 # ---- sample post-processing ------------------------------------------------------------------------------------
 def threshold_sample(sample: np.ndarray, ratio: float, max_value: float) -> np.ndarray:
     """Dynamic thresholding (Saharia et al. 2022, Imagen, sec. 2.3): per sample, clip to the `ratio` quantile s
@@ -231,3 +228,55 @@ def spaced_timesteps(config, num_inference_steps: int) -> np.ndarray:
     raise ValueError(
         f"{config.timestep_spacing} is not supported. Please make sure to choose one of 'linspace', 'leading' or 'trailing'."
     )
+
+
+def spaced_float_timesteps(config, num_inference_steps: int) -> np.ndarray:
+    """Descending float32 inference timesteps (the k-diffusion family's form of `spaced_timesteps`)."""
+    n_train = config.num_train_timesteps
+    if config.timestep_spacing == "linspace":
+        return np.linspace(0, n_train - 1, num_inference_steps, dtype=np.float32)[::-1].copy()
+    if config.timestep_spacing == "leading":
+        step_ratio = n_train // num_inference_steps
+        timesteps = (np.arange(0, num_inference_steps) * step_ratio).round()[::-1].copy().astype(np.float32)
+        return timesteps + np.float32(config.steps_offset)
+    if config.timestep_spacing == "trailing":
+        step_ratio = n_train / num_inference_steps
+        return np.arange(n_train, 0, -step_ratio).round().copy().astype(np.float32) - np.float32(1)
+    raise ValueError(
+        f"{config.timestep_spacing} is not supported. Please make sure to choose one of 'linspace', 'leading' or 'trailing'."
+    )
+
+
+def training_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """sigma_t = sqrt((1 - a_t) / a_t) for every training timestep (float32, ascending in t)."""
+    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+
+
+def k_diffusion_sigmas(config, alphas_cumprod: np.ndarray, num_inference_steps: int, timesteps=None, round_karras=False):
+    """The k-diffusion family's inference schedule: (timesteps, sigmas without the final 0, training log-sigmas).
+
+    Timesteps come from config.timestep_spacing (or `timesteps`), sigmas are the training sigmas interpolated at
+    them, optionally respaced (Karras / exponential / beta), in which case the timesteps are recomputed from the
+    new sigmas. Dtypes follow diffusers: float32 timesteps, float64 when recomputed from sigmas.
+    """
+    if timesteps is not None:
+        timesteps = np.array(timesteps, dtype=np.float32)
+    else:
+        timesteps = spaced_float_timesteps(config, num_inference_steps)
+    train_sigmas = training_sigmas(alphas_cumprod)
+    log_sigmas = np.log(train_sigmas)
+    sigmas = np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)
+    spacing = sigma_spacing(config)
+    if spacing is not None:
+        sigmas = convert_sigmas(config, sigmas, num_inference_steps, spacing)
+        timesteps = sigma_to_t(sigmas, log_sigmas)
+        if round_karras and spacing == "karras":
+            timesteps = timesteps.round()
+    return timesteps, sigmas, log_sigmas
+
+
+def torch_lerp(start: np.ndarray, end: np.ndarray, weight: float) -> np.ndarray:
+    """torch.lerp's formula (its rounding differs from start + w (end - start) for w >= 0.5)."""
+    if abs(weight) < 0.5:
+        return start + weight * (end - start)
+    return end - (end - start) * (1 - weight)

@@ -1,0 +1,19 @@
+"""diffship: export diffusion pipelines to ONNX / OpenVINO graphs and run them with torch-free numpy pipelines.
+
+Importing diffship imports no torch: `export` loads the exporters (and torch) on first use.
+"""
+
+from diffship.errors import DiffshipError
+from diffship.pipelines import StableDiffusionPipeline, StableDiffusionPipelineOutput
+
+__version__ = "0.1.0"
+
+
+def export(*args, **kwargs):
+    """Export a diffusers pipeline; see `diffship.exporters.export.export`. Needs torch (diffship[export])."""
+    from diffship.exporters import export as _export
+
+    return _export(*args, **kwargs)
+
+
+__all__ = ["DiffshipError", "StableDiffusionPipeline", "StableDiffusionPipelineOutput", "export"]

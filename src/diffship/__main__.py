@@ -1,0 +1,5 @@
+import sys
+
+from diffship.cli import main
+
+sys.exit(main())

@@ -1,0 +1,162 @@
+"""The `diffship` command: one verb per job.
+
+  diffship tiny-model OUT             write a tiny (or full-size, random-weight) diffusers pipeline
+  diffship export MODEL OUT           export to ONNX and/or OpenVINO, validated against PyTorch
+  diffship generate DIR --prompt ...  generate images with the numpy pipeline, print per-stage timings
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from diffship.errors import DiffshipError
+
+
+def _atol(value: str):
+    """--atol 1e-3 for every component, or --atol unet=1e-3,vae_decoder=2e-3."""
+    if "=" not in value:
+        return float(value)
+    pairs = [p.split("=", 1) for p in value.split(",") if p]
+    return {k.strip(): float(v) for k, v in pairs}
+
+
+def _add_tiny_model(sub) -> None:
+    p = sub.add_parser("tiny-model", help="write a tiny deterministic diffusers pipeline (for tests and demos)",
+                       description="Write a tiny Stable Diffusion pipeline built from configs with fixed seeds.")
+    p.add_argument("out", type=Path, help="output directory (diffusers format)")
+    p.add_argument("--kind", choices=["sd1", "sd2"], default="sd1",
+                   help="sd1: epsilon prediction; sd2: v_prediction, linear projections, upcast attention")
+    p.add_argument("--full-size", action="store_true",
+                   help="the full SD1.5 architecture with random weights (about 4 GB, for benchmarks)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a diffusers pipeline to ONNX / OpenVINO, validated against PyTorch",
+                       description="Export one graph per component (text_encoder, unet, vae_encoder, vae_decoder) "
+                                   "in Optimum's layout; each is validated against PyTorch on the target backend.")
+    p.add_argument("model", help="a local diffusers directory or a hub id (org/name)")
+    p.add_argument("out", type=Path, help="output directory (written atomically)")
+    p.add_argument("--backend", action="append", default=None,
+                   help="onnx, openvino, or both (repeat the flag or give onnx,openvino); default onnx")
+    p.add_argument("--height", type=int, help="image height the graphs are traced at (default: the model's)")
+    p.add_argument("--width", type=int, help="image width the graphs are traced at (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per call the graphs are traced at")
+    p.add_argument("--static", action="store_true", help="fix batch, height and width in the graphs")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--atol", type=_atol, default=None,
+                   help="max abs error vs PyTorch: one value, or per component (unet=1e-3,vae_decoder=2e-3)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit)")
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate images from an exported pipeline (no torch)",
+                       description="Text-to-image with the numpy pipeline; prints a per-stage timing table.")
+    p.add_argument("model_dir", type=Path, help="an exported directory (diffship or Optimum)")
+    p.add_argument("--prompt", required=True, action="append", help="the prompt; repeat for a batch")
+    p.add_argument("--negative-prompt", action="append", default=None)
+    p.add_argument("--steps", type=int, default=50, help="num_inference_steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="guidance_scale (<= 1 turns guidance off)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--num-images", type=int, default=1, help="num_images_per_prompt")
+    p.add_argument("--scheduler", help="e.g. euler, euler-a, ddim, pndm, dpm++2m-karras (default: the model's)")
+    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--clip-skip", type=int, default=None)
+    p.add_argument("--backend", default="onnxruntime", help="onnxruntime or openvino")
+    p.add_argument("--provider", action="append", help="onnxruntime execution provider(s), e.g. CUDAExecutionProvider")
+    p.add_argument("--device", default=None, help="OpenVINO device (CPU, GPU, ...)")
+    p.add_argument("--static", action="store_true", help="OpenVINO: reshape the graphs to static shapes first")
+    p.add_argument("--out", type=Path, default=Path("image.png"),
+                   help="output image; with several images, OUT_0.png, OUT_1.png, ...")
+    p.add_argument("--json", type=Path, help="also write the timings as JSON here")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffship", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_tiny_model(sub)
+    _add_export(sub)
+    _add_generate(sub)
+    return parser
+
+
+def cmd_tiny_model(args) -> None:
+    from diffship.testing.tiny_models import save_tiny_pipeline
+
+    kind = "full-size" if args.full_size else args.kind
+    path = save_tiny_pipeline(args.out, kind, seed=args.seed)
+    print(f"wrote {kind} pipeline to {path}")
+
+
+def cmd_export(args) -> None:
+    from diffship.exporters import export
+
+    out = export(args.model, args.out, backend=args.backend or ["onnx"], height=args.height, width=args.width,
+                 batch_size=args.batch_size, static=args.static, opset=args.opset, atol=args.atol,
+                 overwrite=args.overwrite, revision=args.revision)
+    report = json.loads((out / "export_report.json").read_text())
+    print(f"exported to {out}")
+    for name, entry in report["components"].items():
+        figures = ", ".join(f"{b} max abs {v['max_abs']:.2e} (atol {v['atol']:g})" for b, v in entry["validation"].items())
+        print(f"  {name:<13} {figures}")
+
+
+def cmd_generate(args) -> None:
+    from diffship.pipelines import StableDiffusionPipeline
+    from diffship.pipelines.timing import format_timings
+    from diffship.schedulers import scheduler_by_name
+
+    options = {}
+    if args.provider:
+        options["providers"] = args.provider
+    if args.device:
+        options["device"] = args.device
+    pipe = StableDiffusionPipeline.from_pretrained(args.model_dir, backend=args.backend, **options)
+    if args.scheduler:
+        pipe.scheduler = scheduler_by_name(args.scheduler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=args.no_progress)
+    if args.static:
+        pipe.reshape(len(args.prompt), args.height, args.width, args.num_images, guidance=args.guidance > 1)
+    prompt = args.prompt[0] if len(args.prompt) == 1 else args.prompt
+    negative = None
+    if args.negative_prompt:
+        negative = args.negative_prompt[0] if isinstance(prompt, str) else args.negative_prompt
+    result = pipe(prompt, negative_prompt=negative, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                  height=args.height, width=args.width, num_images_per_prompt=args.num_images, eta=args.eta,
+                  generator=args.seed, clip_skip=args.clip_skip)
+    paths = [args.out] if len(result.images) == 1 else [
+        args.out.with_name(f"{args.out.stem}_{i}{args.out.suffix}") for i in range(len(result.images))
+    ]
+    for image, path in zip(result.images, paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+    print(f"saved {', '.join(str(p) for p in paths)}  ({pipe.backend}, {type(pipe.scheduler).__name__}, "
+          f"{args.steps} steps)")
+    print(format_timings(result.timings))
+    if args.json:
+        args.json.write_text(json.dumps(result.timings, indent=2) + "\n")
+
+
+COMMANDS = {"tiny-model": cmd_tiny_model, "export": cmd_export, "generate": cmd_generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except (DiffshipError, ValueError, TypeError) as e:
+        print(f"diffship {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

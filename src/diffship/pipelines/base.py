@@ -1,0 +1,195 @@
+"""The shared loading base: an exported directory -> sessions, tokenizer, scheduler and configs."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from diffship.errors import DiffshipError, MissingComponentError, NotAPipelineError
+from diffship.pipelines.tokenizer import CLIPTokenizer
+from diffship.runtimes import BACKENDS, backend_name, input_info, load_session
+from diffship.schedulers import scheduler_from_config
+
+# Written at export beside the text encoder graph: clip_skip applies this norm to an earlier hidden state.
+FINAL_LAYER_NORM_FILE = "final_layer_norm.npz"
+GRAPH_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
+
+
+class DiffusionPipeline:
+    """Components are plain attributes: `text_encoder`, `unet`, `vae_decoder`, ... are Sessions."""
+
+    # Graph components this pipeline cannot run without, and those it uses when present.
+    required_components: tuple[str, ...] = ()
+    optional_components: tuple[str, ...] = ()
+
+    def __init__(self, sessions: dict, tokenizer: CLIPTokenizer, scheduler, configs: dict, model_dir: Path | None,
+                 backend: str, load_seconds: float = 0.0):
+        for name in self.required_components:
+            if sessions.get(name) is None:
+                raise MissingComponentError(f"{type(self).__name__} needs the {name} component")
+        self.sessions = sessions
+        for name in GRAPH_COMPONENTS:
+            setattr(self, name, sessions.get(name))
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.configs = configs
+        self.model_dir = model_dir
+        self.backend = backend
+        self.load_seconds = load_seconds
+        self._progress_bar_config: dict = {}
+
+    # ---- loading -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, model_dir, backend: str = "onnxruntime", compile: bool = True, **backend_options):
+        """Load an exported directory. `backend_options` go to the session class, e.g. `providers=[...]`
+        for onnxruntime, `device="GPU"`, `cache_dir=...`, `inference_precision=...` for OpenVINO."""
+        start = time.perf_counter()
+        backend = backend_name(backend)
+        model_dir = Path(model_dir).expanduser()
+        index = _read_index(model_dir)
+        names = [n for n in cls.required_components + cls.optional_components]
+        model_file = BACKENDS[backend][2]
+        sessions = {}
+        for name in names:
+            folder = model_dir / name
+            present = folder.is_dir() and (any(folder.glob("*.onnx")) or any(folder.glob("*.xml")))
+            if not present:
+                if name in cls.required_components:
+                    raise MissingComponentError(
+                        f"{folder} is missing: {cls.__name__} needs the {name} component ({model_file}). "
+                        f"Re-export with `diffship export`."
+                    )
+                continue
+            try:
+                sessions[name] = load_session(folder, backend, **backend_options)
+            except TypeError as e:
+                raise DiffshipError(f"backend option not understood by {backend}: {e}") from e
+            if compile and hasattr(sessions[name], "compile"):
+                sessions[name].compile()
+        tokenizer = CLIPTokenizer.from_pretrained(_required_dir(model_dir, "tokenizer"))
+        scheduler = scheduler_from_config(_read_json(_required_dir(model_dir, "scheduler") / "scheduler_config.json"))
+        configs = {name: _read_json(model_dir / name / "config.json") for name in names if (model_dir / name).is_dir()}
+        configs["model_index"] = index
+        return cls(sessions, tokenizer, scheduler, configs, model_dir, backend, time.perf_counter() - start)
+
+    # ---- facts read from configs and graphs ----------------------------------------------------------------
+    @property
+    def vae_config(self) -> dict:
+        return self.configs.get("vae_decoder") or self.configs.get("vae_encoder") or {}
+
+    @property
+    def vae_scale_factor(self) -> int:
+        blocks = self.vae_config.get("block_out_channels", [0, 0, 0, 0])
+        return 2 ** (len(blocks) - 1)
+
+    @property
+    def vae_scaling_factor(self) -> float:
+        return float(self.vae_config.get("scaling_factor", 0.18215))
+
+    @property
+    def text_encoder_final_layer_norm(self):
+        """(weight, bias, eps) of the text encoder's final layer norm, for clip_skip; None if not exported."""
+        if not hasattr(self, "_final_layer_norm"):
+            path = self.model_dir / "text_encoder" / FINAL_LAYER_NORM_FILE if self.model_dir else None
+            if path is not None and path.is_file():
+                with np.load(path) as data:
+                    self._final_layer_norm = (data["weight"], data["bias"], float(data["eps"]))
+            else:
+                self._final_layer_norm = None
+        return self._final_layer_norm
+
+    @property
+    def unet_config(self) -> dict:
+        return self.configs.get("unet", {})
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """tqdm options for the denoising progress bar, e.g. `disable=True`."""
+        self._progress_bar_config = kwargs
+
+    def progress_bar(self, iterable):
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, **self._progress_bar_config)
+
+    def reshape(self, batch_size: int = 1, height: int | None = None, width: int | None = None,
+                num_images_per_prompt: int = 1, guidance: bool = True) -> None:
+        """Fix OpenVINO graphs to static shapes (faster on CPU); a later call with other sizes must reshape again."""
+        if self.backend != "openvino":
+            raise DiffshipError("reshape() is for the openvino backend; ONNX Runtime handles dynamic shapes as they come")
+        height = height or self.default_height
+        width = width or self.default_width
+        images = batch_size * num_images_per_prompt
+        latent = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        seq = self.tokenizer.model_max_length
+        unet_batch = images * (2 if guidance else 1)
+        plans = {
+            "text_encoder": {"input_ids": (batch_size, seq)},
+            "unet": {"sample": (unet_batch, self.unet_config.get("in_channels", 4), *latent),
+                     "encoder_hidden_states": (unet_batch, seq, self.unet_config.get("cross_attention_dim", 768))},
+            "vae_decoder": {"latent_sample": (images, self.vae_config.get("latent_channels", 4), *latent)},
+            "vae_encoder": {"sample": (images, self.vae_config.get("in_channels", 3), height, width)},
+        }
+        for name, shapes in plans.items():
+            session = self.sessions.get(name)
+            if session is not None:
+                # Only reshape the inputs the graph has (timestep etc. keep their shape).
+                session.reshape({k: v for k, v in shapes.items() if input_info(session, k) is not None})
+                session.compile()
+
+    @property
+    def default_height(self) -> int:
+        return self._static_latent_dim(2) or self.unet_config.get("sample_size", 64) * self.vae_scale_factor
+
+    @property
+    def default_width(self) -> int:
+        return self._static_latent_dim(3) or self.unet_config.get("sample_size", 64) * self.vae_scale_factor
+
+    def _static_latent_dim(self, axis: int) -> int | None:
+        info = input_info(self.unet, "sample") if self.unet is not None else None
+        if info is not None and isinstance(info.shape[axis], int):
+            return info.shape[axis] * self.vae_scale_factor
+        return None
+
+    def timestep_feed(self, t, batch: int) -> np.ndarray:
+        """The timestep in the form this UNet graph takes: float rank-0 (Optimum's ONNX) or [B] of its dtype."""
+        info = input_info(self.unet, "timestep")
+        dtype = info.dtype if info is not None else np.dtype(np.float32)
+        if info is not None and info.rank == 0:
+            return np.asarray(t, dtype=dtype)
+        return np.full((batch,), t, dtype=dtype)
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{k}={v!r}" for k, v in self.sessions.items())
+        return f"{type(self).__name__}(backend={self.backend!r}, {parts}, scheduler={type(self.scheduler).__name__})"
+
+
+def _read_index(model_dir: Path) -> dict:
+    if not model_dir.exists():
+        raise NotAPipelineError(f"{model_dir} does not exist")
+    if not model_dir.is_dir():
+        raise NotAPipelineError(f"{model_dir} is a file; give the exported pipeline's directory")
+    index_path = model_dir / "model_index.json"
+    if not index_path.is_file():
+        raise NotAPipelineError(
+            f"{model_dir} is not an exported pipeline: it has no model_index.json "
+            f"(export one with `diffship export MODEL {model_dir}`)"
+        )
+    return _read_json(index_path)
+
+
+def _required_dir(model_dir: Path, name: str) -> Path:
+    if not (model_dir / name).is_dir():
+        raise MissingComponentError(f"{model_dir / name} is missing; the pipeline needs its {name}")
+    return model_dir / name
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise MissingComponentError(f"{path} is missing")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DiffshipError(f"{path} is not valid JSON: {e}") from e

@@ -1,0 +1,67 @@
+"""Wall-clock time per pipeline stage, so every generation can say where its time went."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+
+class StageTimer:
+    """Accumulates seconds per named stage; `unet` steps are also kept one by one."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.unet_steps: list[float] = []
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            self.seconds[name] += elapsed
+            if name == "unet":
+                self.unet_steps.append(elapsed)
+
+    def summary(self, total: float, load: float | None = None) -> dict[str, float]:
+        """Stages in seconds; `scheduler_and_glue` is what the named stages do not cover."""
+        named = {k: v for k, v in self.seconds.items()}
+        out = {
+            "text_encoder": named.get("text_encoder", 0.0),
+            "unet": named.get("unet", 0.0),
+            "unet_per_step": (sum(self.unet_steps) / len(self.unet_steps)) if self.unet_steps else 0.0,
+            "unet_steps": len(self.unet_steps),
+            "vae_encode": named.get("vae_encode", 0.0),
+            "vae_decode": named.get("vae_decode", 0.0),
+        }
+        out["scheduler_and_glue"] = max(
+            total - out["text_encoder"] - out["unet"] - out["vae_encode"] - out["vae_decode"], 0.0
+        )
+        out["total"] = total
+        if load is not None:
+            out["load_and_compile"] = load
+        return out
+
+
+def format_timings(timings: dict[str, float]) -> str:
+    """A small table for terminals: stage, milliseconds, share of the total."""
+    total = timings.get("total", 0.0) or 1e-12
+    rows = [
+        ("text encoder", timings.get("text_encoder", 0.0), True),
+        (f"UNet ({timings.get('unet_steps', 0)} steps)", timings.get("unet", 0.0), True),
+        ("  UNet per step", timings.get("unet_per_step", 0.0), False),
+        ("scheduler and glue", timings.get("scheduler_and_glue", 0.0), True),
+    ]
+    if timings.get("vae_encode"):
+        rows.append(("VAE encode", timings["vae_encode"], True))
+    rows += [("VAE decode", timings.get("vae_decode", 0.0), True), ("total (generation)", total, True)]
+    if "load_and_compile" in timings:
+        rows.append(("load and compile", timings["load_and_compile"], False))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'stage':<{width}}  {'ms':>10}  {'share':>6}", "-" * (width + 20)]
+    for name, seconds, share in rows:
+        pct = f"{100 * seconds / total:5.1f}%" if share else ""
+        lines.append(f"{name:<{width}}  {seconds * 1e3:10.1f}  {pct:>6}")
+    return "\n".join(lines)

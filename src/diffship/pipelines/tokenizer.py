@@ -1,0 +1,121 @@
+"""The CLIP tokenizer, from the `tokenizers` library alone (no transformers, no torch).
+
+A tokenizer folder holds either `tokenizer.json` (a fast tokenizer, as transformers >= 5 writes it) or only
+`vocab.json` + `merges.txt` (as older exports, Optimum's included, write it). Both give the ids
+transformers' CLIPTokenizer gives.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+from diffship.errors import MissingComponentError
+
+# CLIP's word split: contractions, letter runs, single digits, runs of other symbols.
+_CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+def _token(value) -> str | None:
+    """Special tokens are saved as plain strings or as AddedToken dicts."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class CLIPTokenizer:
+    """Turns prompts into padded int64 id arrays the text encoder takes."""
+
+    def __init__(self, tokenizer: Tokenizer, model_max_length: int, bos_token: str, eos_token: str, pad_token: str):
+        self._tokenizer = tokenizer
+        self.model_max_length = model_max_length
+        self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+        self.bos_token_id = self._id(bos_token)
+        self.eos_token_id = self._id(eos_token)
+        self.pad_token_id = self._id(pad_token)
+
+    def _id(self, token: str) -> int:
+        token_id = self._tokenizer.token_to_id(token)
+        if token_id is None:
+            raise MissingComponentError(f"the tokenizer's vocabulary has no special token {token!r}")
+        return token_id
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "CLIPTokenizer":
+        folder = Path(folder)
+        config = _read_json(folder / "tokenizer_config.json")
+        config.update({k: v for k, v in _read_json(folder / "special_tokens_map.json").items() if k not in config})
+        bos = _token(config.get("bos_token")) or "<|startoftext|>"
+        eos = _token(config.get("eos_token")) or "<|endoftext|>"
+        pad = _token(config.get("pad_token")) or eos
+        unk = _token(config.get("unk_token")) or eos
+        max_length = int(config.get("model_max_length", 77))
+        if max_length > 10_000:  # transformers writes a huge sentinel when no length was set
+            max_length = 77
+
+        if (folder / "tokenizer.json").is_file():
+            tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            tokenizer = _clip_bpe(folder / "vocab.json", folder / "merges.txt", unk)
+            # Special tokens are whole tokens, never split by the BPE (as transformers registers them).
+            tokenizer.add_special_tokens(list(dict.fromkeys([bos, eos, pad, unk])))
+        else:
+            raise MissingComponentError(
+                f"{folder} holds no tokenizer: expected tokenizer.json, or vocab.json and merges.txt"
+            )
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        result = cls(tokenizer, max_length, bos, eos, pad)
+        # Post-processing adds <|startoftext|> ... <|endoftext|>, as CLIP was trained with.
+        tokenizer.post_processor = processors.RobertaProcessing(
+            (eos, result.eos_token_id), (bos, result.bos_token_id), trim_offsets=False, add_prefix_space=False
+        )
+        return result
+
+    def __call__(self, prompts: list[str], max_length: int | None = None, truncation: bool = True) -> np.ndarray:
+        """ids [len(prompts), max_length], padded with the pad token and truncated keeping the end token."""
+        max_length = max_length or self.model_max_length
+        ids = np.full((len(prompts), max_length), self.pad_token_id, dtype=np.int64)
+        for row, encoding in enumerate(self._tokenizer.encode_batch(list(prompts))):
+            tokens = encoding.ids
+            if len(tokens) > max_length:
+                if not truncation:
+                    raise ValueError(f"prompt {row} has {len(tokens)} tokens, more than {max_length}")
+                tokens = tokens[: max_length - 1] + [self.eos_token_id]
+            ids[row, : len(tokens)] = tokens
+        return ids
+
+    def untruncated_length(self, prompt: str) -> int:
+        return len(self._tokenizer.encode(prompt).ids)
+
+    def decode(self, ids) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=True).replace("</w>", " ").strip()
+
+    def __len__(self) -> int:
+        return self._tokenizer.get_vocab_size()
+
+
+def _clip_bpe(vocab_path: Path, merges_path: Path, unk: str) -> Tokenizer:
+    vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+    lines = merges_path.read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+    tokenizer = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
+                   fuse_unk=False, unk_token=unk)
+    )
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

@@ -1,0 +1,148 @@
+"""Which options each scheduler is tested with: one option at a time on top of the defaults (the cartesian
+product explodes), plus the configs real pipelines ship (SD 1.x / 2.x v-prediction / SDXL-like)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+STEPS = (1, 2, 4, 25, 50)
+
+# Stable Diffusion's training schedule; most real configs use it.
+SD = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+TRAINED_BETAS = np.linspace(0.0001, 0.02, 1000).tolist()
+
+
+def custom_timesteps(steps: int) -> dict:
+    return {"timesteps": np.linspace(999, 0, steps).round().astype(int).tolist()[: steps] if steps > 1 else [999]}
+
+
+def custom_float_timesteps(steps: int) -> dict:
+    return {"timesteps": np.linspace(999, 0, steps).round().tolist() if steps > 1 else [999.0]}
+
+
+def custom_sigmas(steps: int) -> dict:
+    return {"sigmas": np.geomspace(14.6, 0.03, steps).tolist() + [0.0]}
+
+
+def custom_descending_sigmas_no_zero(steps: int) -> dict:
+    return {"sigmas": np.geomspace(14.6, 0.03, steps).tolist()}
+
+
+COMMON_BETAS = {
+    "linear": {"beta_schedule": "linear"},
+    "scaled_linear": dict(SD),
+    "squaredcos": {"beta_schedule": "squaredcos_cap_v2"},
+    "trained_betas": {"trained_betas": TRAINED_BETAS},
+}
+SPACINGS = {
+    "linspace": {"timestep_spacing": "linspace"},
+    "leading": {"timestep_spacing": "leading", "steps_offset": 1},
+    "trailing": {"timestep_spacing": "trailing"},
+}
+PREDICTIONS = {
+    "epsilon": {"prediction_type": "epsilon"},
+    "v_prediction": {**SD, "prediction_type": "v_prediction"},
+    "sample": {"prediction_type": "sample"},
+}
+THRESHOLDING = {"thresholding": {"thresholding": True, "sample_max_value": 1.5}}
+SIGMA_SPACINGS = {
+    "karras": {**SD, "use_karras_sigmas": True},
+    "exponential": {**SD, "use_exponential_sigmas": True},
+    "beta_sigmas": {**SD, "use_beta_sigmas": True},
+}
+
+
+def opt(config=None, set_kwargs=None, step_kwargs=None):
+    return {"config": config or {}, "set_kwargs": set_kwargs, "step_kwargs": step_kwargs or {}}
+
+
+def _variants(**groups) -> dict[str, dict]:
+    out = {}
+    for name, value in groups.items():
+        out[name] = value if "config" in value else opt(value)
+    return out
+
+
+def _from(*dicts: dict[str, dict], **extra) -> dict[str, dict]:
+    out = {}
+    for d in dicts:
+        for name, cfg in d.items():
+            out[name] = opt(cfg)
+    for name, value in extra.items():
+        out[name] = value if isinstance(value, dict) and "config" in value else opt(value)
+    return out
+
+
+OPTIONS: dict[str, dict[str, dict]] = {
+    "DDPMScheduler": _from(
+        COMMON_BETAS,
+        SPACINGS,
+        PREDICTIONS,
+        THRESHOLDING,
+        sigmoid={"beta_schedule": "sigmoid"},
+        no_clip={"clip_sample": False},
+        clip_range={"clip_sample_range": 0.5},
+        fixed_small_log={"variance_type": "fixed_small_log"},
+        fixed_large={"variance_type": "fixed_large"},
+        zero_snr={**SD, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
+        custom_timesteps=opt(set_kwargs=custom_timesteps),
+    ),
+    "DDIMScheduler": _from(
+        COMMON_BETAS,
+        SPACINGS,
+        PREDICTIONS,
+        THRESHOLDING,
+        no_clip={"clip_sample": False},
+        clip_range={"clip_sample_range": 0.5},
+        alpha_to_one_false={"set_alpha_to_one": False},
+        zero_snr={**SD, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"},
+        eta=opt(step_kwargs={"eta": 0.7}),
+        eta_clipped_output=opt({"clip_sample_range": 0.5}, step_kwargs={"eta": 1.0, "use_clipped_model_output": True}),
+    ),
+    "PNDMScheduler": _from(
+        COMMON_BETAS,
+        SPACINGS,
+        prk={"skip_prk_steps": False},
+        skip_prk={"skip_prk_steps": True},
+        sd={**SD, "skip_prk_steps": True, "set_alpha_to_one": False, "steps_offset": 1},
+        v_prediction={**SD, "prediction_type": "v_prediction", "skip_prk_steps": True},
+        alpha_to_one={"set_alpha_to_one": True},
+    ),
+    "EulerDiscreteScheduler": _from(
+        COMMON_BETAS,
+        SPACINGS,
+        PREDICTIONS,
+        SIGMA_SPACINGS,
+        log_linear={**SD, "interpolation_type": "log_linear"},
+        sigma_min_max={**SD, "use_karras_sigmas": True, "sigma_min": 0.05, "sigma_max": 10.0},
+        final_sigma_min={**SD, "final_sigmas_type": "sigma_min"},
+        continuous_v={**SD, "timestep_type": "continuous", "prediction_type": "v_prediction"},
+        zero_snr={**SD, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
+        custom_timesteps=opt(set_kwargs=custom_float_timesteps),
+        custom_sigmas=opt(SD, set_kwargs=custom_sigmas),
+        churn=opt(SD, step_kwargs={"s_churn": 0.5, "s_tmin": 0.1, "s_tmax": 10.0}),
+    ),
+}
+
+OPTIONS["EulerAncestralDiscreteScheduler"] = _from(
+    COMMON_BETAS,
+    SPACINGS,
+    PREDICTIONS,
+    zero_snr={**SD, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
+)
+
+
+
+K_FAMILY_BASE = _from(COMMON_BETAS, SPACINGS, SIGMA_SPACINGS)
+OPTIONS["LMSDiscreteScheduler"] = {**K_FAMILY_BASE, **_from(PREDICTIONS)}
+OPTIONS["HeunDiscreteScheduler"] = {
+    **K_FAMILY_BASE,
+    **_from(
+        PREDICTIONS,
+        exp_betas={"beta_schedule": "exp"},
+        clip_sample={"clip_sample": True, "clip_sample_range": 2.0, "prediction_type": "sample"},
+        custom_timesteps=opt(SD, set_kwargs=custom_float_timesteps),
+    ),
+}
+OPTIONS["KDPM2DiscreteScheduler"] = {**K_FAMILY_BASE, **_from(PREDICTIONS)}
+OPTIONS["KDPM2AncestralDiscreteScheduler"] = {**K_FAMILY_BASE, **_from(PREDICTIONS)}

@@ -1,0 +1,247 @@
+"""Run a denoising trajectory through a diffusers scheduler and through diffship's, and compare them.
+
+Both sides see the same stand-in model (a fixed linear function of sample and timestep, in float32 numpy), the
+same initial latents and the same step noise: diffusers' draws are recorded by wrapping the `randn_tensor` its
+scheduler module calls, and replayed to diffship through the noise hook (an object with `randn(shape, dtype)`).
+Each side's model sees that side's own samples, so the trajectories are independent computations.
+
+Float type: float32 everywhere (latents, model outputs, scheduler state), as diffusers runs on CPU.
+Tolerance: every intermediate sample and model input agrees with diffusers' to 1e-5 relative, elementwise, with an
+absolute floor of 1e-5 times the tensor's largest magnitude (so elements crossing zero are not infinitely off).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+import diffusers
+import diffship.schedulers as ds
+
+SHAPE = (2, 4, 8, 8)
+RTOL = 1e-5
+# pred_original_sample is compared at 1e-4: x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t) amplifies the float32
+# rounding of x_t by up to 1 / sqrt(a_t) (~150x near t = T), in diffusers as much as here.
+PRED_X0_RTOL = 1e-4
+# sigmas and float timesteps: torch's float32 linspace (betas) differs from the correctly rounded one in the last
+# bit for about a third of the entries; schedules built from betas inherit that, and rescale_betas_zero_snr
+# amplifies it to ~1e-6.
+SIGMA_RTOL = 1e-5
+
+_PATTERN = np.random.default_rng(1234).standard_normal(SHAPE).astype(np.float32)
+_INIT_NOISE = np.random.default_rng(5678).standard_normal(SHAPE).astype(np.float32)
+_IMAGE_LATENTS = np.random.default_rng(91011).standard_normal(SHAPE).astype(np.float32) * np.float32(0.8)
+
+
+def stand_in_model(sample: np.ndarray, timestep: float) -> np.ndarray:
+    """A deterministic stand-in for a UNet: a fixed linear function of the (scaled) sample and the timestep."""
+    return np.float32(0.5) * sample + np.float32(0.1 + float(timestep) / 1000.0) * _PATTERN
+
+
+@dataclass
+class Trajectory:
+    timesteps: np.ndarray
+    sigmas: np.ndarray | None
+    init_noise_sigma: float
+    model_inputs: list[np.ndarray] = field(default_factory=list)
+    samples: list[np.ndarray] = field(default_factory=list)
+    pred_original_samples: list[np.ndarray] = field(default_factory=list)
+
+
+@dataclass
+class Case:
+    """One run: a scheduler class, config overrides, step count, and how set_timesteps / step are called."""
+
+    class_name: str
+    config: dict[str, Any]
+    steps: int
+    set_kwargs: Callable[[int], dict] | None = None  # steps -> kwargs replacing num_inference_steps
+    step_kwargs: dict[str, Any] = field(default_factory=dict)
+    strength: float | None = None  # img2img: start part-way, as diffusers' img2img pipelines do
+
+
+class NoiseRecorder:
+    """Wraps the `randn_tensor` a diffusers scheduler module uses and keeps a numpy copy of every draw."""
+
+    def __init__(self):
+        self.draws: list[np.ndarray] = []
+
+    @contextlib.contextmanager
+    def patch(self, module):
+        original = getattr(module, "randn_tensor", None)
+        if original is None:
+            yield
+            return
+
+        def recording_randn_tensor(*args, **kwargs):
+            tensor = original(*args, **kwargs)
+            self.draws.append(tensor.detach().cpu().numpy().copy())
+            return tensor
+
+        module.randn_tensor = recording_randn_tensor
+        try:
+            yield
+        finally:
+            module.randn_tensor = original
+
+
+class ReplayGenerator:
+    """A stand-in generator for diffship: hands out diffusers' recorded noise, in order, through the hook."""
+
+    def __init__(self, draws: list[np.ndarray]):
+        self.draws = list(draws)
+        self.used = 0
+
+    def randn(self, shape, dtype):
+        assert self.used < len(self.draws), "diffship drew more noise than diffusers did"
+        draw = self.draws[self.used]
+        assert tuple(draw.shape) == tuple(shape), f"noise draw {self.used}: shape {shape} vs diffusers' {draw.shape}"
+        self.used += 1
+        return draw.astype(dtype)
+
+
+def _timesteps_for(scheduler, case: Case, to_numpy):
+    timesteps = scheduler.timesteps
+    if case.strength is None:
+        return timesteps, None
+    n = case.steps
+    t_start = max(n - int(n * case.strength), 0)
+    timesteps = timesteps[t_start * scheduler.order :]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(t_start * scheduler.order)
+    return timesteps, t_start
+
+
+def _set_timesteps(scheduler, case: Case):
+    if case.set_kwargs is not None:
+        scheduler.set_timesteps(**case.set_kwargs(case.steps))
+    else:
+        scheduler.set_timesteps(case.steps)
+
+
+def _accepts(fn, name: str) -> bool:
+    params = inspect.signature(fn).parameters
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def diffusers_trajectory(case: Case) -> tuple[Trajectory, list[np.ndarray]]:
+    cls = getattr(diffusers, case.class_name)
+    scheduler = cls(**case.config)
+    recorder = NoiseRecorder()
+    module = inspect.getmodule(cls)
+    with recorder.patch(module):
+        _set_timesteps(scheduler, case)
+        timesteps, _ = _timesteps_for(scheduler, case, None)
+        traj = Trajectory(
+            timesteps=scheduler.timesteps.numpy().copy(),
+            sigmas=scheduler.sigmas.numpy().copy() if hasattr(scheduler, "sigmas") else None,
+            init_noise_sigma=float(scheduler.init_noise_sigma),
+        )
+        if case.strength is None:
+            sample = torch.from_numpy(_INIT_NOISE.copy()) * scheduler.init_noise_sigma
+        else:
+            latent_timestep = timesteps[:1].repeat(SHAPE[0])
+            sample = scheduler.add_noise(
+                torch.from_numpy(_IMAGE_LATENTS.copy()), torch.from_numpy(_INIT_NOISE.copy()), latent_timestep
+            )
+        traj.samples.append(sample.numpy().copy())
+        generator = torch.Generator().manual_seed(0)
+        extra = dict(case.step_kwargs)
+        if _accepts(scheduler.step, "generator"):
+            extra["generator"] = generator
+        for t in timesteps:
+            model_input = scheduler.scale_model_input(sample, t)
+            traj.model_inputs.append(model_input.numpy().copy())
+            model_output = torch.from_numpy(stand_in_model(model_input.numpy(), float(t)))
+            out = scheduler.step(model_output, t, sample, **extra)
+            sample = out.prev_sample
+            traj.samples.append(sample.numpy().copy())
+            pred = getattr(out, "pred_original_sample", None)
+            if pred is not None:
+                traj.pred_original_samples.append(pred.numpy().copy())
+    return traj, recorder.draws
+
+
+def diffship_trajectory(case: Case, draws: list[np.ndarray]) -> tuple[Trajectory, ReplayGenerator]:
+    cls = ds.SCHEDULERS[case.class_name]
+    scheduler = cls(**case.config)
+    _set_timesteps(scheduler, case)
+    timesteps, _ = _timesteps_for(scheduler, case, None)
+    traj = Trajectory(
+        timesteps=np.asarray(scheduler.timesteps).copy(),
+        sigmas=np.asarray(scheduler.sigmas).copy() if hasattr(scheduler, "sigmas") else None,
+        init_noise_sigma=float(scheduler.init_noise_sigma),
+    )
+    if case.strength is None:
+        sample = _INIT_NOISE.copy() * scheduler.init_noise_sigma
+    else:
+        latent_timestep = np.repeat(timesteps[:1], SHAPE[0])
+        sample = scheduler.add_noise(_IMAGE_LATENTS.copy(), _INIT_NOISE.copy(), latent_timestep)
+    traj.samples.append(np.array(sample))
+    generator = ReplayGenerator(draws)
+    extra = dict(case.step_kwargs)
+    if _accepts(scheduler.step, "generator"):
+        extra["generator"] = generator
+    for t in timesteps:
+        model_input = scheduler.scale_model_input(sample, t)
+        traj.model_inputs.append(np.array(model_input))
+        model_output = stand_in_model(model_input, float(t))
+        out = scheduler.step(model_output, t, sample, **extra)
+        sample = out.prev_sample
+        assert sample.dtype == np.float32, f"prev_sample dtype {sample.dtype}"
+        traj.samples.append(np.array(sample))
+        pred = getattr(out, "pred_original_sample", None)
+        if pred is not None:
+            traj.pred_original_samples.append(np.array(pred))
+    return traj, generator
+
+
+def assert_close(ours: np.ndarray, ref: np.ndarray, what: str, rtol: float = RTOL) -> None:
+    ours = np.asarray(ours)
+    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} vs diffusers' {ref.shape}"
+    assert np.all(np.isfinite(ref)) == np.all(np.isfinite(ours)), f"{what}: finiteness differs"
+    scale = float(np.max(np.abs(ref[np.isfinite(ref)]), initial=0.0))
+    np.testing.assert_allclose(ours, ref, rtol=rtol, atol=rtol * scale, err_msg=what)
+
+
+def assert_schedules_equal(ours: Trajectory, ref: Trajectory) -> None:
+    assert ours.timesteps.dtype == ref.timesteps.dtype, f"timesteps dtype {ours.timesteps.dtype} vs {ref.timesteps.dtype}"
+    if np.issubdtype(ref.timesteps.dtype, np.integer):
+        np.testing.assert_array_equal(ours.timesteps, ref.timesteps, err_msg="timesteps")
+    else:
+        np.testing.assert_allclose(ours.timesteps, ref.timesteps, rtol=SIGMA_RTOL, atol=1e-4, err_msg="timesteps")
+    assert (ours.sigmas is None) == (ref.sigmas is None), "one side has sigmas, the other not"
+    if ref.sigmas is not None:
+        assert ours.sigmas.dtype == ref.sigmas.dtype, f"sigmas dtype {ours.sigmas.dtype} vs {ref.sigmas.dtype}"
+        np.testing.assert_allclose(ours.sigmas, ref.sigmas, rtol=SIGMA_RTOL, atol=0, err_msg="sigmas")
+    np.testing.assert_allclose(ours.init_noise_sigma, ref.init_noise_sigma, rtol=SIGMA_RTOL, err_msg="init_noise_sigma")
+
+
+def check_case(case: Case) -> str:
+    """Run `case` on both sides and assert parity. Returns "refused" when diffusers refuses the combination
+    (and asserts diffship refuses it too), else "ok"."""
+    try:
+        ref, draws = diffusers_trajectory(case)
+    except (ValueError, NotImplementedError, ImportError, IndexError, TypeError, AttributeError) as diffusers_error:
+        try:
+            diffship_trajectory(case, [])
+        except Exception:  # noqa: BLE001 - any refusal matches; the kind is diffship's own
+            return "refused"
+        raise AssertionError(f"diffusers refuses this case ({diffusers_error!r}) but diffship ran it")
+    ours, generator = diffship_trajectory(case, draws)
+    assert_schedules_equal(ours, ref)
+    assert generator.used == len(draws), f"diffship drew noise {generator.used} times, diffusers {len(draws)}"
+    assert len(ours.samples) == len(ref.samples), f"{len(ours.samples)} samples vs diffusers' {len(ref.samples)}"
+    for i, (a, b) in enumerate(zip(ours.model_inputs, ref.model_inputs)):
+        assert_close(a, b, f"model input {i}")
+    for i, (a, b) in enumerate(zip(ours.samples, ref.samples)):
+        assert_close(a, b, f"sample after step {i} of {len(ref.samples) - 1}")
+    assert len(ours.pred_original_samples) == len(ref.pred_original_samples), "pred_original_sample presence"
+    for i, (a, b) in enumerate(zip(ours.pred_original_samples, ref.pred_original_samples)):
+        assert_close(a, b, f"pred_original_sample {i}", rtol=PRED_X0_RTOL)
+    return "ok"
