@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 
 def export(*args, **kwargs):
-    """Export a diffusers pipeline; see `diffship.exporters.export.export`. Needs torch (diffship[export])."""
+    """Export a diffusers pipeline; see `diffship.exporters.export_pipeline.export`. Needs torch (diffship[export])."""
     from diffship.exporters import export as _export
 
     return _export(*args, **kwargs)

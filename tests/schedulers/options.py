@@ -146,3 +146,101 @@ OPTIONS["HeunDiscreteScheduler"] = {
 }
 OPTIONS["KDPM2DiscreteScheduler"] = {**K_FAMILY_BASE, **_from(PREDICTIONS)}
 OPTIONS["KDPM2AncestralDiscreteScheduler"] = {**K_FAMILY_BASE, **_from(PREDICTIONS)}
+
+DPM_SOLVER = {
+    **_from(COMMON_BETAS, SPACINGS, PREDICTIONS, THRESHOLDING, SIGMA_SPACINGS),
+    **_from(
+        lu_lambdas={**SD, "use_lu_lambdas": True},
+        order_1={"solver_order": 1},
+        order_3={"solver_order": 3},
+        heun={"solver_type": "heun"},
+        dpmsolver={"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"},
+        dpmsolver_heun_order3={"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min", "solver_type": "heun", "solver_order": 3},
+        sde_dpmsolver_pp={**SD, "algorithm_type": "sde-dpmsolver++"},
+        sde_dpmsolver_pp_heun={**SD, "algorithm_type": "sde-dpmsolver++", "solver_type": "heun"},
+        sde_dpmsolver_pp_order3={**SD, "algorithm_type": "sde-dpmsolver++", "solver_order": 3},
+        sde_dpmsolver={"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min"},
+        sde_dpmsolver_heun={"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min", "solver_type": "heun"},
+        no_lower_order_final={"lower_order_final": False},
+        euler_at_final={**SD, "euler_at_final": True, "use_karras_sigmas": True},
+        final_sigma_min={**SD, "final_sigmas_type": "sigma_min"},
+        lambda_min_clipped={"beta_schedule": "squaredcos_cap_v2", "lambda_min_clipped": -5.1},
+        karras_squaredcos={"beta_schedule": "squaredcos_cap_v2", "use_karras_sigmas": True},
+        zero_snr={**SD, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"},
+        flow={"use_flow_sigmas": True, "flow_shift": 3.0, "prediction_type": "flow_prediction"},
+        legacy_deis_name={"algorithm_type": "deis", "final_sigmas_type": "sigma_min"},
+        legacy_bh2_name={"solver_type": "bh2"},
+        custom_timesteps=opt(SD, set_kwargs=custom_timesteps),
+        sd_karras={**SD, "use_karras_sigmas": True, "steps_offset": 1, "timestep_spacing": "leading"},
+    ),
+}
+OPTIONS["DPMSolverMultistepScheduler"] = DPM_SOLVER
+
+OPTIONS["DPMSolverSinglestepScheduler"] = {
+    **_from(COMMON_BETAS, PREDICTIONS, THRESHOLDING, SIGMA_SPACINGS),
+    **_from(
+        order_1={"solver_order": 1},
+        order_3={"solver_order": 3},
+        order_3_heun={"solver_order": 3, "solver_type": "heun"},
+        heun={"solver_type": "heun"},
+        lower_order_final={"lower_order_final": True},
+        dpmsolver={"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"},
+        dpmsolver_order3={"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min", "solver_order": 3},
+        dpmsolver_heun={"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min", "solver_type": "heun", "solver_order": 3},
+        dpmsolver_thresholding={"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min", "thresholding": True},
+        sde_dpmsolver_pp={**SD, "algorithm_type": "sde-dpmsolver++"},
+        sde_dpmsolver_pp_order3={**SD, "algorithm_type": "sde-dpmsolver++", "solver_order": 3},
+        sde_dpmsolver_pp_order3_heun={**SD, "algorithm_type": "sde-dpmsolver++", "solver_order": 3, "solver_type": "heun"},
+        final_sigma_min={**SD, "final_sigmas_type": "sigma_min"},
+        final_sigma_min_order3={**SD, "final_sigmas_type": "sigma_min", "solver_order": 3},
+        lambda_min_clipped={"beta_schedule": "squaredcos_cap_v2", "lambda_min_clipped": -5.1},
+        flow={"use_flow_sigmas": True, "flow_shift": 3.0, "prediction_type": "flow_prediction"},
+        custom_timesteps=opt(SD, set_kwargs=custom_timesteps),
+    ),
+}
+
+
+def flow_sigmas(steps: int) -> dict:
+    return {"num_inference_steps": None, "sigmas": np.linspace(1.0, 0.05, steps).tolist()}
+
+
+def flow_mu(steps: int) -> dict:
+    return {"num_inference_steps": steps, "mu": 0.8}
+
+
+OPTIONS["UniPCMultistepScheduler"] = {
+    **_from(COMMON_BETAS, SPACINGS, PREDICTIONS, THRESHOLDING, SIGMA_SPACINGS),
+    **_from(
+        order_1={"solver_order": 1},
+        order_3={"solver_order": 3},
+        bh1={"solver_type": "bh1"},
+        bh1_order3={"solver_type": "bh1", "solver_order": 3},
+        predict_eps={"predict_x0": False},
+        predict_eps_v={**SD, "predict_x0": False, "prediction_type": "v_prediction", "solver_order": 3},
+        no_lower_order_final={"lower_order_final": False},
+        disable_corrector={"disable_corrector": [0, 2]},
+        final_sigma_min={**SD, "final_sigmas_type": "sigma_min"},
+        karras_sigma_min_max={**SD, "use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 10.0},
+        zero_snr={**SD, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"},
+        flow={"use_flow_sigmas": True, "flow_shift": 3.0, "prediction_type": "flow_prediction"},
+        flow_karras={"use_flow_sigmas": True, "use_karras_sigmas": True, "prediction_type": "flow_prediction"},
+        flow_shift_terminal={"use_flow_sigmas": True, "shift_terminal": 0.1, "prediction_type": "flow_prediction"},
+        flow_custom_sigmas=opt({"use_flow_sigmas": True, "prediction_type": "flow_prediction"}, set_kwargs=flow_sigmas),
+        flow_dynamic_shift=opt(
+            {"use_flow_sigmas": True, "use_dynamic_shifting": True, "prediction_type": "flow_prediction"}, set_kwargs=flow_mu
+        ),
+        legacy_midpoint_name={"solver_type": "midpoint"},
+    ),
+}
+
+OPTIONS["DEISMultistepScheduler"] = {
+    **_from(COMMON_BETAS, SPACINGS, PREDICTIONS, THRESHOLDING, SIGMA_SPACINGS),
+    **_from(
+        order_1={"solver_order": 1},
+        order_3={"solver_order": 3},
+        order_3_karras={**SD, "solver_order": 3, "use_karras_sigmas": True},
+        no_lower_order_final={"lower_order_final": False, "solver_order": 3},
+        flow={"use_flow_sigmas": True, "flow_shift": 3.0, "prediction_type": "flow_prediction"},
+        legacy_dpmsolver_name={"algorithm_type": "dpmsolver++", "solver_type": "midpoint"},
+    ),
+}

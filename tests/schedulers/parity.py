@@ -227,7 +227,7 @@ def check_case(case: Case) -> str:
     (and asserts diffship refuses it too), else "ok"."""
     try:
         ref, draws = diffusers_trajectory(case)
-    except (ValueError, NotImplementedError, ImportError, IndexError, TypeError, AttributeError) as diffusers_error:
+    except Exception as diffusers_error:  # noqa: BLE001 - whatever diffusers refuses with, diffship must refuse too
         try:
             diffship_trajectory(case, [])
         except Exception:  # noqa: BLE001 - any refusal matches; the kind is diffship's own

@@ -1,5 +1,5 @@
 """PyTorch -> ONNX per component, ONNX -> OpenVINO IR, validated against PyTorch. Needs torch."""
 
-from diffship.exporters.export import export
+from diffship.exporters.export_pipeline import export
 
 __all__ = ["export"]

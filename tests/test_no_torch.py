@@ -1,0 +1,57 @@
+"""Runtime code never imports torch: `diffship generate` runs where importing torch raises ImportError."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BLOCKED = ("torch", "diffusers", "transformers")
+
+
+@pytest.fixture
+def torch_blocked_env(tmp_path):
+    """PYTHONPATH shadows torch, diffusers and transformers with packages whose import raises ImportError."""
+    shadow = tmp_path / "shadow"
+    for name in BLOCKED:
+        (shadow / name).mkdir(parents=True)
+        (shadow / name / "__init__.py").write_text(f"raise ImportError('{name} is blocked in this test')\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(shadow), env.get("PYTHONPATH", "")])
+    return env
+
+
+def test_shadow_really_blocks_torch(torch_blocked_env):
+    result = subprocess.run([sys.executable, "-c", "import torch"], env=torch_blocked_env, capture_output=True,
+                            text=True)
+    assert result.returncode != 0 and "torch is blocked" in result.stderr
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_generate_cli_without_torch(backend, exported_dirs, torch_blocked_env, tmp_path):
+    out = tmp_path / "image.png"
+    diffship = Path(sys.executable).parent / "diffship"
+    command = [str(diffship)] if diffship.exists() else [sys.executable, "-m", "diffship"]
+    result = subprocess.run(
+        [*command, "generate", str(exported_dirs("sd1")), "--prompt", "a red circle", "--steps", "3",
+         "--seed", "0", "--backend", backend, "--out", str(out), "--no-progress"],
+        env=torch_blocked_env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert out.is_file() and out.stat().st_size > 0
+    assert "UNet (" in result.stdout and "steps)" in result.stdout and "VAE decode" in result.stdout
+
+
+def test_runtime_modules_import_no_torch():
+    """Importing the public API, pipelines, schedulers and runtimes loads none of the torch stack."""
+    code = (
+        "import sys, diffship, diffship.pipelines, diffship.schedulers, diffship.runtimes, "
+        "diffship.runtimes.onnxruntime, diffship.runtimes.openvino, diffship.cli\n"
+        f"bad = [m for m in sys.modules if m.split('.')[0] in {BLOCKED!r}]\n"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
