@@ -159,7 +159,9 @@ class DiffusionPipeline:
         dtype = info.dtype if info is not None else np.dtype(np.float32)
         if info is not None and info.rank == 0:
             return np.asarray(t, dtype=dtype)
-        return np.full((batch,), t, dtype=dtype)
+        # A static length (Optimum's OpenVINO export bakes in [1]) broadcasts in the graph; feed what it asks.
+        length = info.shape[0] if info is not None and isinstance(info.shape[0], int) else batch
+        return np.full((length,), t, dtype=dtype)
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{k}={v!r}" for k, v in self.sessions.items())

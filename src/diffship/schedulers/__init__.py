@@ -1,7 +1,7 @@
 """numpy schedulers with diffusers' names, configs and numerics; no torch.
 
 `SCHEDULERS` maps diffusers class names to classes; `scheduler_from_config` picks the class from a config's
-`_class_name`; `scheduler_by_name` takes the short names of the command line ("euler_a", "dpm++2m-karras", ...).
+`_class_name`; `scheduler_by_name` takes the short names of the command line ("euler-a", "dpm++2m-karras", ...).
 """
 
 from __future__ import annotations
@@ -9,20 +9,50 @@ from __future__ import annotations
 from .base import Scheduler
 from .config import FrozenConfig
 from .ddim import DDIMScheduler
+from .ddpm import DDPMScheduler
+from .deis_multistep import DEISMultistepScheduler
+from .dpmsolver_multistep import DPMSolverMultistepScheduler
+from .dpmsolver_singlestep import DPMSolverSinglestepScheduler
+from .euler_ancestral_discrete import EulerAncestralDiscreteScheduler
 from .euler_discrete import EulerDiscreteScheduler
+from .heun_discrete import HeunDiscreteScheduler
+from .k_dpm_2_ancestral_discrete import KDPM2AncestralDiscreteScheduler
+from .k_dpm_2_discrete import KDPM2DiscreteScheduler
+from .lcm import LCMScheduler, LCMSchedulerOutput
+from .lms_discrete import LMSDiscreteScheduler
+from .noise import randn
 from .output import SchedulerOutput
 from .pndm import PNDMScheduler
-from .registry import SCHEDULERS, SHORT_NAMES, scheduler_by_name, scheduler_from_config
+from .registry import SCHEDULERS, SHORT_NAMES, UNSUPPORTED, scheduler_by_name, scheduler_class, scheduler_from_config
+from .tcd import TCDScheduler, TCDSchedulerOutput
+from .unipc_multistep import UniPCMultistepScheduler
 
 __all__ = [
     "SCHEDULERS",
     "SHORT_NAMES",
+    "UNSUPPORTED",
     "DDIMScheduler",
+    "DDPMScheduler",
+    "DEISMultistepScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
     "FrozenConfig",
+    "HeunDiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "LCMScheduler",
+    "LCMSchedulerOutput",
+    "LMSDiscreteScheduler",
     "PNDMScheduler",
     "Scheduler",
     "SchedulerOutput",
+    "TCDScheduler",
+    "TCDSchedulerOutput",
+    "UniPCMultistepScheduler",
+    "randn",
     "scheduler_by_name",
+    "scheduler_class",
     "scheduler_from_config",
 ]
