@@ -22,7 +22,7 @@ def test_tiny_model_export_generate(tmp_path, capsys):
     assert (tmp_path / "tiny" / "model_index.json").is_file()
     assert main(["export", str(tmp_path / "tiny"), str(tmp_path / "out"), "--backend", "onnx,openvino"]) == 0
     out = capsys.readouterr().out
-    assert "unet" in out and "onnxruntime max abs" in out and "openvino max abs" in out
+    assert "unet" in out and "onnxruntime fp32 max abs" in out and "openvino fp32 max abs" in out
 
     image = tmp_path / "img.png"
     assert main(["generate", str(tmp_path / "out"), "--prompt", "a red circle", "--prompt", "a blue square",

@@ -56,7 +56,7 @@ def test_tensor_contract(exported_dirs):
 
 def test_tiny_atol_fails_naming_component_and_leaves_nothing(tiny_model_dirs, tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(ValidationError, match=r"vae_decoder on onnxruntime differs from PyTorch"):
+    with pytest.raises(ValidationError, match=r"vae_decoder on onnxruntime \(fp32\) differs from PyTorch"):
         export(tiny_model_dirs("sd1"), out, "onnx", atol={"vae_decoder": 1e-12}, progress=False)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # no staging directory left either
@@ -64,24 +64,22 @@ def test_tiny_atol_fails_naming_component_and_leaves_nothing(tiny_model_dirs, tm
 
 def test_corrupted_weights_fail_validation(tiny_model_dirs, tmp_path, monkeypatch):
     """Perturb one UNet weight in the written graph, as a broken exporter would: validation must catch it."""
-    import diffship.exporters.export_pipeline as export_module
+    import diffship.exporters.component_export as component_export
 
-    real_export_onnx = export_module.export_onnx
+    real_trace = component_export.trace_onnx
 
-    def export_then_corrupt(spec, path, **kwargs):
-        files = real_export_onnx(spec, path, **kwargs)
+    def trace_then_corrupt(spec, opset):
+        model = real_trace(spec, opset)
         if spec.name == "unet":
-            model = onnx.load(str(path))
             weight = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
             array = onnx.numpy_helper.to_array(weight).copy()
             array += 0.5
             weight.CopyFrom(onnx.numpy_helper.from_array(array, weight.name))
-            onnx.save(model, str(path))
-        return files
+        return model
 
-    monkeypatch.setattr(export_module, "export_onnx", export_then_corrupt)
+    monkeypatch.setattr(component_export, "trace_onnx", trace_then_corrupt)
     out = tmp_path / "out"
-    with pytest.raises(ValidationError, match=r"^unet on onnxruntime differs"):
+    with pytest.raises(ValidationError, match=r"^unet on onnxruntime \(fp32\) differs"):
         export(tiny_model_dirs("sd1"), out, "onnx", progress=False)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 

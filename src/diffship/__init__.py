@@ -4,7 +4,16 @@ Importing diffship imports no torch: `export` loads the exporters (and torch) on
 """
 
 from diffship.errors import DiffshipError
-from diffship.pipelines import StableDiffusionPipeline, StableDiffusionPipelineOutput
+from diffship.pipelines import (
+    AutoPipelineForImage2Image,
+    AutoPipelineForInpainting,
+    AutoPipelineForText2Image,
+    StableDiffusionDepth2ImgPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionPipelineOutput,
+)
 
 __version__ = "0.1.0"
 
@@ -16,4 +25,15 @@ def export(*args, **kwargs):
     return _export(*args, **kwargs)
 
 
-__all__ = ["DiffshipError", "StableDiffusionPipeline", "StableDiffusionPipelineOutput", "export"]
+__all__ = [
+    "AutoPipelineForImage2Image",
+    "AutoPipelineForInpainting",
+    "AutoPipelineForText2Image",
+    "DiffshipError",
+    "StableDiffusionDepth2ImgPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+    "StableDiffusionPipeline",
+    "StableDiffusionPipelineOutput",
+    "export",
+]

@@ -51,6 +51,19 @@ def _add_export(sub) -> None:
                    help="max abs error vs PyTorch: one value, or per component (unet=1e-3,vae_decoder=2e-3)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
+                   help="fp16 halves the graphs; the VAE stays fp32 unless --vae-fp16 mixed (overflow protection)")
+    p.add_argument("--vae-fp16", choices=["fp32", "mixed", "none"], default="fp32",
+                   help="with --dtype fp16: keep the VAE fp32 (default), keep only its overflowing nodes fp32 "
+                        "(mixed), or convert it all (none: SD2/SDXL VAEs then overflow to NaN)")
+    p.add_argument("--optimize", action="store_true",
+                   help="clean the graphs (constant folding, dead nodes) and fuse them for onnxruntime")
+    p.add_argument("--target", choices=["cpu", "cuda"], default="cpu",
+                   help="what the onnxruntime fusions are for (CUDA-only fused ops are not used for cpu)")
+    p.add_argument("--weight-format", choices=["int8", "int4"],
+                   help="compress weights: onnxruntime dynamic int8 / int4 MatMulNBits; NNCF for OpenVINO")
+    p.add_argument("--quantize", choices=["hybrid"],
+                   help="OpenVINO: int8 activations for the UNet too, calibrated on real prompts (as Optimum Intel)")
 
 
 def _add_generate(sub) -> None:
@@ -101,11 +114,17 @@ def cmd_export(args) -> None:
 
     out = export(args.model, args.out, backend=args.backend or ["onnx"], height=args.height, width=args.width,
                  batch_size=args.batch_size, static=args.static, opset=args.opset, atol=args.atol,
-                 overwrite=args.overwrite, revision=args.revision)
+                 overwrite=args.overwrite, revision=args.revision, dtype=args.dtype, optimize=args.optimize,
+                 target=args.target, weight_format=args.weight_format, quantize=args.quantize,
+                 vae_fp16=args.vae_fp16)
     report = json.loads((out / "export_report.json").read_text())
     print(f"exported to {out}")
     for name, entry in report["components"].items():
-        figures = ", ".join(f"{b} max abs {v['max_abs']:.2e} (atol {v['atol']:g})" for b, v in entry["validation"].items())
+        figures = ", ".join(
+            f"{b} {v['precision']} max abs {v['max_abs']:.2e} " + (f"(atol {v['atol']:g})" if "atol" in v
+                                                                 else f"max rel {v['max_rel']:.2e} (rtol {v['rtol']:g})")
+            for b, v in entry["validation"].items()
+        )
         print(f"  {name:<13} {figures}")
 
 

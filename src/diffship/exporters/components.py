@@ -70,6 +70,15 @@ class _VaeDecoder(torch.nn.Module):
         return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
+class _DepthEstimator(torch.nn.Module):
+    def __init__(self, depth_estimator):
+        super().__init__()
+        self.depth_estimator = depth_estimator
+
+    def forward(self, pixel_values):
+        return self.depth_estimator(pixel_values=pixel_values, return_dict=True).predicted_depth
+
+
 def _maybe(static: bool, axes: dict[int, str]) -> dict[int, str]:
     return {} if static else axes
 
@@ -140,12 +149,33 @@ def vae_decoder_spec(vae, shapes: ExportShapes, vae_scale_factor: int) -> Compon
     )
 
 
+def depth_estimator_spec(depth_estimator, shapes: ExportShapes) -> ComponentSpec:
+    """DPTForDepthEstimation: pixel_values [B,3,S,S] -> predicted_depth [B,h,w]. Height and width stay fixed at the
+    DPT's image_size (the size its feature extractor resizes every image to): ViT position embeddings are resized
+    with Python ints at trace time, so a graph traced at one size would be wrong at another."""
+    size = depth_estimator.config.image_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return ComponentSpec(
+        name="depth_estimator",
+        module=_DepthEstimator(depth_estimator),
+        example_inputs={"pixel_values": torch.randn(shapes.batch_size, depth_estimator.config.num_channels, *size)},
+        output_names=["predicted_depth"],
+        dynamic_axes={"pixel_values": _maybe(shapes.static, {0: "batch_size"}),
+                      "predicted_depth": _maybe(shapes.static, {0: "batch_size"})},
+        config_source=depth_estimator.config,
+    )
+
+
 def stable_diffusion_specs(pipe, shapes: ExportShapes) -> list[ComponentSpec]:
-    """The components a Stable Diffusion 1.x/2.x pipeline is exported as."""
+    """The components a Stable Diffusion 1.x/2.x pipeline (text-to-image, image-to-image, inpainting or
+    depth-to-image: the UNet's in_channels say which) is exported as."""
     vae_scale_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    return [
+    specs = [
         text_encoder_spec(pipe.text_encoder, shapes),
         unet_spec(pipe.unet, shapes, vae_scale_factor, pipe.unet.config.cross_attention_dim),
         vae_encoder_spec(pipe.vae, shapes),
         vae_decoder_spec(pipe.vae, shapes, vae_scale_factor),
     ]
+    if getattr(pipe, "depth_estimator", None) is not None:
+        specs.append(depth_estimator_spec(pipe.depth_estimator, shapes))
+    return specs

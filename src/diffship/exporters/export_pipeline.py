@@ -19,15 +19,18 @@ from tqdm.auto import tqdm
 from diffship.errors import DiffshipError
 from diffship.exporters.components import ExportShapes, stable_diffusion_specs
 from diffship.exporters.loading import load_reference_pipeline, resolve_model_dir
-from diffship.exporters.onnx import DEFAULT_OPSET, export_onnx
-from diffship.exporters.validate import DEFAULT_ATOL, validate
+from diffship.exporters.component_export import export_component
+from diffship.exporters.onnx import DEFAULT_OPSET
+from diffship.exporters.optimize import ExportOptions
+from diffship.exporters.validate import DEFAULT_ATOL
 from diffship.graphs.external_data import TWO_GB
 from diffship.pipelines.base import FINAL_LAYER_NORM_FILE
 
 logger = logging.getLogger(__name__)
 
 FORMATS = {"onnx": "onnx", "onnxruntime": "onnx", "ort": "onnx", "openvino": "openvino", "ov": "openvino"}
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
+                       "StableDiffusionDepth2ImgPipeline")
 # Plain files copied as they are: what the numpy pipelines read besides the graphs.
 _COPIED = ("tokenizer", "tokenizer_2", "scheduler")
 
@@ -41,15 +44,16 @@ def _formats(backend) -> list[str]:
     return sorted({FORMATS[n.lower()] for n in names}, key=["onnx", "openvino"].index)
 
 
-def _atols(atol) -> dict[str, float]:
+def _atols(atol) -> dict[str, float] | None:
+    """The user's max-abs-error overrides per component; None keeps each precision's default bound."""
     if atol is None:
-        return dict(DEFAULT_ATOL)
+        return None
     if isinstance(atol, (int, float)):
         return {k: float(atol) for k in DEFAULT_ATOL}
     unknown = set(atol) - set(DEFAULT_ATOL)
     if unknown:
         raise DiffshipError(f"atol given for unknown components {sorted(unknown)}; components: {sorted(DEFAULT_ATOL)}")
-    return {**DEFAULT_ATOL, **atol}
+    return dict(atol)
 
 
 def export(
@@ -67,14 +71,31 @@ def export(
     external_data_threshold: int = TWO_GB,
     revision: str | None = None,
     progress: bool = True,
+    dtype: str = "fp32",
+    optimize: bool = False,
+    target: str = "cpu",
+    weight_format: str | None = None,
+    quantize: str | None = None,
+    vae_fp16: str = "fp32",
+    calibration_prompts: list[str] | None = None,
 ) -> Path:
     """Export `model` (a diffusers directory or hub id) to `output` for `backend` ("onnx", "openvino" or both).
 
     Every component is validated against PyTorch on the target backend(s); the figures go to
     `output/export_report.json`. Static shapes (`static=True`) fix batch, height and width in the graphs.
+
+    Precision and optimisation: `dtype` "fp16" converts weights and activations (the VAE stays fp32 unless
+    `vae_fp16` says "mixed"); `optimize` cleans the graphs and fuses them for onnxruntime on `target`
+    ("cpu" or "cuda"); `weight_format` "int8"/"int4" compresses weights (onnxruntime dynamic quantization,
+    NNCF for OpenVINO); `quantize="hybrid"` also quantizes the UNet's activations (OpenVINO), calibrated on
+    `calibration_prompts`.
     """
     formats = _formats(backend)
     atols = _atols(atol)
+    options = ExportOptions(dtype=dtype, optimize=optimize, target=target, weight_format=weight_format,
+                            quantize=quantize, vae_fp16=vae_fp16,
+                            calibration_prompts=tuple(calibration_prompts) if calibration_prompts else None)
+    options.check(formats)
     output = Path(output).expanduser().resolve()
     if output.exists() and not overwrite:
         raise DiffshipError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
@@ -105,13 +126,15 @@ def export(
     staging = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        report = _export_components(pipe, shapes, staging, formats, atols, opset, external_data_threshold, progress)
+        report = _export_components(pipe, shapes, staging, formats, atols, opset, external_data_threshold, progress,
+                                    options)
         report.update(
             source=str(model),
             formats=formats,
             opset=opset,
             shapes={"static": static, "batch_size": batch_size, "height": shapes.height, "width": shapes.width},
-            passes=[],
+            options=options.to_dict(),
+            passes=sorted({p["pass"] for c in report["components"].values() for p in c["passes"]}),
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             versions=_versions(),
         )
@@ -124,36 +147,24 @@ def export(
     return output
 
 
-def _export_components(pipe, shapes, staging, formats, atols, opset, threshold, progress) -> dict:
-    from diffship.runtimes import load_session
+def _export_components(pipe, shapes, staging, formats, atols, opset, threshold, progress, options) -> dict:
+    calibration = None
+    if options.quantize == "hybrid":
+        from diffship.exporters.calibration import DEFAULT_PROMPTS, unet_calibration_feeds
 
+        calibration = unet_calibration_feeds(pipe, shapes.height, shapes.width,
+                                             options.calibration_prompts or DEFAULT_PROMPTS)
     components = {}
     specs = stable_diffusion_specs(pipe, shapes)
     bar = tqdm(specs, desc="export", unit="component", disable=not progress)
     for spec in bar:
         bar.set_description(f"export {spec.name}")
         folder = staging / spec.name
-        onnx_files = export_onnx(spec, folder / "model.onnx", opset=opset, external_data_threshold=threshold)
-        entry = {"files": [], "inputs": list(spec.example_inputs), "outputs": spec.output_names, "validation": {}}
-        if "onnx" in formats:
-            session = load_session(folder, "onnxruntime")
-            entry["validation"]["onnxruntime"] = validate(spec, session, "onnxruntime", atols[spec.name])
-            entry["files"] += [f.name for f in onnx_files]
-        if "openvino" in formats:
-            from diffship.exporters.openvino import convert_to_openvino
-
-            ov_files = convert_to_openvino(folder / "model.onnx", folder)
-            session = load_session(folder / ov_files[0].name, "openvino")
-            entry["validation"]["openvino"] = validate(spec, session, "openvino", atols[spec.name])
-            entry["files"] += [f.name for f in ov_files]
-            if "onnx" not in formats:
-                for f in onnx_files:
-                    f.unlink()
+        components[spec.name] = export_component(spec, folder, formats, options, opset, threshold, atols,
+                                                 calibration if spec.name == "unet" else None)
         _save_config(spec, folder)
         if spec.name == "text_encoder":
             _save_final_layer_norm(pipe.text_encoder, folder)
-        components[spec.name] = entry
-        logger.info("exported %s: %s", spec.name, {b: v["max_abs"] for b, v in entry["validation"].items()})
     return {"components": components}
 
 
@@ -188,7 +199,12 @@ def _write_pipeline_files(source: Path, staging: Path, index: dict) -> None:
         if (source / name).is_dir():
             shutil.copytree(source / name, staging / name)
     # The components that are not exported are removed from the index so that loaders do not look for them.
-    index = {k: v for k, v in index.items() if k not in ("safety_checker", "feature_extractor", "image_encoder")}
+    dropped = ("safety_checker", "feature_extractor", "image_encoder")
+    if "depth_estimator" in index and (source / "feature_extractor").is_dir():
+        # Depth-to-image keeps its DPT feature extractor: the numpy pipeline reads its preprocessor_config.json.
+        shutil.copytree(source / "feature_extractor", staging / "feature_extractor")
+        dropped = ("safety_checker", "image_encoder")
+    index = {k: v for k, v in index.items() if k not in dropped}
     (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 

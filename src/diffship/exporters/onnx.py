@@ -15,11 +15,8 @@ from diffship.graphs.external_data import TWO_GB, save_model
 DEFAULT_OPSET = 17
 
 
-def export_onnx(
-    spec: ComponentSpec, path: str | Path, opset: int = DEFAULT_OPSET, external_data_threshold: int = TWO_GB
-) -> list[Path]:
-    """Trace `spec.module` with its example inputs and write the graph to `path`. Returns the files written."""
-    path = Path(path)
+def trace_onnx(spec: ComponentSpec, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """Trace `spec.module` with its example inputs; the fp32 graph, in memory."""
     with tempfile.TemporaryDirectory() as scratch, torch.no_grad(), warnings.catch_warnings():
         # Tracer warnings about Python control flow on shapes are expected for these models.
         warnings.simplefilter("ignore")
@@ -35,6 +32,12 @@ def export_onnx(
             do_constant_folding=True,
             dynamo=False,
         )
-        # Re-save from memory: the tracer's own external-data layout (one file per tensor) is not ours.
-        model = onnx.load(str(traced), load_external_data=True)
-    return save_model(model, path, external_data_threshold)
+        # Loaded whole: the tracer's own external-data layout (one file per tensor) is not the one we write.
+        return onnx.load(str(traced), load_external_data=True)
+
+
+def export_onnx(
+    spec: ComponentSpec, path: str | Path, opset: int = DEFAULT_OPSET, external_data_threshold: int = TWO_GB
+) -> list[Path]:
+    """Trace and write the graph to `path`. Returns the files written."""
+    return save_model(trace_onnx(spec, opset), path, external_data_threshold)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -12,10 +13,19 @@ from diffship.errors import DiffshipError, MissingComponentError, NotAPipelineEr
 from diffship.pipelines.tokenizer import CLIPTokenizer
 from diffship.runtimes import BACKENDS, backend_name, input_info, load_session
 from diffship.schedulers import scheduler_from_config
+from diffship.schedulers.noise import randn
 
 # Written at export beside the text encoder graph: clip_skip applies this norm to an earlier hidden state.
 FINAL_LAYER_NORM_FILE = "final_layer_norm.npz"
-GRAPH_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
+GRAPH_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder", "depth_estimator")
+# Plain-file components read at load: the folder and the file holding their settings.
+SETTINGS_FILES = {"feature_extractor": "preprocessor_config.json"}
+# What a Stable Diffusion UNet's input width says about the model, and the pipelines that run it.
+UNET_KINDS = {
+    4: ("text-to-image", "StableDiffusionPipeline, StableDiffusionImg2ImgPipeline or StableDiffusionInpaintPipeline"),
+    9: ("inpainting", "StableDiffusionInpaintPipeline (AutoPipelineForInpainting)"),
+    5: ("depth-to-image", "StableDiffusionDepth2ImgPipeline (AutoPipelineForImage2Image)"),
+}
 
 
 class DiffusionPipeline:
@@ -24,12 +34,25 @@ class DiffusionPipeline:
     # Graph components this pipeline cannot run without, and those it uses when present.
     required_components: tuple[str, ...] = ()
     optional_components: tuple[str, ...] = ()
+    # UNet input widths this pipeline runs: 4 latent channels, + mask and masked-image latents (9), + depth (5).
+    unet_in_channels: tuple[int, ...] = (4,)
 
     def __init__(self, sessions: dict, tokenizer: CLIPTokenizer, scheduler, configs: dict, model_dir: Path | None,
                  backend: str, load_seconds: float = 0.0):
+        where = f" {model_dir}" if model_dir is not None else " this pipeline"
         for name in self.required_components:
             if sessions.get(name) is None:
-                raise MissingComponentError(f"{type(self).__name__} needs the {name} component")
+                raise MissingComponentError(
+                    f"{type(self).__name__} needs the {name} component, which{where} does not have "
+                    f"(no {name}/ folder with a graph); export the model again with `diffship export`"
+                )
+        in_channels = configs.get("unet", {}).get("in_channels", 4)
+        if in_channels not in self.unet_in_channels:
+            kind, runs = UNET_KINDS.get(in_channels, (f"{in_channels}-channel", "no diffship pipeline"))
+            raise DiffshipError(
+                f"{type(self).__name__} cannot run{where}: its UNet takes {in_channels} input channels, a {kind} "
+                f"model; use {runs}"
+            )
         self.sessions = sessions
         for name in GRAPH_COMPONENTS:
             setattr(self, name, sessions.get(name))
@@ -72,8 +95,27 @@ class DiffusionPipeline:
         tokenizer = CLIPTokenizer.from_pretrained(_required_dir(model_dir, "tokenizer"))
         scheduler = scheduler_from_config(_read_json(_required_dir(model_dir, "scheduler") / "scheduler_config.json"))
         configs = {name: _read_json(model_dir / name / "config.json") for name in names if (model_dir / name).is_dir()}
+        configs.update({name: _read_json(model_dir / name / file) for name, file in SETTINGS_FILES.items()
+                        if (model_dir / name / file).is_file()})
         configs["model_index"] = index
         return cls(sessions, tokenizer, scheduler, configs, model_dir, backend, time.perf_counter() - start)
+
+    @classmethod
+    def from_pipe(cls, pipe: "DiffusionPipeline", scheduler=None):
+        """This task's pipeline on `pipe`'s already-loaded sessions, tokenizer and configs: nothing is read from
+        disk, reloaded or recompiled. The scheduler is a new one of `pipe`'s scheduler class and config (stepping
+        state is per pipeline), or `scheduler` when given."""
+        start = time.perf_counter()
+        if not isinstance(pipe, DiffusionPipeline):
+            raise TypeError(f"from_pipe takes a diffship pipeline, got {type(pipe).__name__}")
+        if scheduler is None:
+            scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        new = cls(pipe.sessions, pipe.tokenizer, scheduler, pipe.configs, pipe.model_dir, pipe.backend)
+        new._progress_bar_config = dict(pipe._progress_bar_config)
+        if hasattr(pipe, "_final_layer_norm"):
+            new._final_layer_norm = pipe._final_layer_norm
+        new.load_seconds = time.perf_counter() - start
+        return new
 
     # ---- facts read from configs and graphs ----------------------------------------------------------------
     @property
@@ -88,6 +130,11 @@ class DiffusionPipeline:
     @property
     def vae_scaling_factor(self) -> float:
         return float(self.vae_config.get("scaling_factor", 0.18215))
+
+    @property
+    def vae_shift_factor(self) -> float:
+        """Latents are (z - shift) * scale; Stable Diffusion 1.x/2.x VAEs have no shift (None in their config)."""
+        return float(self.vae_config.get("shift_factor") or 0.0)
 
     @property
     def text_encoder_final_layer_norm(self):
@@ -153,6 +200,16 @@ class DiffusionPipeline:
             return info.shape[axis] * self.vae_scale_factor
         return None
 
+    def encode_vae_image(self, image: np.ndarray, generator, timer=None) -> np.ndarray:
+        """Image in [-1, 1] NCHW -> scaled latents sampled from the VAE encoder's distribution with `generator`
+        (item i from generator i when it is a list, as diffusers does)."""
+        if isinstance(generator, list) and len(generator) > 1:
+            generator = generator[: image.shape[0]]
+        with timer.stage("vae_encode") if timer is not None else contextlib.nullcontext():
+            parameters = self.vae_encoder.run({"sample": image.astype(np.float32, copy=False)})["latent_parameters"]
+        latents = retrieve_latents(parameters, generator)
+        return (latents - np.float32(self.vae_shift_factor)) * np.float32(self.vae_scaling_factor)
+
     def timestep_feed(self, t, batch: int) -> np.ndarray:
         """The timestep in the form this UNet graph takes: float rank-0 (Optimum's ONNX) or [B] of its dtype."""
         info = input_info(self.unet, "timestep")
@@ -166,6 +223,18 @@ class DiffusionPipeline:
     def __repr__(self) -> str:
         parts = ", ".join(f"{k}={v!r}" for k, v in self.sessions.items())
         return f"{type(self).__name__}(backend={self.backend!r}, {parts}, scheduler={type(self.scheduler).__name__})"
+
+
+def retrieve_latents(latent_parameters: np.ndarray, generator=None, sample_mode: str = "sample") -> np.ndarray:
+    """The VAE encoder's latent distribution (mean and logvar, concatenated on channels) -> a sample
+    (mean + std * noise drawn from `generator`) or, with sample_mode="argmax", its mode (the mean)."""
+    mean, logvar = np.split(latent_parameters, 2, axis=1)
+    if sample_mode == "argmax":
+        return mean
+    if sample_mode != "sample":
+        raise ValueError(f"sample_mode must be 'sample' or 'argmax', got {sample_mode!r}")
+    std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
+    return mean + std * randn(mean.shape, generator, mean.dtype)
 
 
 def _read_index(model_dir: Path) -> dict:

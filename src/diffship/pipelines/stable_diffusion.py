@@ -45,7 +45,10 @@ def retrieve_timesteps(scheduler, num_inference_steps=None, timesteps=None, sigm
             raise ValueError(f"{type(scheduler).__name__} does not take custom sigmas")
         scheduler.set_timesteps(sigmas=sigmas)
     else:
+        # The step count stays the one asked for, as in diffusers: PNDM's schedule has one entry more, and
+        # image-to-image's `strength` counts steps, not entries.
         scheduler.set_timesteps(num_inference_steps)
+        return scheduler.timesteps, num_inference_steps
     return scheduler.timesteps, len(scheduler.timesteps)
 
 
@@ -113,7 +116,8 @@ class StableDiffusionPipeline(DiffusionPipeline):
         return kwargs
 
     def decode_latents(self, latents: np.ndarray) -> np.ndarray:
-        return self.vae_decoder.run({"latent_sample": latents / np.float32(self.vae_scaling_factor)})["sample"]
+        latents = latents / np.float32(self.vae_scaling_factor) + np.float32(self.vae_shift_factor)
+        return self.vae_decoder.run({"latent_sample": latents})["sample"]
 
     def __call__(
         self,

@@ -36,8 +36,11 @@ class StageTimer:
             "vae_encode": named.get("vae_encode", 0.0),
             "vae_decode": named.get("vae_decode", 0.0),
         }
+        if "depth_estimator" in named:
+            out["depth_estimator"] = named["depth_estimator"]
         out["scheduler_and_glue"] = max(
-            total - out["text_encoder"] - out["unet"] - out["vae_encode"] - out["vae_decode"], 0.0
+            total - out["text_encoder"] - out["unet"] - out["vae_encode"] - out["vae_decode"]
+            - out.get("depth_estimator", 0.0), 0.0
         )
         out["total"] = total
         if load is not None:
@@ -56,6 +59,8 @@ def format_timings(timings: dict[str, float]) -> str:
     ]
     if timings.get("vae_encode"):
         rows.append(("VAE encode", timings["vae_encode"], True))
+    if timings.get("depth_estimator"):
+        rows.append(("depth estimator", timings["depth_estimator"], True))
     rows += [("VAE decode", timings.get("vae_decode", 0.0), True), ("total (generation)", total, True)]
     if "load_and_compile" in timings:
         rows.append(("load and compile", timings["load_and_compile"], False))

@@ -77,6 +77,13 @@ class Scheduler:
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 
+    @property
+    def compatibles(self) -> list[type]:
+        """The scheduler classes this one's config can be switched to (all of diffship's, as in diffusers)."""
+        from .registry import SCHEDULERS
+
+        return list(SCHEDULERS.values())
+
     # ---- where in the schedule we are ---------------------------------------------------------------------
     # diffusers finds the first step index from the timestep passed to the first `step`/`scale_model_input`
     # unless a pipeline set `begin_index` (img2img starts part-way); `step` then advances it by one.

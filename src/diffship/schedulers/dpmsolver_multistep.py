@@ -195,8 +195,10 @@ class DPMSolverMultistepScheduler(Scheduler):
         return alpha_t, sigma * alpha_t
 
     def _lambda(self, index: int):
+        """alpha, sigma and lambda = log(alpha / sigma) at schedule index `index` (lambda = inf at sigma = 0)."""
         alpha, sigma = self._sigma_to_alpha_sigma_t(self.sigmas[index])
-        return alpha, sigma, np.log(alpha) - np.log(sigma)
+        with np.errstate(divide="ignore"):
+            return alpha, sigma, np.log(alpha) - np.log(sigma)
 
     # ---- model output -> x0 (DPM-Solver++) or eps (DPM-Solver) --------------------------------------------
     def convert_model_output(self, model_output: np.ndarray, sample: np.ndarray) -> np.ndarray:

@@ -105,9 +105,14 @@ class EulerAncestralDiscreteScheduler(Scheduler):
 
         derivative = (sample - pred_original_sample) / sigma
         dt = sigma_down - sigma
-        prev_sample = sample + derivative * dt
+        # x + d dt + z sigma_up, in place on fresh arrays (same roundings as the out-of-place form)
+        prev_sample = derivative
+        prev_sample *= dt
+        prev_sample += sample
         noise = randn(model_output.shape, generator, model_output.dtype)
-        prev_sample = (prev_sample + noise * sigma_up).astype(model_output.dtype, copy=False)
+        noise *= sigma_up
+        prev_sample += noise
+        prev_sample = prev_sample.astype(model_output.dtype, copy=False)
 
         self._step_index += 1
         if not return_dict:

@@ -139,9 +139,12 @@ class KDPM2AncestralDiscreteScheduler(Scheduler):
             dt = sigma_down - sigma_hat
             sample = self.sample
             self.sample = None
-            prev_sample = sample + derivative * dt
+            # x + d dt + z sigma_up, in place on fresh arrays (same roundings as the out-of-place form)
+            prev_sample = derivative * dt
+            prev_sample += sample
             noise = randn(model_output.shape, generator, model_output.dtype)
-            prev_sample = prev_sample + noise * sigma_up
+            noise *= sigma_up
+            prev_sample += noise
 
         self._step_index += 1
         if not return_dict:

@@ -187,7 +187,9 @@ class LCMScheduler(Scheduler):
         # 7. re-noise to the next timestep (multistep consistency sampling), except at the last step
         if self.step_index != self.num_inference_steps - 1:
             noise = randn(model_output.shape, generator, denoised.dtype)
-            prev_sample = np.sqrt(alpha_prod_t_prev) * denoised + np.sqrt(beta_prod_t_prev) * noise
+            prev_sample = np.sqrt(alpha_prod_t_prev) * denoised
+            noise *= np.sqrt(beta_prod_t_prev)
+            prev_sample += noise
         else:
             prev_sample = denoised
 

@@ -5,6 +5,10 @@ the real models, small enough to export and run in seconds. `sd1` mirrors Stable
 prediction, an int attention_head_dim, the OpenAI CLIP tokenizer's pad token); `sd2` mirrors 2.x
 (v_prediction, linear projections, per-block head dims, upcast attention, "!" padding). `full-size` has the
 SD1.5 architecture with random weights, for speed measurements (latency does not depend on weight values).
+
+Two task kinds: `sd1-inpaint` is `sd1` with a 9-channel inpainting UNet (latents + mask + masked-image latents), as
+in stable-diffusion-inpainting; `sd2-depth` is `sd2` with a 5-channel UNet (latents + depth) and a tiny DPT depth
+estimator with its DPTImageProcessor, as in stable-diffusion-2-depth.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from pathlib import Path
 
 from diffship.testing.vocabulary import BOS_TOKEN, EOS_TOKEN, build_clip_vocabulary
 
-KINDS = ("sd1", "sd2", "full-size")
+KINDS = ("sd1", "sd2", "sd1-inpaint", "sd2-depth", "full-size")
 
 _SCHEDULER_SD1 = {
     "_class_name": "PNDMScheduler",
@@ -97,6 +101,20 @@ _SPECS = {
         "scheduler": _SCHEDULER_SD1,
     },
 }
+# Task kinds: a base kind with another UNet input width, and the diffusers pipeline class that holds it.
+_TASK_KINDS = {
+    "sd1-inpaint": ("sd1", 9, "StableDiffusionInpaintPipeline"),
+    "sd2-depth": ("sd2", 5, "StableDiffusionDepth2ImgPipeline"),
+}
+for _kind, (_base, _channels, _) in _TASK_KINDS.items():
+    _SPECS[_kind] = {**_SPECS[_base], "unet": {**_SPECS[_base]["unet"], "in_channels": _channels}}
+
+# A tiny non-hybrid DPT (ViT backbone): 32x32 input, 8x8 patches. initializer_range 0.1 gives depth values of a
+# useful spread (transformers' 0.02 makes the ReLU head output ~1e-8 everywhere).
+_DPT = dict(image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=4,
+            backbone_out_indices=(0, 1, 2, 3), num_attention_heads=4, intermediate_size=37, hidden_act="gelu",
+            is_hybrid=False, neck_hidden_sizes=[16, 16, 32, 32], fusion_hidden_size=16, head_in_index=-1,
+            initializer_range=0.1)
 
 
 def save_tokenizer(out_dir: str | Path, pad_token: str = EOS_TOKEN, model_max_length: int = 77) -> Path:
@@ -118,7 +136,8 @@ def build_tiny_pipeline(kind: str = "sd1", seed: int = 0):
     import tempfile
 
     import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    import diffusers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.schedulers import DDIMScheduler, PNDMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -149,18 +168,31 @@ def build_tiny_pipeline(kind: str = "sd1", seed: int = 0):
 
     scheduler_config = spec["scheduler"]
     scheduler_cls = {"PNDMScheduler": PNDMScheduler, "DDIMScheduler": DDIMScheduler}[scheduler_config["_class_name"]]
-    pipe = StableDiffusionPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet.eval(),
-        scheduler=scheduler_cls.from_config(scheduler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    components = dict(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+                      scheduler=scheduler_cls.from_config(scheduler_config))
+    pipeline_class = _TASK_KINDS.get(kind, (None, None, "StableDiffusionPipeline"))[2]
+    if pipeline_class == "StableDiffusionDepth2ImgPipeline":
+        components.update(_tiny_depth_estimator(seed + 3))
+    else:
+        components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = getattr(diffusers, pipeline_class)(**components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _tiny_depth_estimator(seed: int) -> dict:
+    """depth_estimator (DPTForDepthEstimation) and feature_extractor (DPTImageProcessor at the DPT's input size)."""
+    import torch
+    from transformers import DPTConfig, DPTForDepthEstimation
+
+    torch.manual_seed(seed)
+    depth_estimator = DPTForDepthEstimation(DPTConfig(**_DPT)).eval()
+    size = {"height": _DPT["image_size"], "width": _DPT["image_size"]}
+    try:  # transformers 5 without torchvision: the PIL backend, which DPTImageProcessor falls back to anyway
+        from transformers import DPTImageProcessorPil as processor_class
+    except ImportError:
+        from transformers import DPTImageProcessor as processor_class
+    return {"depth_estimator": depth_estimator, "feature_extractor": processor_class(size=size)}
 
 
 def _vae_blocks(vae_spec: dict) -> dict:

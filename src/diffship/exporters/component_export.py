@@ -1,0 +1,89 @@
+"""One component, start to finish: trace, run the graph passes per format, write, validate each result."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from diffship.exporters.components import ComponentSpec
+from diffship.exporters.onnx import trace_onnx
+from diffship.exporters.optimize import ExportOptions, onnx_passes, openvino_source
+from diffship.exporters.validate import DEFAULT_ATOL, DEFAULT_RTOL, Reference
+from diffship.graphs.external_data import save_model
+from diffship.graphs.model_io import on_disk
+
+logger = logging.getLogger(__name__)
+
+
+def tolerance(component: str, precision: str, atols: dict[str, float] | None) -> dict:
+    """The bound a component is judged by: the user's atol if given, else the precision's default."""
+    if atols and component in atols:
+        return {"atol": atols[component]}
+    if precision == "fp32":
+        return {"atol": DEFAULT_ATOL[component]}
+    return {"rtol": DEFAULT_RTOL[precision]}
+
+
+def _measure_onnx(model, reference: Reference) -> dict:
+    from diffship.runtimes.onnxruntime import OnnxRuntimeSession
+
+    with on_disk(model) as path:
+        figures = reference.measure(OnnxRuntimeSession(path))
+    return {"max_abs": figures["max_abs"], "max_rel": figures["max_rel"], "nan": figures["nan"]}
+
+
+def export_component(spec: ComponentSpec, folder: Path, formats: list[str], options: ExportOptions, opset: int,
+                     external_data_threshold: int, atols: dict[str, float] | None = None,
+                     calibration: list | None = None) -> dict:
+    """Write `spec`'s graph(s) into `folder`; return its export_report.json entry."""
+    from diffship.runtimes.onnxruntime import OnnxRuntimeSession
+    from diffship.runtimes.openvino import OpenVINOSession
+
+    reference = Reference(spec)
+    fp32 = trace_onnx(spec, opset)
+    entry = {"files": [], "inputs": list(spec.example_inputs), "outputs": spec.output_names, "precision": {},
+             "passes": [], "validation": {}}
+
+    if "onnx" in formats:
+        model = fp32
+        for name, apply in onnx_passes(options, spec.name, reference.feeds):
+            model = apply(model)
+            record = {"format": "onnx", "pass": name}
+            if name != "ort_fusions_cuda":  # CUDA-only fused ops cannot run on the CPU provider
+                record.update(_measure_onnx(model, reference))
+            entry["passes"].append(record)
+        files = save_model(model, folder / "model.onnx", external_data_threshold)
+        precision = options.precision(spec.name, "onnx")
+        entry["precision"]["onnxruntime"] = precision
+        if not (options.optimize and options.target == "cuda"):
+            entry["validation"]["onnxruntime"] = reference.check(
+                OnnxRuntimeSession(folder), "onnxruntime", precision=precision,
+                **tolerance(spec.name, precision, atols))
+        entry["files"] += [f.name for f in files]
+
+    if "openvino" in formats:
+        from diffship.exporters import openvino as ov_export
+
+        source, source_passes = openvino_source(options, spec.name, fp32, reference.feeds)
+        ov_model = ov_export.convert(source)
+        precision = options.precision(spec.name, "openvino")
+        applied = list(source_passes)
+        if precision == "hybrid":
+            if not calibration:
+                raise ValueError("hybrid quantization needs calibration feeds for the unet")
+            ov_model = ov_export.hybrid_quantize(ov_model, calibration)
+            applied.append("nncf_hybrid_int8")
+        elif precision in ("int8", "int4"):
+            ov_model = ov_export.compress_weights(ov_model, precision)
+            applied.append(f"nncf_{precision}_weights")
+        files = ov_export.save(ov_model, folder, compress_to_fp16=precision == "fp16")
+        if precision == "fp16":
+            applied.append("fp16_ir")
+        entry["passes"] += [{"format": "openvino", "pass": p} for p in applied]
+        entry["precision"]["openvino"] = precision
+        entry["validation"]["openvino"] = reference.check(
+            OpenVINOSession(files[0]), "openvino", precision=precision, **tolerance(spec.name, precision, atols))
+        entry["files"] += [f.name for f in files]
+
+    logger.info("exported %s: %s", spec.name, {b: v["max_abs"] for b, v in entry["validation"].items()})
+    return entry

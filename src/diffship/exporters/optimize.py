@@ -1,0 +1,106 @@
+"""What an export does to each component's graph between tracing and writing: the precision and
+optimisation choices, as an ordered list of named passes per format.
+
+ONNX:      cleanup -> fp16 -> onnxruntime fusions -> int8 (dynamic) / int4 (MatMulNBits)
+OpenVINO:  converted from the cleaned fp32 (or fp16) ONNX graph -> fp16 IR / NNCF int8 / int4 weights
+           -> hybrid quantization of the UNet (activations too, calibrated on real prompts)
+
+Fusions produce onnxruntime-only ops, so OpenVINO always converts from the graph before fusion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+
+from diffship.errors import DiffshipError
+
+DTYPES = ("fp32", "fp16")
+WEIGHT_FORMATS = (None, "int8", "int4")
+QUANTIZE = (None, "hybrid")
+VAE_FP16 = ("fp32", "mixed", "none")
+VAE_COMPONENTS = ("vae_encoder", "vae_decoder")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    dtype: str = "fp32"  # fp32 | fp16
+    optimize: bool = False  # cleanup and onnxruntime fusions
+    target: str = "cpu"  # what the onnxruntime fusions are for: cpu | cuda
+    weight_format: str | None = None  # int8 | int4 weights
+    quantize: str | None = None  # hybrid: UNet activations too (OpenVINO, calibrated)
+    vae_fp16: str = "fp32"  # how fp16 protects the VAE: keep it fp32, mixed (overflowing nodes fp32), none
+    calibration_prompts: tuple[str, ...] | None = None
+
+    def check(self, formats: list[str]) -> None:
+        if self.dtype not in DTYPES:
+            raise DiffshipError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.weight_format not in WEIGHT_FORMATS:
+            raise DiffshipError(f"weight_format must be int8 or int4, got {self.weight_format!r}")
+        if self.quantize not in QUANTIZE:
+            raise DiffshipError(f"quantize must be 'hybrid', got {self.quantize!r}")
+        if self.vae_fp16 not in VAE_FP16:
+            raise DiffshipError(f"vae_fp16 must be one of {VAE_FP16}, got {self.vae_fp16!r}")
+        if self.target not in ("cpu", "cuda"):
+            raise DiffshipError(f"target must be cpu or cuda, got {self.target!r}")
+        if self.weight_format and self.dtype == "fp16" and "onnx" in formats:
+            raise DiffshipError("onnxruntime's int8/int4 quantization takes fp32 graphs: use --dtype fp32 with "
+                                "--weight-format")
+        if self.quantize == "hybrid" and formats != ["openvino"]:
+            raise DiffshipError("--quantize hybrid is an OpenVINO (NNCF) mode: export with --backend openvino alone")
+
+    def precision(self, component: str, fmt: str) -> str:
+        """The precision the component ends up in, which picks its validation tolerance."""
+        if self.quantize == "hybrid" and component == "unet":
+            return "hybrid"
+        if self.weight_format and component not in VAE_COMPONENTS:
+            if self.weight_format == "int4" and component != "unet":
+                return "int8"  # int4 is for the UNet's large matmuls; the others get int8
+            return self.weight_format
+        if self.dtype == "fp16" and not (component in VAE_COMPONENTS and self.vae_fp16 == "fp32"):
+            return "fp16"
+        return "fp32"
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+def onnx_passes(options: ExportOptions, component: str, validation_feeds: dict[str, np.ndarray]):
+    """[(name, function(model) -> model)] for the onnxruntime graph, in order."""
+    from diffship.graphs.cleanup import cleanup
+    from diffship.graphs.float16 import overflowing_nodes, to_float16
+    from diffship.graphs.fusion import fuse_for_onnxruntime
+    from diffship.graphs.quantize import quantize_int4_matmul, quantize_int8_dynamic
+
+    passes = []
+    if options.optimize or options.dtype == "fp16":
+        passes.append(("cleanup", cleanup))
+    if options.precision(component, "onnx") == "fp16":
+        if component in VAE_COMPONENTS and options.vae_fp16 == "mixed":
+            def fp16_mixed(model):
+                blocked = overflowing_nodes(model, validation_feeds)
+                return to_float16(model, node_block_list=blocked)
+
+            passes.append(("fp16_mixed", fp16_mixed))
+        else:
+            passes.append(("fp16", to_float16))
+    if options.optimize:
+        passes.append((f"ort_fusions_{options.target}",
+                       lambda model: fuse_for_onnxruntime(model, component, options.target)))
+    precision = options.precision(component, "onnx")
+    if precision == "int8":
+        passes.append(("int8_dynamic", quantize_int8_dynamic))
+    elif precision == "int4":
+        passes.append(("int4_matmul", quantize_int4_matmul))
+    return passes
+
+
+def openvino_source(options: ExportOptions, component: str, fp32: onnx.ModelProto, validation_feeds) -> tuple:
+    """The ONNX graph OpenVINO converts from, and the passes that made it: cleaned, never fused."""
+    from diffship.graphs.cleanup import cleanup
+
+    if options.optimize:
+        return cleanup(fp32), ["cleanup"]
+    return fp32, []

@@ -1,0 +1,182 @@
+"""Configs: switching classes with from_config (as diffusers does), the registry, short names, load / save."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+import diffusers
+import diffship.schedulers as ds
+from diffship.errors import DiffshipError
+from diffship.schedulers.config import init_keys
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+CLASS_NAMES = sorted(ds.SCHEDULERS)
+
+# What a real pipeline's scheduler_config.json looks like (SD 1.5's PNDM), plus a few class-specific keys set away
+# from their defaults so that carrying them across classes is exercised.
+SOURCE_CONFIG = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "prediction_type": "v_prediction",
+    "solver_order": 3,
+}
+
+
+def _source(lib, class_name):
+    cls = getattr(lib, class_name) if lib is diffusers else ds.SCHEDULERS[class_name]
+    keys = init_keys(cls)
+    return cls.from_config({k: v for k, v in SOURCE_CONFIG.items() if k in keys})
+
+
+@pytest.mark.parametrize("target", CLASS_NAMES)
+@pytest.mark.parametrize("source", CLASS_NAMES)
+def test_from_config_switches_class_like_diffusers(source, target):
+    """`Target.from_config(source_scheduler.config)` takes the same values in diffship as in diffusers, including
+    which keys fall back to the target's own defaults (`_use_default_values`)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = getattr(diffusers, target).from_config(_source(diffusers, source).config)
+    ours = ds.SCHEDULERS[target].from_config(_source(ds, source).config)
+    assert type(ours).__name__ == target
+    for key in init_keys(type(ours)) - {"trained_betas", "solver_p"}:
+        assert ours.config[key] == ref.config[key], f"{source} -> {target}: {key}"
+    assert ours.config["_class_name"] == target
+    ref.set_timesteps(10)
+    ours.set_timesteps(10)
+    np.testing.assert_allclose(np.asarray(ours.timesteps, dtype=np.float64), ref.timesteps.numpy().astype(np.float64), rtol=1e-6)
+
+
+def test_config_of_one_class_round_trips_through_another():
+    """Keys another class does not take are carried along, so switching back restores them (diffusers' rule)."""
+    pndm = ds.PNDMScheduler.from_config(SOURCE_CONFIG | {"solver_order": 2})
+    euler = ds.EulerDiscreteScheduler.from_config(pndm.config)
+    back = ds.PNDMScheduler.from_config(euler.config)
+    assert back.config.skip_prk_steps is True and back.config.set_alpha_to_one is False
+    assert euler.config.skip_prk_steps is True  # carried, unused
+
+
+def test_frozen_config_reads_like_diffusers():
+    scheduler = ds.DDIMScheduler(beta_schedule="scaled_linear")
+    config = scheduler.config
+    assert config.beta_schedule == config["beta_schedule"] == "scaled_linear"
+    with pytest.raises(TypeError):
+        config["beta_schedule"] = "linear"
+    with pytest.raises(TypeError):
+        config.beta_schedule = "linear"
+    with pytest.raises(AttributeError):
+        config.no_such_key
+    json.dumps(dict(config))
+
+
+def test_scheduler_from_config_picks_class_from_class_name():
+    config = {"_class_name": "EulerAncestralDiscreteScheduler", "_diffusers_version": "0.21.0", **SOURCE_CONFIG}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # keys of other schedulers are not worth a warning
+        scheduler = ds.scheduler_from_config(config)
+    assert isinstance(scheduler, ds.EulerAncestralDiscreteScheduler)
+    assert scheduler.config.prediction_type == "v_prediction"
+    assert isinstance(ds.scheduler_from_config(config, class_name="DDIMScheduler"), ds.DDIMScheduler)
+
+
+def test_unknown_class_name_is_a_diffship_error_listing_supported_names():
+    with pytest.raises(DiffshipError) as error:
+        ds.scheduler_from_config({"_class_name": "FancyScheduler"})
+    message = str(error.value)
+    assert "FancyScheduler" in message
+    for name in CLASS_NAMES:
+        assert name in message
+    with pytest.raises(DiffshipError, match="_class_name"):
+        ds.scheduler_from_config({"beta_schedule": "linear"})
+
+
+def test_dpmsolver_sde_is_refused_with_the_reason():
+    with pytest.raises(DiffshipError, match="torchsde"):
+        ds.scheduler_from_config({"_class_name": "DPMSolverSDEScheduler"})
+    with pytest.raises(DiffshipError, match="dpm\\+\\+2m-sde"):
+        ds.scheduler_by_name("DPMSolverSDEScheduler")
+
+
+def test_unknown_keys_give_one_warning_listing_them_all():
+    with pytest.warns(UserWarning) as record:
+        scheduler = ds.EulerDiscreteScheduler.from_config({"beta_schedule": "scaled_linear", "foo": 1, "bar_baz": 2})
+    ignored = [w for w in record if "ignoring config keys" in str(w.message)]
+    assert len(ignored) == 1
+    assert "foo" in str(ignored[0].message) and "bar_baz" in str(ignored[0].message)
+    assert scheduler.config.beta_schedule == "scaled_linear"
+
+
+def test_from_config_kwargs_override_config_values():
+    scheduler = ds.DPMSolverMultistepScheduler.from_config(SOURCE_CONFIG, use_karras_sigmas=True)
+    assert scheduler.config.use_karras_sigmas is True
+    assert scheduler.config.solver_order == 3
+
+
+def test_save_and_load_round_trip(tmp_path):
+    scheduler = ds.DPMSolverMultistepScheduler.from_config(SOURCE_CONFIG, use_karras_sigmas=True)
+    scheduler.save_pretrained(tmp_path / "scheduler")
+    saved = json.loads((tmp_path / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["_class_name"] == "DPMSolverMultistepScheduler"
+    assert "_use_default_values" not in saved
+    for loaded in (
+        ds.DPMSolverMultistepScheduler.from_pretrained(tmp_path / "scheduler"),
+        ds.DPMSolverMultistepScheduler.from_pretrained(tmp_path),  # a pipeline dir with scheduler/
+        ds.DPMSolverMultistepScheduler.from_pretrained(tmp_path, subfolder="scheduler"),
+    ):
+        assert {k: loaded.config[k] for k in init_keys(type(loaded))} == {
+            k: scheduler.config[k] for k in init_keys(type(scheduler))
+        }
+    # diffusers reads what diffship writes, and the other way round
+    ref = diffusers.DPMSolverMultistepScheduler.from_pretrained(tmp_path / "scheduler")
+    assert ref.config.use_karras_sigmas is True and ref.config.solver_order == 3
+    ref.save_pretrained(tmp_path / "from_diffusers")
+    ours = ds.scheduler_from_config(ds.Scheduler.load_config(tmp_path / "from_diffusers"))
+    assert isinstance(ours, ds.DPMSolverMultistepScheduler) and ours.config.use_karras_sigmas is True
+
+
+def test_from_pretrained_without_a_config_is_a_diffship_error(tmp_path):
+    with pytest.raises(DiffshipError, match="scheduler_config.json"):
+        ds.EulerDiscreteScheduler.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(ds.SHORT_NAMES))
+def test_scheduler_by_name(name):
+    class_name, overrides = ds.SHORT_NAMES[name]
+    scheduler = ds.scheduler_by_name(name, SOURCE_CONFIG)
+    assert type(scheduler).__name__ == class_name
+    for key, value in overrides.items():
+        assert scheduler.config[key] == value
+    assert scheduler.config.beta_schedule == "scaled_linear"  # the model's schedule is kept
+    scheduler.set_timesteps(4)
+
+
+def test_scheduler_by_name_spellings_and_flags():
+    assert isinstance(ds.scheduler_by_name("Euler_A", {}), ds.EulerAncestralDiscreteScheduler)
+    assert isinstance(ds.scheduler_by_name("DPM++ 2M Karras", {}), ds.DPMSolverMultistepScheduler)
+    assert ds.scheduler_by_name("dpm++2m_karras", {}).config.use_karras_sigmas is True
+    # a plain name turns off the base config's Karras spacing
+    assert ds.scheduler_by_name("euler", {"use_karras_sigmas": True}).config.use_karras_sigmas is False
+    assert isinstance(ds.scheduler_by_name("UniPCMultistepScheduler", {}), ds.UniPCMultistepScheduler)
+    with pytest.raises(DiffshipError, match="euler-a"):
+        ds.scheduler_by_name("euler-b", {})
+
+
+def test_schedulers_import_no_torch():
+    code = (
+        "import sys, diffship.schedulers as s; s.scheduler_by_name('dpm++2m-karras', {}).set_timesteps(5); "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers')]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
