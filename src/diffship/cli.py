@@ -3,6 +3,7 @@
   diffship tiny-model OUT             write a tiny (or full-size, random-weight) diffusers pipeline
   diffship export MODEL OUT           export to ONNX and/or OpenVINO, validated against PyTorch
   diffship generate DIR --prompt ...  generate images with the numpy pipeline, print per-stage timings
+  diffship inspect PATH               describe a graph or an exported directory
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ def _add_tiny_model(sub) -> None:
     p = sub.add_parser("tiny-model", help="write a tiny deterministic diffusers pipeline (for tests and demos)",
                        description="Write a tiny Stable Diffusion pipeline built from configs with fixed seeds.")
     p.add_argument("out", type=Path, help="output directory (diffusers format)")
-    p.add_argument("--kind", choices=["sd1", "sd2"], default="sd1",
-                   help="sd1: epsilon prediction; sd2: v_prediction, linear projections, upcast attention")
+    p.add_argument("--kind", choices=["sd1", "sd2", "sd1-inpaint", "sd2-depth"], default="sd1",
+                   help="sd1: epsilon prediction; sd2: v_prediction, linear projections, upcast attention; "
+                        "sd1-inpaint: sd1 with a 9-channel inpainting UNet; sd2-depth: sd2 with a 5-channel UNet "
+                        "and a tiny DPT depth estimator")
     p.add_argument("--full-size", action="store_true",
                    help="the full SD1.5 architecture with random weights (about 4 GB, for benchmarks)")
     p.add_argument("--seed", type=int, default=0)
@@ -68,7 +71,9 @@ def _add_export(sub) -> None:
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate images from an exported pipeline (no torch)",
-                       description="Text-to-image with the numpy pipeline; prints a per-stage timing table.")
+                       description="Generate with the numpy pipeline; prints a per-stage timing table. The task "
+                                   "follows the inputs: text-to-image; --image: image-to-image (depth-to-image "
+                                   "on a depth model); --image and --mask: inpainting.")
     p.add_argument("model_dir", type=Path, help="an exported directory (diffship or Optimum)")
     p.add_argument("--prompt", required=True, action="append", help="the prompt; repeat for a batch")
     p.add_argument("--negative-prompt", action="append", default=None)
@@ -89,6 +94,20 @@ def _add_generate(sub) -> None:
                    help="output image; with several images, OUT_0.png, OUT_1.png, ...")
     p.add_argument("--json", type=Path, help="also write the timings as JSON here")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--image", type=Path, help="input image: image-to-image, or inpainting with --mask")
+    p.add_argument("--mask", type=Path, help="inpainting mask (white: repaint, black: keep); needs --image")
+    p.add_argument("--strength", type=float, default=None,
+                   help="how far to move from --image, 0..1 (default: the pipeline's, 0.8 or 1.0 for inpainting)")
+    p.add_argument("--depth-map", type=Path,
+                   help="depth-to-image: a depth image (8/16-bit grayscale) instead of the model's estimator")
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="describe a model file or an exported directory",
+                       description="Inputs/outputs with dtypes and shapes, op histogram, parameter count, size on "
+                                   "disk, weight precision, the graph passes applied and the validation figures.")
+    p.add_argument("path", type=Path, help="model.onnx, openvino_model.xml, or an exported directory")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tiny_model(sub)
     _add_export(sub)
     _add_generate(sub)
+    _add_inspect(sub)
     return parser
 
 
@@ -128,8 +148,46 @@ def cmd_export(args) -> None:
         print(f"  {name:<13} {figures}")
 
 
+def _read_image(path: Path, flag: str):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except FileNotFoundError:
+        raise DiffshipError(f"{flag} {path} does not exist") from None
+    except OSError as e:
+        raise DiffshipError(f"{flag} {path} is not an image PIL can read: {e}") from None
+
+
+def _generate_task(args):
+    """The AutoPipeline class for the inputs given, and the task's own call arguments."""
+    from diffship.pipelines import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
+
+    for flag, value in (("--mask", args.mask), ("--depth-map", args.depth_map), ("--strength", args.strength)):
+        if value is not None and args.image is None:
+            raise ValueError(f"{flag} needs --image, the input picture")
+    if args.mask is not None and args.depth_map is not None:
+        raise ValueError("--depth-map is for depth-to-image; it does not go with --mask (inpainting)")
+    if args.image is None:
+        return AutoPipelineForText2Image, {"height": args.height, "width": args.width}
+    if args.static:
+        raise ValueError("--static reshapes for text-to-image only; leave it out with --image")
+    kwargs = {"image": _read_image(args.image, "--image")}
+    if args.strength is not None:
+        kwargs["strength"] = args.strength
+    if args.mask is not None:
+        kwargs.update(mask_image=_read_image(args.mask, "--mask"), height=args.height, width=args.width)
+        return AutoPipelineForInpainting, kwargs
+    if args.height or args.width:
+        raise ValueError("image-to-image takes its size from --image; leave out --height/--width")
+    if args.depth_map is not None:
+        kwargs["depth_map"] = _read_image(args.depth_map, "--depth-map")
+    return AutoPipelineForImage2Image, kwargs
+
+
 def cmd_generate(args) -> None:
-    from diffship.pipelines import StableDiffusionPipeline
     from diffship.pipelines.timing import format_timings
     from diffship.schedulers import scheduler_by_name
 
@@ -138,7 +196,10 @@ def cmd_generate(args) -> None:
         options["providers"] = args.provider
     if args.device:
         options["device"] = args.device
-    pipe = StableDiffusionPipeline.from_pretrained(args.model_dir, backend=args.backend, **options)
+    auto_pipeline, task_kwargs = _generate_task(args)
+    pipe = auto_pipeline.from_pretrained(args.model_dir, backend=args.backend, **options)
+    if "depth_map" in task_kwargs and not hasattr(pipe, "estimate_depth"):
+        raise ValueError(f"--depth-map needs a depth-to-image model; {args.model_dir} runs {type(pipe).__name__}")
     if args.scheduler:
         pipe.scheduler = scheduler_by_name(args.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=args.no_progress)
@@ -149,22 +210,29 @@ def cmd_generate(args) -> None:
     if args.negative_prompt:
         negative = args.negative_prompt[0] if isinstance(prompt, str) else args.negative_prompt
     result = pipe(prompt, negative_prompt=negative, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                  height=args.height, width=args.width, num_images_per_prompt=args.num_images, eta=args.eta,
-                  generator=args.seed, clip_skip=args.clip_skip)
+                  num_images_per_prompt=args.num_images, eta=args.eta, generator=args.seed, clip_skip=args.clip_skip,
+                  **task_kwargs)
     paths = [args.out] if len(result.images) == 1 else [
         args.out.with_name(f"{args.out.stem}_{i}{args.out.suffix}") for i in range(len(result.images))
     ]
     for image, path in zip(result.images, paths):
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
-    print(f"saved {', '.join(str(p) for p in paths)}  ({pipe.backend}, {type(pipe.scheduler).__name__}, "
-          f"{args.steps} steps)")
+    print(f"saved {', '.join(str(p) for p in paths)}  ({type(pipe).__name__}, {pipe.backend}, "
+          f"{type(pipe.scheduler).__name__}, {args.steps} steps)")
     print(format_timings(result.timings))
     if args.json:
         args.json.write_text(json.dumps(result.timings, indent=2) + "\n")
 
 
-COMMANDS = {"tiny-model": cmd_tiny_model, "export": cmd_export, "generate": cmd_generate}
+def cmd_inspect(args) -> None:
+    from diffship.graphs.inspect import format_inspection, inspect_path
+
+    result = inspect_path(args.path)
+    print(json.dumps(result, indent=2) if args.json else format_inspection(result))
+
+
+COMMANDS = {"tiny-model": cmd_tiny_model, "export": cmd_export, "generate": cmd_generate, "inspect": cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,13 +44,78 @@ def to_float16(model: onnx.ModelProto, keep_io_types: bool = True, node_block_li
 
     from diffship.graphs.model_io import is_large
 
-    return convert_float_to_float16(
+    converted = convert_float_to_float16(
         model,
         keep_io_types=keep_io_types,
         op_block_list=OP_BLOCK_LIST if op_block_list is None else op_block_list,
         node_block_list=node_block_list or [],
         disable_shape_infer=is_large(model),
     )
+    return _unique_node_names(_bypass_round_trips(_drop_duplicate_casts(converted)))
+
+
+def _bypass_round_trips(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The converter stores every tensor in fp16 and casts around each fp32 (blocked) node, so a tensor passing
+    between two blocked nodes still goes fp32 -> fp16 -> fp32, and overflows on the way. Feed such consumers
+    the fp32 tensor itself, and drop the casts nothing reads any more."""
+    fp16, fp32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+
+    def cast_to(node):
+        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+    producer = {o: n for n in model.graph.node for o in n.output}
+    graph_outputs = {o.name for o in model.graph.output}
+    elem_type = {v.name: v.type.tensor_type.elem_type
+                 for v in [*model.graph.input, *model.graph.value_info, *model.graph.output]}
+    elem_type.update({t.name: t.data_type for t in model.graph.initializer})
+    elem_type.update({n.output[0]: cast_to(n) for n in model.graph.node if n.op_type == "Cast"})
+    rename = {}
+    for node in model.graph.node:
+        source = producer.get(node.input[0]) if node.input else None
+        if cast_to(node) == fp32 and source is not None and cast_to(source) == fp16 \
+                and elem_type.get(source.input[0]) == fp32 and node.output[0] not in graph_outputs:
+            rename[node.output[0]] = source.input[0]
+    if not rename:
+        return model
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    used = {i for n in model.graph.node for i in n.input} | graph_outputs
+    keep = [n for n in model.graph.node if n.op_type != "Cast" or any(o in used for o in n.output)]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return model
+
+
+def _drop_duplicate_casts(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The converter inserts one Cast per (tensor, blocked consumer), all named after the tensor: a tensor that
+    feeds several blocked nodes gets identical Casts defining the same output twice, which onnxruntime rejects.
+    They compute the same value, so the first one stays."""
+    defined: dict[str, onnx.NodeProto] = {}
+    keep = []
+    for node in model.graph.node:
+        first = next((defined[o] for o in node.output if o in defined), None)
+        if first is not None and node.op_type == first.op_type == "Cast" and node.input == first.input \
+                and node.attribute == first.attribute:
+            continue
+        defined.update({o: node for o in node.output})
+        keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return model
+
+
+def _unique_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Several Casts can also share a node name; nothing refers to node names, so renaming is safe."""
+    seen: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.name in seen:
+            seen[node.name] += 1
+            node.name = f"{node.name}_{seen[node.name]}"
+        else:
+            seen[node.name] = 0
+    return model
 
 
 def overflowing_nodes(model: onnx.ModelProto, feeds: dict[str, np.ndarray], margin: float = OVERFLOW_MARGIN) -> list[str]:

@@ -42,9 +42,11 @@ class DiffusionPipeline:
         where = f" {model_dir}" if model_dir is not None else " this pipeline"
         for name in self.required_components:
             if sessions.get(name) is None:
+                on_disk = model_dir is not None and (Path(model_dir) / name).is_dir()
                 raise MissingComponentError(
                     f"{type(self).__name__} needs the {name} component, which{where} does not have "
-                    f"(no {name}/ folder with a graph); export the model again with `diffship export`"
+                    + ("loaded; load it with from_pretrained" if on_disk
+                       else f"(no {name}/ folder with a graph); export the model again with `diffship export`")
                 )
         in_channels = configs.get("unet", {}).get("in_channels", 4)
         if in_channels not in self.unet_in_channels:
@@ -216,7 +218,7 @@ class DiffusionPipeline:
         dtype = info.dtype if info is not None else np.dtype(np.float32)
         if info is not None and info.rank == 0:
             return np.asarray(t, dtype=dtype)
-        # A static length (Optimum's OpenVINO export bakes in [1]) broadcasts in the graph; feed what it asks.
+        # A static length ([1], as Optimum's Python OpenVINO export writes it) broadcasts in the graph; feed it.
         length = info.shape[0] if info is not None and isinstance(info.shape[0], int) else batch
         return np.full((length,), t, dtype=dtype)
 

@@ -25,7 +25,10 @@ def embed(text_encoder, input_ids: np.ndarray, clip_skip: int | None = None, fin
         return outputs["last_hidden_state"]
     hidden = sorted((k for k in outputs if k.startswith("hidden_states.")), key=lambda k: int(k.split(".")[1]))
     if not hidden:
-        raise DiffshipError("clip_skip needs a text encoder exported with hidden_states.N outputs; re-export it")
+        raise DiffshipError(
+            "clip_skip needs a text encoder with hidden_states.N outputs, which this export lacks (Optimum's "
+            "Stable Diffusion 1.x/2.x exports do not write them): export the model with `diffship export`"
+        )
     if not 0 <= clip_skip < len(hidden):
         raise ValueError(f"clip_skip must be between 0 and {len(hidden) - 1}, got {clip_skip}")
     if final_layer_norm is None:

@@ -132,7 +132,8 @@ def save_tokenizer(out_dir: str | Path, pad_token: str = EOS_TOKEN, model_max_le
 
 
 def build_tiny_pipeline(kind: str = "sd1", seed: int = 0):
-    """The diffusers StableDiffusionPipeline (torch) for `kind`, with weights drawn from `seed`."""
+    """The diffusers pipeline (torch) for `kind`, with weights drawn from `seed`: StableDiffusionPipeline, or for
+    the task kinds StableDiffusionInpaintPipeline / StableDiffusionDepth2ImgPipeline."""
     import tempfile
 
     import torch
@@ -210,4 +211,23 @@ def save_tiny_pipeline(out_dir: str | Path, kind: str = "sd1", seed: int = 0) ->
     pipe.save_pretrained(out_dir, safe_serialization=True)
     # Replace the tokenizer folder with ours so that vocab.json/merges.txt sit beside tokenizer.json.
     save_tokenizer(out_dir / "tokenizer", _SPECS[kind]["pad_token"])
+    _text_encoder_hub_layout(out_dir / "text_encoder" / "model.safetensors")
     return out_dir
+
+
+def _text_encoder_hub_layout(path: Path) -> None:
+    """transformers 5 saves CLIPTextModel weights without the `text_model.` prefix that hub checkpoints (and
+    transformers 4, which Optimum pins) use; transformers 4 would load random weights silently. Both versions
+    read the prefixed names, so write those."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    prefix = "text_model."
+    if not path.is_file():
+        return
+    with safe_open(str(path), "np") as f:
+        metadata = f.metadata() or {"format": "pt"}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if all(k.startswith(prefix) for k in tensors):
+        return
+    save_file({k if k.startswith(prefix) else prefix + k: v for k, v in tensors.items()}, str(path), metadata=metadata)

@@ -7,9 +7,9 @@ suffix "</w>", one entry per merge in priority order, then "<|startoftext|>" and
 from __future__ import annotations
 
 import itertools
-import json
+from collections import Counter
 
-from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, normalizers, pre_tokenizers
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -52,29 +52,50 @@ def byte_level_alphabet() -> list[str]:
     return [chr(c) for c in codes]
 
 
-def build_clip_vocabulary(max_merges: int | None = None) -> tuple[dict[str, int], list[str]]:
-    """Train a CLIP-style BPE on the prompt corpus; return (vocab, merges), deterministic.
+def _merge(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    out, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+            out.append(word[i] + word[i + 1])
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
 
-    All merges the corpus yields are kept unless `max_merges` caps them (merges are in priority order, so a
-    prefix is still a consistent BPE).
+
+def build_clip_vocabulary(max_merges: int | None = None) -> tuple[dict[str, int], list[str]]:
+    """Learn CLIP-style BPE merges on the prompt corpus; return (vocab, merges), identical on every run.
+
+    The merges are learnt here rather than with `tokenizers`' trainer because the trainer breaks ties between
+    equally frequent pairs in hash order, which changes from process to process; here ties go to the smaller
+    pair. Words are split and byte-mapped by the same normalizer and pre-tokenizer CLIP uses.
     """
-    alphabet = byte_level_alphabet()
-    bpe = Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix=END_OF_WORD))
-    bpe.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
-    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+    normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    splitter = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(r"[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"), behavior="removed", invert=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ]
     )
-    trainer = trainers.BpeTrainer(
-        vocab_size=100_000, initial_alphabet=alphabet, end_of_word_suffix=END_OF_WORD, show_progress=False
+    counts = Counter(
+        word for line in _corpus() for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(line))
     )
-    bpe.train_from_iterator(_corpus(), trainer=trainer)
+    words = {tuple(w[:-1]) + (w[-1] + END_OF_WORD,): n for w, n in sorted(counts.items())}
 
-    trained = json.loads(bpe.to_str())["model"]["merges"]
-    merges = [" ".join(m) if isinstance(m, list) else m for m in trained][:max_merges]
+    merges: list[str] = []
+    while max_merges is None or len(merges) < max_merges:
+        pairs: Counter = Counter()
+        for word, n in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += n
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(" ".join(best))
+        words = {_merge(word, best): n for word, n in words.items()}
 
+    alphabet = byte_level_alphabet()
     vocab: dict[str, int] = {}
     for token in alphabet + [c + END_OF_WORD for c in alphabet] + [m.replace(" ", "") for m in merges]:
         vocab.setdefault(token, len(vocab))

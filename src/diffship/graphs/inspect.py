@@ -1,0 +1,145 @@
+"""What is in a graph or an exported directory: tensors, ops, parameters, size, precision, passes, validation.
+
+Used by `diffship inspect`. Reads ONNX with `onnx` (weights not loaded) and OpenVINO IR with openvino; no torch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+GRAPH_FILES = ("model.onnx", "openvino_model.xml")
+
+
+def _size_on_disk(path: Path) -> int:
+    """The graph file plus its weights (model.onnx_data / .bin)."""
+    total = path.stat().st_size
+    for sibling in (path.with_suffix(".onnx_data"), path.with_suffix(".bin"), path.parent / "model.onnx_data"):
+        if sibling.is_file() and sibling != path:
+            total += sibling.stat().st_size
+            break
+    return total
+
+
+def inspect_onnx(path: Path) -> dict:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    names = {v: k for k, v in onnx.TensorProto.DataType.items()}
+
+    def shape(value):
+        dims = value.type.tensor_type.shape.dim
+        return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+
+    def io(values):
+        return [{"name": v.name, "dtype": names.get(v.type.tensor_type.elem_type, "?").lower(), "shape": shape(v)}
+                for v in values]
+
+    params, dtypes = 0, Counter()
+    for tensor in model.graph.initializer:
+        count = int(np.prod(tensor.dims)) if tensor.dims else 1
+        params += count
+        dtypes[names.get(tensor.data_type, "?").lower()] += count
+    ops = Counter(node.op_type for node in model.graph.node)
+    return {
+        "format": "onnx", "path": str(path), "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None),
+        "inputs": io(model.graph.input), "outputs": io(model.graph.output),
+        "ops": dict(ops.most_common()), "nodes": sum(ops.values()), "parameters": params,
+        "weight_dtypes": dict(dtypes.most_common()), "size_bytes": _size_on_disk(path),
+    }
+
+
+def inspect_openvino(path: Path) -> dict:
+    import openvino as ov
+
+    model = ov.Core().read_model(str(path))
+
+    def io(ports):
+        return [{"name": p.get_any_name(), "dtype": p.get_element_type().get_type_name(),
+                 "shape": [d.get_length() if d.is_static else "?" for d in p.get_partial_shape()]} for p in ports]
+
+    ops, params, dtypes = Counter(), 0, Counter()
+    for op in model.get_ops():
+        ops[op.get_type_name()] += 1
+        if op.get_type_name() == "Constant":
+            shape = op.get_output_partial_shape(0)
+            count = int(np.prod([d.get_length() for d in shape])) if shape.is_static and len(shape) else 1
+            if count > 1:
+                params += count
+                dtypes[op.get_element_type().get_type_name()] += count
+    return {
+        "format": "openvino", "path": str(path), "inputs": io(model.inputs), "outputs": io(model.outputs),
+        "ops": dict(ops.most_common()), "nodes": sum(ops.values()), "parameters": params,
+        "weight_dtypes": dict(dtypes.most_common()), "size_bytes": _size_on_disk(path),
+    }
+
+
+def inspect_file(path: str | Path) -> dict:
+    path = Path(path)
+    if path.suffix == ".onnx":
+        return inspect_onnx(path)
+    if path.suffix == ".xml":
+        return inspect_openvino(path)
+    raise ValueError(f"{path}: give a model.onnx, an openvino_model.xml or an exported directory")
+
+
+def inspect_path(path: str | Path) -> dict:
+    """A model file, or an exported directory: every component's graphs plus export_report.json's figures."""
+    from diffship.errors import NotAPipelineError
+
+    path = Path(path)
+    if not path.exists():
+        raise NotAPipelineError(f"{path} does not exist")
+    if path.is_file():
+        return {"graphs": [inspect_file(path)]}
+    report_path = path / "export_report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    graphs = [inspect_file(f) for folder in sorted(p for p in path.iterdir() if p.is_dir())
+              for f in (folder / name for name in GRAPH_FILES) if f.is_file()]
+    if not graphs:
+        raise NotAPipelineError(f"{path} holds no model.onnx or openvino_model.xml in its component folders")
+    return {"graphs": graphs, "report": report}
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.1f} MB"
+
+
+def format_inspection(result: dict, max_ops: int = 8) -> str:
+    lines = []
+    report = result.get("report") or {}
+    if report:
+        options = report.get("options", {})
+        lines.append(f"export of {report.get('source')} | formats {', '.join(report.get('formats', []))} | "
+                     f"opset {report.get('opset')} | shapes {report.get('shapes')}")
+        if options:
+            lines.append("options: " + ", ".join(f"{k}={v}" for k, v in options.items() if v not in (None, False)))
+        lines.append("passes: " + (", ".join(report.get("passes") or []) or "none"))
+    for graph in result["graphs"]:
+        component = Path(graph["path"]).parent.name
+        lines.append("")
+        lines.append(f"{component} [{graph['format']}] {graph['path']}")
+        lines.append(f"  size {_mb(graph['size_bytes'])}, {graph['parameters']:,} parameters, {graph['nodes']} nodes"
+                     + (f", opset {graph['opset']}" if graph.get("opset") else ""))
+        lines.append("  weights: " + ", ".join(f"{k} {v:,}" for k, v in graph["weight_dtypes"].items()))
+        for kind in ("inputs", "outputs"):
+            for t in graph[kind]:
+                lines.append(f"  {kind[:-1]:<6} {t['name']:<24} {t['dtype']:<8} {t['shape']}")
+        top = list(graph["ops"].items())[:max_ops]
+        lines.append("  ops: " + ", ".join(f"{k} {v}" for k, v in top) + (" ..." if len(graph["ops"]) > max_ops else ""))
+        entry = report.get("components", {}).get(component)
+        if entry:
+            backend = "onnxruntime" if graph["format"] == "onnx" else "openvino"
+            v = entry.get("validation", {}).get(backend)
+            if v:
+                bound = f"atol {v['atol']:g}" if "atol" in v else f"rtol {v['rtol']:g}"
+                lines.append(f"  validation ({v.get('precision', 'fp32')}): max abs {v['max_abs']:.2e}, "
+                             f"max rel {v.get('max_rel', float('nan')):.2e} ({bound})")
+            for p in entry.get("passes", []):
+                if p["format"] == graph["format"]:
+                    figures = f" max abs {p['max_abs']:.2e}" if "max_abs" in p else ""
+                    lines.append(f"  pass {p['pass']}{figures}")
+    return "\n".join(lines)

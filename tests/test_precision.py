@@ -1,0 +1,138 @@
+"""Precision and optimisation passes: each keeps validation within its stated bound on the tiny models, is named
+in export_report.json with its error, and gives images without NaN close to the fp32 ones.
+
+Bounds (see DEFAULT_RTOL in exporters/validate.py for the derivation): fp32 passes 1e-4 max abs here; fp16
+max_rel <= 2e-2; int8 <= 1e-1; int4 and hybrid <= 3e-1. End to end, images are compared with the fp32 export's
+by PSNR: fp16 >= 40 dB (fp16 rounding of [0, 1] pixels alone gives ~66 dB), int8 >= 25 dB, int4/hybrid >= 18 dB
+on the tiny random-weight models (their images are low-contrast, so these are loose floors that still fail
+on a broken graph: a NaN or a wrong op gives < 10 dB).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from diffship.errors import ValidationError
+from diffship.exporters import export
+from diffship.pipelines import StableDiffusionPipeline
+
+PROMPTS = ["a red circle on the left", "a photo of a cat"]
+
+SETTINGS = {
+    # name: (export kwargs, backends, PSNR floor)
+    "optimize-fp32": (dict(optimize=True), ["onnx", "openvino"], 60.0),
+    "fp16-mixed-vae": (dict(dtype="fp16", optimize=True, vae_fp16="mixed"), ["onnx", "openvino"], 40.0),
+    "int8": (dict(weight_format="int8"), ["onnx", "openvino"], 25.0),
+    "int4": (dict(weight_format="int4"), ["onnx", "openvino"], 18.0),
+    "hybrid": (dict(quantize="hybrid", calibration_prompts=PROMPTS), ["openvino"], 18.0),
+}
+PASSES = {
+    "optimize-fp32": {"onnx": ["cleanup", "ort_fusions_cpu"], "openvino": ["cleanup"]},
+    "fp16-mixed-vae": {"onnx": ["cleanup", "fp16", "ort_fusions_cpu"], "openvino": ["cleanup", "fp16_ir"]},
+    "int8": {"onnx": ["int8_dynamic"], "openvino": ["nncf_int8_weights"]},
+    "int4": {"onnx": ["int4_matmul"], "openvino": ["nncf_int4_weights"]},
+    "hybrid": {"openvino": ["nncf_hybrid_int8"]},
+}
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+def images(model_dir, backend):
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, backend=backend)
+    pipe.set_progress_bar_config(disable=True)
+    latents = np.random.default_rng(0).standard_normal((2, 4, 32, 32)).astype(np.float32)
+    return pipe(PROMPTS, num_inference_steps=4, latents=latents, output_type="np").images
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_pass_bounds_report_and_images(setting, tiny_model_dirs, exported_dirs, tmp_path):
+    kwargs, formats, floor = SETTINGS[setting]
+    out = export(tiny_model_dirs("sd1"), tmp_path / setting, formats, progress=False, **kwargs)
+    report = json.loads((out / "export_report.json").read_text())
+
+    for name, entry in report["components"].items():
+        for fmt in formats:
+            applied = [p["pass"] for p in entry["passes"] if p["format"] == fmt]
+            if name == "unet":  # every setting changes the UNet
+                assert set(PASSES[setting][fmt]) <= set(applied), (fmt, applied)
+            onnx_passes = [p for p in entry["passes"] if p["format"] == "onnx"]
+            lossy = any(p["pass"].startswith(("fp16", "int")) for p in onnx_passes)
+            for record in onnx_passes:
+                if not lossy:
+                    assert record["max_abs"] < 1e-4, record  # fp32 passes are (nearly) exact
+                assert record.get("nan", 0) == 0
+        for backend, v in entry["validation"].items():
+            assert v["passed"] and v["nan"] == 0
+            assert (v["max_abs"] <= v["atol"]) if "atol" in v else (v["max_rel"] <= v["rtol"])
+    assert set(report["passes"]) >= {p for fmt in formats for p in PASSES[setting][fmt]}
+
+    for fmt in formats:
+        backend = "onnxruntime" if fmt == "onnx" else "openvino"
+        got, ref = images(out, backend), images(exported_dirs("sd1"), backend)
+        assert np.isfinite(got).all()
+        assert psnr(got, ref) >= floor, (setting, backend, psnr(got, ref))
+
+
+@pytest.fixture(scope="module")
+def overflow_model(tiny_model_dirs, tmp_path_factory):
+    from diffship.testing.fp16_overflow import make_vae_overflow_fp16
+
+    model = shutil.copytree(tiny_model_dirs("sd2"), tmp_path_factory.mktemp("overflow") / "sd2-overflow")
+    return make_vae_overflow_fp16(model)
+
+
+def test_vae_fp16_without_protection_overflows(overflow_model, tmp_path):
+    """The check that fails if the protection is removed: an fp16 VAE decoder of this model gives NaN."""
+    with pytest.raises(ValidationError, match=r"vae_decoder on onnxruntime \(fp16\).*NaN"):
+        export(overflow_model, tmp_path / "none", "onnx", dtype="fp16", vae_fp16="none", progress=False)
+    assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize("protection", ["fp32", "mixed"])
+def test_vae_fp16_protection(protection, overflow_model, tmp_path):
+    out = export(overflow_model, tmp_path / protection, "onnx", dtype="fp16", vae_fp16=protection, progress=False)
+    report = json.loads((out / "export_report.json").read_text())
+    decoder = report["components"]["vae_decoder"]
+    assert decoder["validation"]["onnxruntime"]["nan"] == 0
+    if protection == "mixed":
+        assert decoder["precision"]["onnxruntime"] == "fp16"
+        assert any(p["pass"] == "fp16_mixed" for p in decoder["passes"])
+    else:
+        assert decoder["precision"]["onnxruntime"] == "fp32"
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle", num_inference_steps=2, generator=0, output_type="np").images
+    assert np.isfinite(image).all() and image.std() > 1e-3  # not NaN, not a flat (black) image
+
+
+def test_bad_precision_options(tiny_model_dirs, tmp_path):
+    from diffship.errors import DiffshipError
+
+    with pytest.raises(DiffshipError, match="hybrid is an OpenVINO"):
+        export(tiny_model_dirs("sd1"), tmp_path / "o", "onnx", quantize="hybrid", progress=False)
+    with pytest.raises(DiffshipError, match="takes fp32 graphs"):
+        export(tiny_model_dirs("sd1"), tmp_path / "o", "onnx", dtype="fp16", weight_format="int8", progress=False)
+    with pytest.raises(DiffshipError, match="dtype must be one of"):
+        export(tiny_model_dirs("sd1"), tmp_path / "o", "onnx", dtype="bf8", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_inspect_reports_passes_and_figures(tiny_model_dirs, tmp_path, capsys):
+    from diffship.cli import main
+
+    out = export(tiny_model_dirs("sd1"), tmp_path / "o", ["onnx", "openvino"], weight_format="int8", progress=False)
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "passes: int8_dynamic, nncf_int8_weights" in text
+    assert "unet [onnx]" in text and "unet [openvino]" in text and "validation (int8)" in text
+    assert "MatMulInteger" in text or "DynamicQuantizeLinear" in text
+    assert main(["inspect", str(out / "unet" / "model.onnx"), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["graphs"][0]["inputs"][1]["name"] == "timestep" and data["graphs"][0]["parameters"] > 0
