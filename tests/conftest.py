@@ -53,7 +53,10 @@ def reference_pipelines(tiny_model_dirs):
 
             pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dirs(kind), safety_checker=None)
             pipe.set_progress_bar_config(disable=True)
-            cache[kind] = pipe
-        return cache[kind]
+            cache[kind] = (pipe, pipe.scheduler)
+        pipe, original_scheduler = cache[kind]
+        # Tests swap schedulers; each starts from the model's own, so no test inherits another's overrides.
+        pipe.scheduler = original_scheduler
+        return pipe
 
     return get
