@@ -172,7 +172,7 @@ def probe_openvino_activation_scaling() -> dict:
     result = {
         "openvino": ov.__version__,
         "cpu_capabilities": list(core.get_property("CPU", props.device.capabilities)),
-        "cpu_default_inference_precision": str(core.get_property("CPU", hints.inference_precision)),
+        "cpu_default_inference_precision": core.get_property("CPU", hints.inference_precision).get_type_name(),
         "activations_scale_factor_in_supported_properties":
             "ACTIVATIONS_SCALE_FACTOR" in core.get_property("CPU", props.supported_properties),
         "attempts": [],
@@ -188,7 +188,7 @@ def probe_openvino_activation_scaling() -> dict:
         try:
             compiled = core.compile_model(model, "CPU", config)
             entry["compiled"] = True
-            entry["effective_inference_precision"] = str(compiled.get_property(hints.inference_precision))
+            entry["effective_inference_precision"] = compiled.get_property(hints.inference_precision).get_type_name()
         except Exception as e:  # the plugin's own exception type
             entry["compiled"] = False
             entry["error"] = " ".join(str(e).split())
@@ -198,7 +198,8 @@ def probe_openvino_activation_scaling() -> dict:
     compiled = core.compile_model(model, "CPU", {hints.inference_precision: ov.Type.f16})
     result["attempts"].append({
         "config": "rt_info runtime_options/ACTIVATIONS_SCALE_FACTOR=8 + INFERENCE_PRECISION_HINT=f16",
-        "compiled": True, "effective_inference_precision": str(compiled.get_property(hints.inference_precision)),
+        "compiled": True,
+        "effective_inference_precision": compiled.get_property(hints.inference_precision).get_type_name(),
         "note": "accepted and ignored: the CPU plugin has no activations-scaling pass",
     })
     return result
@@ -367,7 +368,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "precision-quality")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--kinds", nargs="*", default=["sd1", "sd2"])
+    parser.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the committed .json")
     args = parser.parse_args()
+    if args.markdown_only:
+        result = json.loads((args.out / "precision_quality.json").read_text())
+        (args.out / "precision_quality.md").write_text(markdown(result))
+        return
 
     start = time.perf_counter()
     result = {"benchmark": "precision_quality", "prompts": PROMPTS, "steps": STEPS, "latent_seed": SEED,

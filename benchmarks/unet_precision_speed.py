@@ -104,8 +104,8 @@ def rss_gb() -> float:
 
 def size_on_disk(graph: Path) -> int:
     files = [graph]
-    if graph.suffix == ".onnx":
-        files += [graph.with_name("model.onnx_data")]
+    if graph.suffix == ".onnx":  # diffship writes model.onnx_data; onnxruntime's optimizer model.onnx.data
+        files += [graph.with_name("model.onnx_data"), graph.with_name("model.onnx.data")]
     else:
         files += [graph.with_suffix(".bin")]
     return sum(f.stat().st_size for f in files if f.is_file())
@@ -147,6 +147,39 @@ def _ov_step(name: str, transform, compress_to_fp16: bool = False) -> None:
     scratch.rename(WORK / name)
 
 
+def cleanup_large(model):
+    """diffship.graphs.cleanup.cleanup, as it would work past 2 GB. diffship's own fails on the full-size UNet
+    (onnxslim 0.1.98's symbolic shape inference raises UnboundLocalError on LayerNormalization, and its fallback
+    calls ModelProto.ByteSize(), which protobuf refuses past 2 GB): shape inference runs through a file and
+    onnxslim only folds and prunes. Reported as a diffship bug with this as the fix."""
+    import onnxslim
+
+    from diffship.graphs.cleanup import infer_shapes
+
+    return infer_shapes(onnxslim.slim(infer_shapes(model), no_shape_infer=True))
+
+
+def fuse_from_file(name: str, source: Path) -> None:
+    """graphs.fusion.fuse_for_onnxruntime(model, "unet", "cpu"), run on the file: the same optimizer, options and
+    NumPy-compatibility patches as its past-2-GB branch, without an extra in-memory copy of the 3.4 GB graph
+    (the in-memory route peaked above 18 GB here)."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from diffship.graphs.fusion import _tolerant_fusion_scripts, fusion_options
+
+    scratch = WORK / f".{name}.partial"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    with _tolerant_fusion_scripts():
+        optimized = optimize_model(str(source), model_type="unet", opt_level=0,
+                                   optimization_options=fusion_options("unet", "cpu"), use_gpu=False)
+        optimized.save_model_to_file(str(scratch / "model.onnx"), use_external_data_format=True)
+    del optimized
+    gc.collect()
+    shutil.rmtree(WORK / name, ignore_errors=True)
+    scratch.rename(WORK / name)
+
+
 def _set_accuracy_level(model, level: int = 4):
     import onnx
 
@@ -172,9 +205,7 @@ def calibration_feeds() -> list[dict]:
 
 def build(only: list[str] | None) -> None:
     from diffship.exporters import openvino as ov_export
-    from diffship.graphs.cleanup import cleanup
     from diffship.graphs.float16 import to_float16
-    from diffship.graphs.fusion import fuse_for_onnxruntime
     from diffship.graphs.quantize import quantize_int4_matmul, quantize_int8_dynamic
 
     if not (SOURCE / "model.onnx").is_file() or not (SOURCE / "openvino_model.xml").is_file():
@@ -184,9 +215,8 @@ def build(only: list[str] | None) -> None:
     log = json.loads(log_path.read_text()) if log_path.is_file() else {}
     cleaned = WORK / "_cleaned" / "model.onnx"
     steps = [
-        ("_cleaned", lambda: _onnx_step("_cleaned", SOURCE / "model.onnx", cleanup)),
-        ("ort-fp32-optimized", lambda: _onnx_step("ort-fp32-optimized", cleaned,
-                                                  lambda m: fuse_for_onnxruntime(m, "unet", "cpu"))),
+        ("_cleaned", lambda: _onnx_step("_cleaned", SOURCE / "model.onnx", cleanup_large)),
+        ("ort-fp32-optimized", lambda: fuse_from_file("ort-fp32-optimized", cleaned)),
         ("ort-fp16", lambda: _onnx_step("ort-fp16", cleaned, to_float16)),
         ("ort-int8", lambda: _onnx_step("ort-int8", SOURCE / "model.onnx", quantize_int8_dynamic)),
         ("ort-int8-optimized", lambda: _onnx_step("ort-int8-optimized", WORK / "ort-fp32-optimized" / "model.onnx",

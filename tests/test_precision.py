@@ -51,10 +51,24 @@ def images(model_dir, backend):
     return pipe(PROMPTS, num_inference_steps=4, latents=latents, output_type="np").images
 
 
+@pytest.fixture(scope="module")
+def precision_exports(tiny_model_dirs, tmp_path_factory):
+    """setting -> the tiny sd1 model exported with that setting (built on first use, shared by the tests)."""
+    root, cache = tmp_path_factory.mktemp("precision"), {}
+
+    def get(setting):
+        if setting not in cache:
+            kwargs, formats, _ = SETTINGS[setting]
+            cache[setting] = export(tiny_model_dirs("sd1"), root / setting, formats, progress=False, **kwargs)
+        return cache[setting]
+
+    return get
+
+
 @pytest.mark.parametrize("setting", list(SETTINGS))
-def test_pass_bounds_report_and_images(setting, tiny_model_dirs, exported_dirs, tmp_path):
+def test_pass_bounds_report_and_images(setting, precision_exports, exported_dirs):
     kwargs, formats, floor = SETTINGS[setting]
-    out = export(tiny_model_dirs("sd1"), tmp_path / setting, formats, progress=False, **kwargs)
+    out = precision_exports(setting)
     report = json.loads((out / "export_report.json").read_text())
 
     for name, entry in report["components"].items():
@@ -124,10 +138,10 @@ def test_bad_precision_options(tiny_model_dirs, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_inspect_reports_passes_and_figures(tiny_model_dirs, tmp_path, capsys):
+def test_inspect_reports_passes_and_figures(precision_exports, capsys):
     from diffship.cli import main
 
-    out = export(tiny_model_dirs("sd1"), tmp_path / "o", ["onnx", "openvino"], weight_format="int8", progress=False)
+    out = precision_exports("int8")
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert "passes: int8_dynamic, nncf_int8_weights" in text

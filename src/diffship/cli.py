@@ -4,6 +4,7 @@
   diffship export MODEL OUT           export to ONNX and/or OpenVINO, validated against PyTorch
   diffship generate DIR --prompt ...  generate images with the numpy pipeline, print per-stage timings
   diffship inspect PATH               describe a graph or an exported directory
+  diffship bench DIR                  per-stage latency on each backend, side by side
 """
 
 from __future__ import annotations
@@ -110,6 +111,40 @@ def _add_inspect(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="per-stage latency of an exported pipeline on each backend, side by side",
+                       description="Each backend runs in its own process (its cold start and peak RSS are its own); "
+                                   "the backends run in turn, run by run. Prints medians (UNet steps: median and "
+                                   "p90) per stage; --json, --markdown and --plot write them.")
+    p.add_argument("model_dir", type=Path, help="an exported directory (diffship or Optimum)")
+    p.add_argument("--backend", action="append", default=None,
+                   help="onnxruntime, openvino (repeat or comma-separate); default: every installed backend")
+    p.add_argument("--height", type=int, help="image height (default: the model's)")
+    p.add_argument("--width", type=int, help="image width (default: the model's)")
+    p.add_argument("--steps", type=int, default=25, help="num_inference_steps")
+    p.add_argument("--batch-size", type=int, default=1, help="prompts per call")
+    p.add_argument("--runs", type=int, default=3, help="timed runs per backend (the figures are their medians)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per backend first")
+    p.add_argument("--static", action="store_true", help="OpenVINO: reshape the graphs to static shapes first")
+    p.add_argument("--inference-precision", choices=["f32", "bf16", "f16", "default"], default=None,
+                   help="OpenVINO's inference precision (default f32; 'default': the CPU plugin's own choice)")
+    p.add_argument("--prompt", default="a photo of an astronaut riding a horse on mars")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--guidance", type=float, default=7.5, help="guidance_scale (<= 1 turns guidance off)")
+    p.add_argument("--scheduler", help="e.g. euler, ddim, dpm++2m-karras (default: the model's)")
+    p.add_argument("--task", choices=["text-to-image", "image-to-image"], default="text-to-image",
+                   help="image-to-image also times the VAE encoder (on a generated picture)")
+    p.add_argument("--strength", type=float, default=0.75, help="image-to-image strength")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--roofline", action="store_true",
+                   help="count the UNet's FLOPs (needs the onnx package) and measure the matmul peak, to give "
+                        "achieved GFLOP/s and percent of peak")
+    p.add_argument("--json", type=Path, help="write the figures as JSON (schema diffship-bench/1)")
+    p.add_argument("--markdown", type=Path, help="write a Markdown table")
+    p.add_argument("--plot", type=Path, help="write a PNG bar chart of the stages")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffship", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_generate(sub)
     _add_inspect(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -232,7 +268,26 @@ def cmd_inspect(args) -> None:
     print(json.dumps(result, indent=2) if args.json else format_inspection(result))
 
 
-COMMANDS = {"tiny-model": cmd_tiny_model, "export": cmd_export, "generate": cmd_generate, "inspect": cmd_inspect}
+def cmd_bench(args) -> None:
+    from diffship.benchmarking import bench, write_outputs
+    from diffship.benchmarking.report import format_table, settings_line
+
+    backends = [b.strip() for flag in args.backend or [] for b in flag.split(",") if b.strip()] or None
+    log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    report = bench(args.model_dir, backends, height=args.height, width=args.width, steps=args.steps,
+                   batch_size=args.batch_size, runs=args.runs, warmup=args.warmup, static=args.static,
+                   prompt=args.prompt, negative_prompt=args.negative_prompt, scheduler=args.scheduler,
+                   guidance_scale=args.guidance, task=args.task, strength=args.strength, seed=args.seed,
+                   inference_precision=args.inference_precision, roofline=args.roofline, log=log)
+    print(settings_line(report))
+    print(format_table(report))
+    write_outputs(report, args.json, args.markdown, args.plot)
+    if all(r.get("error") for r in report["results"]):
+        raise DiffshipError("every backend failed; see the errors above")
+
+
+COMMANDS = {"tiny-model": cmd_tiny_model, "export": cmd_export, "generate": cmd_generate, "inspect": cmd_inspect,
+            "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

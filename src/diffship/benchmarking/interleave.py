@@ -25,7 +25,10 @@ class Contestant:
         self.spec = spec
         self.command = command or [sys.executable, "-m", "diffship.benchmarking.worker"]
         self.env = env
-        self.runtime, self.backend, self.static, self.precision = runtime, backend or spec.get("backend"), static, precision
+        self.runtime = runtime
+        self.backend = backend or spec.get("backend")
+        self.static = static
+        self.precision = precision
         self.worker: Worker | None = None
         self.error: str | None = None
         self.info: dict = {}
@@ -60,12 +63,13 @@ class Contestant:
                            "load_and_compile_s": reply["load_and_compile_s"]}
         self.memory = {"rss_after_load_mb": reply.get("rss_mb")}
 
-    def run_once(self, timed: bool) -> None:
+    def run_once(self, timed: bool) -> float | None:
+        """One generation; its end-to-end seconds (None if the worker failed)."""
         try:
             timings = self.worker.request("run")["timings"]
         except WorkerError as e:
             self.fail(e)
-            return
+            return None
         if not self.cold_start.get("first_run_s"):
             self.cold_start["first_run_s"] = timings["total"]
             self.cold_start["time_to_first_image_s"] = self.cold_start["startup_s"] + timings["total"]
@@ -73,6 +77,7 @@ class Contestant:
             self.runs.append(complete_run(timings, (load_average() or [None])[0]))
         else:
             self.warm_runs += 1
+        return timings["total"]
 
     def finish(self) -> None:
         """Close the worker and keep its memory figures."""
@@ -107,11 +112,11 @@ def run_rounds(contestants: list[Contestant], warmup: int, runs: int, log=None) 
             if not c.alive or todo[id(c)] == 0:
                 continue
             timed = c.warm_runs >= warmup
-            c.run_once(timed)
+            total = c.run_once(timed)
             todo[id(c)] -= 1
             if log is not None:
-                what = "failed" if c.error else f"{c.runs[-1]['total'] if timed else c.cold_start['first_run_s']:.2f} s"
-                log(f"  round {round_index + 1}/{rounds} {c.name:<28} {'run' if timed else 'warm-up'} {what}")
+                what = "FAILED: " + c.error.splitlines()[0] if total is None else f"{total:.2f} s"
+                log(f"  round {round_index + 1}/{rounds}  {c.name:<28} {'run' if timed else 'warm-up'} {what}")
             time.sleep(PAUSE_S)
 
 

@@ -95,8 +95,27 @@ def load(spec: dict):
         return recorder.timings(time.perf_counter() - start)
 
     info = {"pipeline": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__, "backend": pipe.backend,
-            "static": static}
+            "static": static, "unet_session": session_settings(pipe.unet._session)}
     return run, info
+
+
+def session_settings(session) -> dict:
+    """What the runtime chose for the UNet: precision and performance hint (OpenVINO), threads (ONNX Runtime)."""
+    compiled = getattr(session, "_compiled", None)
+    if compiled is not None:
+        out = {}
+        for key in ("INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT", "NUM_STREAMS", "INFERENCE_NUM_THREADS"):
+            try:
+                out[key] = str(compiled.get_property(key))
+            except Exception:  # a property this device does not report
+                pass
+        return out
+    ort_session = getattr(session, "_session", None)
+    if ort_session is not None:
+        options = ort_session.get_session_options()
+        return {"providers": ort_session.get_providers(), "intra_op_num_threads": options.intra_op_num_threads,
+                "graph_optimization_level": str(options.graph_optimization_level)}
+    return {}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,121 @@
+"""The Markdown page of benchmarks/compare_peers.py: latency per pipeline, ratios, targets, install sizes, roofline."""
+
+from __future__ import annotations
+
+
+def _ms(seconds):
+    return "-" if seconds is None else (f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1e3:.0f} ms")
+
+
+def _x(value):
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _stage(result, stage, stat="median"):
+    figures = (result.get("stages") or {}).get(stage)
+    return figures[stat] if figures else None
+
+
+def format_peers_markdown(report: dict, plot_name: str | None = None) -> str:
+    s, m = report["settings"], report["machine"]
+    ratios = report["ratios"]
+    load = m.get("loadavg_start") or [None]
+    load_end = m.get("loadavg_end") or [None]
+    lines = [
+        f"# diffship vs PyTorch eager and Optimum: SD1.5 architecture, {s['height']}x{s['width']}",
+        "",
+        f"{report['date']} · {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM, {m['os']} · "
+        f"load average {load[0]} at start, {load_end[0]} at end (other jobs share this machine) · "
+        f"{report['duration_s'] / 60:.1f} min. Made by `flock /tmp/diffship-bench.lock .venv/bin/python "
+        f"benchmarks/compare_peers.py --size {s['height']}`.",
+        "",
+        f"Full-size Stable Diffusion 1.5 UNet, text encoder and VAE with random weights (fp32), text-to-image, "
+        f"batch 1 with classifier-free guidance (UNet batch 2), {s['steps']} steps of {s['scheduler']} on every "
+        f"side, the same prompt and latents. Medians of {s['runs']} timed runs after {s['warmup']} warm-up, "
+        "each pipeline in its own process, interleaved run by run with PyTorch (see Method).",
+        "",
+        "| pipeline | end to end | UNet per step (median / p90) | text encoder | VAE decode | scheduler + glue "
+        "(share) | vs PyTorch | vs Optimum | UNet GFLOP/s (% of peak) | load + compile | first image | peak RSS |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    pairs = {k.split(" / ")[0]: v for k, v in ratios.items() if " / " in k}
+    for r in report["results"]:
+        if r.get("error"):
+            lines.append(f"| {r['name']} | failed: {r['error'].splitlines()[0][:120]} |" + " |" * 10)
+            continue
+        own = ratios.get(r["name"], {})
+        vs_torch = 1.0 if r["runtime"] == "diffusers" else own.get("vs_torch_total")
+        glue, total = _stage(r, "scheduler_and_glue"), _stage(r, "total")
+        gflops = (f"{r['unet_gflops']:.0f} ({r['unet_percent_of_peak']:.0f} %)" if r.get("unet_gflops") else "-")
+        cold, memory = r.get("cold_start") or {}, r.get("memory") or {}
+        lines.append(
+            f"| {r['name']} | {_ms(total)} | {_ms(_stage(r, 'unet_per_step'))} / "
+            f"{_ms(_stage(r, 'unet_per_step', 'p90'))} | {_ms(_stage(r, 'text_encoder'))} | "
+            f"{_ms(_stage(r, 'vae_decode'))} | {_ms(glue)} ({100 * glue / total:.2f} %) | {_x(vs_torch)} | "
+            f"{_x((pairs.get(r['name']) or {}).get('total'))} | {gflops} | {_ms(cold.get('load_and_compile_s'))} | "
+            f"{_ms(cold.get('time_to_first_image_s'))} | {memory.get('peak_rss_mb', 0) / 1024:.1f} GiB |")
+    if plot_name:
+        lines += ["", f"![median latency per stage]({plot_name})"]
+
+    lines += ["", "## Against the issue's targets", "", "| what | measured | target | met |", "| --- | ---: | ---: | --- |"]
+    for name, t in report["targets"].items():
+        value = t.get("value")
+        shown = "-" if value is None else (f"{value:.2f} %" if "percent" in name else f"{value:.2f}x")
+        goal = f"{t['target']:g} %" if "percent" in name else f"≤ {t['target']:g}x"
+        label = name.replace("_", " ") + (f" ({t['pipeline']})" if t.get("pipeline") else "")
+        met = "-" if t.get("met") is None else ("yes" if t["met"] else "**no**")
+        lines.append(f"| {label} | {shown} | {goal} | {met} |")
+
+    lines += ["", "Per-stage ratios of diffship to its Optimum counterpart (same graphs, same runtime):", "",
+              "| pair | end to end | UNet per step | text encoder | VAE decode | scheduler + glue |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for pair, v in ratios.items():
+        if " / " in pair:
+            lines.append(f"| {pair} | {_x(v['total'])} | {_x(v['unet_per_step'])} | {_x(v['text_encoder'])} | "
+                         f"{_x(v['vae_decode'])} | {_x(v['scheduler_and_glue'])} |")
+
+    sizes = report.get("install_sizes")
+    if sizes:
+        lines += ["", "## Runtime install size", "",
+                  "| environment | site-packages | whole venv | packages | has torch |", "| --- | ---: | ---: | ---: | --- |"]
+        for name, v in sizes["sizes"].items():
+            lines.append(f"| {name} | {v['site_packages_mb']:.0f} MiB | {v['venv_mb']:.0f} MiB | {v['packages']} | "
+                         f"{'yes' if v['has_torch'] else 'no'} |")
+        lines += [""] + [f"- {k}: **{v:.2f}x**" for k, v in sizes["ratios"].items() if v is not None]
+        lines.append(f"- measured {sizes['date']} by `benchmarks/peers/install_sizes.py --per-runtime` "
+                     f"({sizes['measure']})")
+
+    rl = report.get("roofline")
+    if rl:
+        peak = rl["peak"]
+        by_op = ", ".join(f"{op} {v / 1e9:.1f}" for op, v in rl["unet_flops_by_op"].items() if v)
+        lines += ["", "## Roofline", "",
+                  f"- FLOPs per UNet call (batch 2, {s['height']}x{s['width']}): **{rl['unet_flops_per_call'] / 1e9:.1f} "
+                  f"GFLOP** ({by_op}), counted from `unet/model.onnx` with {rl['shape_inference']} shape inference "
+                  f"({rl['uncounted_nodes']} Conv/MatMul/Gemm nodes left uncounted); normalisations, softmax and "
+                  "elementwise ops are not counted.",
+                  f"- measured fp32 peak: **{rl['peak_gflops']:.0f} GFLOP/s**, the best of numpy "
+                  f"({peak['numpy_gflops']:.0f}) and ONNX Runtime ({peak.get('onnxruntime_gflops') or 0:.0f}) on a "
+                  f"{peak['n']}x{peak['n']}x{peak['n']} matmul with {peak['threads']} threads, at the start of the "
+                  "benchmark (other jobs on the machine lower it)."]
+
+    lines += ["", "## Method", ""]
+    lines += [
+        "- Each pipeline runs in its own worker process (`src/diffship/benchmarking/worker.py` for diffship, "
+        "`benchmarks/peers/peer_worker.py` in each peer's venv): its load and compile are a cold start and its "
+        "peak RSS is its own. Memory-mapped weights count in RSS (OpenVINO maps its .bin files).",
+        "- A full-size pipeline holds 4-9 GB, too much for all of them at once on this machine: they run in groups "
+        "(each diffship pipeline with its Optimum counterpart), interleaved run by run with the PyTorch worker, "
+        "which stays loaded through all groups. Ratios to PyTorch use PyTorch's runs of the same group.",
+        "- Stages are timed the same way on every side, by wrapping the component calls (diffship's Sessions; "
+        "the Optimum and diffusers model objects' `forward` and `vae.decode`); scheduler + glue is the pipeline "
+        "call's wall time less its component calls (tokenizing, guidance, scheduler steps, postprocessing to PIL).",
+        "- Optimum loads diffship's export directory, so both run the very same graphs with the same runtime "
+        "versions; OpenVINO in fp32 on both sides (`INFERENCE_PRECISION_HINT: f32`), bf16 rows are extra.",
+        "- Group timings: " + "; ".join(
+            f"{g}: {v['seconds']:.0f} s, {v['runs']} runs, {v['mem_available_gb_at_start']:.1f} GiB free at start, "
+            f"load average {(v['loadavg_end'] or [None])[0]} at end" for g, v in report["groups"].items()) + ".",
+        "- diffship venv: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v) + ".",
+        "- Optimum venv: " + ", ".join(f"{k} {v}" for k, v in report["versions_optimum_venv"].items() if v) + ".",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,171 @@
+"""Latency benchmarks of exported pipelines: `diffship bench`, and the pieces benchmarks/compare_peers.py builds on.
+
+Each backend runs in its own worker process (cold start and peak RSS are its own), the workers are loaded one after
+another and then run in turn, run by run; the figures are medians (and p90) over the timed runs after warm-up.
+See `summary.py` for the JSON schema.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+from diffship.benchmarking.interleave import Contestant, run_rounds, start_all
+from diffship.benchmarking.machine import load_average, machine_info, now, versions
+from diffship.benchmarking.summary import SCHEMA, attach_roofline
+from diffship.errors import BackendError, DiffshipError
+
+# Backend name -> the module that must import for it.
+BACKEND_MODULES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}
+TASKS = ("text-to-image", "image-to-image")
+
+
+def installed_backends() -> list[str]:
+    """The diffship backends whose runtime package is installed here."""
+    from diffship.runtimes import BACKENDS
+
+    return [b for b in BACKENDS if importlib.util.find_spec(BACKEND_MODULES.get(b, b)) is not None]
+
+
+def check_backend(name: str) -> str:
+    """The canonical backend name, or an error that says why it cannot run here."""
+    from diffship.runtimes import BACKENDS, backend_name
+
+    if name.lower() in ("tensorrt", "trt"):
+        if "tensorrt" not in BACKENDS:
+            found = importlib.util.find_spec("tensorrt") is not None
+            raise BackendError(
+                "the tensorrt backend is not available: this diffship has no TensorRT runtime "
+                f"(runtimes: {', '.join(BACKENDS)}) and the tensorrt package is "
+                + ("installed but unused" if found else "not installed (it needs an NVIDIA GPU: "
+                                                         "pip install diffship[tensorrt] on a CUDA machine)")
+            )
+        name = "tensorrt"
+    canonical = backend_name(name)
+    if importlib.util.find_spec(BACKEND_MODULES.get(canonical, canonical)) is None:
+        raise BackendError(f"the {canonical} backend is not installed here: pip install diffship[{canonical}]")
+    return canonical
+
+
+def default_size(model_dir: Path) -> int:
+    """The model's native image size: the UNet's sample_size times the VAE's scale factor."""
+    def config(name):
+        path = model_dir / name / "config.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    blocks = (config("vae_decoder") or config("vae_encoder")).get("block_out_channels", [0] * 4)
+    return config("unet").get("sample_size", 64) * 2 ** (len(blocks) - 1)
+
+
+def bench(model_dir, backends: list[str] | None = None, *, height: int | None = None, width: int | None = None,
+          steps: int = 25, batch_size: int = 1, runs: int = 3, warmup: int = 1, static: bool = False,
+          prompt: str = "a photo of an astronaut riding a horse on mars", negative_prompt: str | None = None,
+          scheduler: str | None = None, guidance_scale: float = 7.5, task: str = "text-to-image",
+          strength: float = 0.75, seed: int = 0, inference_precision: str | None = None, roofline: bool = False,
+          log=None) -> dict:
+    """Benchmark an exported directory on each backend; returns the report (schema in summary.py)."""
+    from diffship.pipelines.base import _read_index
+
+    started, date = time.perf_counter(), now()
+    model_dir = Path(model_dir).expanduser().resolve()
+    _read_index(model_dir)  # a clear error for a directory that is not an exported pipeline
+    backends = [check_backend(b) for b in (backends or installed_backends())]
+    if not backends:
+        raise BackendError("no backend is installed: pip install diffship[onnxruntime] or diffship[openvino]")
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if static and task != "text-to-image":
+        raise ValueError("--static reshapes for text-to-image only")
+    for name, value in (("runs", runs), ("steps", steps), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be 0 or more, got {warmup}")
+    height = height or default_size(model_dir)
+    width = width or default_size(model_dir)
+    if height % 8 or width % 8:
+        raise ValueError(f"height and width must be multiples of 8, got {height} and {width}")
+
+    settings = {"model": str(model_dir), "task": task, "height": height, "width": width, "steps": steps,
+                "batch_size": batch_size, "guidance_scale": guidance_scale, "scheduler": scheduler, "prompt": prompt,
+                "negative_prompt": negative_prompt, "runs": runs, "warmup": warmup, "seed": seed,
+                "strength": strength if task != "text-to-image" else None}
+    machine = machine_info()
+    contestants = []
+    for backend in dict.fromkeys(backends):
+        is_static = static and backend == "openvino"
+        options = {}
+        if inference_precision is not None and backend == "openvino":
+            options["inference_precision"] = None if inference_precision == "default" else inference_precision
+        spec = {"model_dir": str(model_dir), "backend": backend, "static": is_static, "options": options,
+                **{k: v for k, v in settings.items() if k not in ("model", "runs", "warmup")}}
+        precision = (inference_precision or "f32") if backend == "openvino" else "f32"
+        name = backend + (" static" if is_static else "") + (f" {precision}" if precision != "f32" else "")
+        contestants.append(Contestant(name, spec, runtime="diffship", backend=backend, static=is_static,
+                                      precision=precision))
+
+    start_all(contestants, log)
+    run_rounds(contestants, warmup, runs, log)
+    for c in contestants:
+        c.finish()
+    machine["loadavg_end"] = load_average()
+
+    report = {"schema": SCHEMA, "date": date, "duration_s": None, "command": " ".join(sys.argv),
+              "machine": machine, "versions": versions(), "settings": settings, "roofline": None,
+              "results": [c.result() for c in contestants]}
+    if roofline:
+        report["roofline"] = measure_roofline(model_dir, batch_size * (2 if guidance_scale > 1 else 1), height,
+                                              width, log)
+    for result in report["results"]:
+        rl = report["roofline"] or {}
+        attach_roofline(result, rl.get("unet_flops_per_call"), rl.get("peak_gflops"))
+    report["duration_s"] = time.perf_counter() - started
+    return report
+
+
+def measure_roofline(model_dir: Path, unet_batch: int, height: int, width: int, log=None) -> dict | None:
+    """FLOPs per UNet call (from unet/model.onnx) and the measured matmul peak; None where a part is missing."""
+    from diffship.benchmarking.roofline import matmul_peak, unet_flops
+
+    try:
+        counted = unet_flops(model_dir, unet_batch, height, width)
+    except ImportError as e:
+        if log is not None:
+            log(f"  roofline skipped: counting FLOPs needs the onnx package ({e})")
+        return None
+    if counted is None:
+        if log is not None:
+            log("  roofline skipped: the export has no unet/model.onnx to count FLOPs from")
+        return None
+    peak = matmul_peak()
+    return {"unet_flops_per_call": counted["flops"], "unet_flops_by_op": counted["by_op"],
+            "unet_input_shapes": counted["input_shapes"], "shape_inference": counted["shape_inference"],
+            "uncounted_nodes": counted["uncounted_nodes"], "peak_gflops": peak["peak_gflops"], "peak": peak}
+
+
+def write_outputs(report: dict, json_path=None, markdown_path=None, plot_path=None, title: str = "diffship bench"):
+    """Write the JSON, Markdown and PNG files asked for; the Markdown links the plot when both are written."""
+    from diffship.benchmarking.report import format_markdown
+
+    if plot_path:
+        from diffship.benchmarking.plot import plot_report
+
+        plot_report(report, plot_path)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+    if markdown_path:
+        link = None
+        if plot_path:
+            try:
+                link = str(Path(plot_path).resolve().relative_to(Path(markdown_path).resolve().parent))
+            except ValueError:
+                link = str(Path(plot_path).resolve())
+        Path(markdown_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(markdown_path).write_text(format_markdown(report, title=title, plot=link))
+
+
+__all__ = ["DiffshipError", "bench", "check_backend", "installed_backends", "measure_roofline", "write_outputs"]

@@ -1,0 +1,184 @@
+"""`diffship bench`: per-stage latency on every installed backend, its JSON schema, Markdown and PNG outputs, errors,
+and the FLOP counter of the roofline. Tiny runs (2 steps, 1 warm-up, 2 runs): these tests check the figures' shape
+and consistency, not speed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from diffship.benchmarking import bench, installed_backends
+from diffship.benchmarking.summary import ADDITIVE_STAGES, SCHEMA, STAGES, stages_sum
+from diffship.cli import main
+
+STAT_KEYS = {"median", "p90", "min", "max", "mean"}
+RESULT_KEYS = {"name", "runtime", "backend", "static", "precision", "info", "error", "cold_start", "memory",
+               "unet_calls_per_run", "stages", "unet_gflops", "unet_percent_of_peak", "runs"}
+RUN_KEYS = {"text_encoder", "unet", "unet_steps", "scheduler_and_glue", "vae_encode", "vae_decode", "total",
+            "loadavg_1m"}
+
+
+def no_torch_env(tmp_path: Path) -> dict:
+    """An environment where importing torch, diffusers or transformers fails, as at run time."""
+    shadow = tmp_path / "shadow"
+    for name in ("torch", "diffusers", "transformers"):
+        (shadow / name).mkdir(parents=True)
+        (shadow / name / "__init__.py").write_text(f"raise ImportError('{name} is blocked in this test')\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(shadow), env.get("PYTHONPATH", "")])
+    return env
+
+
+def check_schema(report: dict, runs: int, unet_calls: int) -> None:
+    assert report["schema"] == SCHEMA
+    assert {"schema", "date", "duration_s", "command", "machine", "versions", "settings", "roofline",
+            "results"} <= set(report)
+    assert {"cpu", "cores", "memory_gb", "os", "loadavg_start", "loadavg_end"} <= set(report["machine"])
+    assert report["versions"]["diffship"] and report["versions"]["numpy"]
+    for result in report["results"]:
+        assert set(result) == RESULT_KEYS, result.get("error")
+        assert result["error"] is None, result["error"]
+        assert set(result["cold_start"]) == {"startup_s", "load_and_compile_s", "first_run_s",
+                                             "time_to_first_image_s"}
+        assert 0 < result["cold_start"]["load_and_compile_s"] < result["cold_start"]["startup_s"]
+        assert result["memory"]["peak_rss_mb"] >= result["memory"]["rss_after_load_mb"] > 10
+        assert set(result["stages"]) == set(STAGES)
+        for stage, figures in result["stages"].items():
+            if figures is not None:
+                assert set(figures) == STAT_KEYS
+                assert 0 <= figures["min"] <= figures["median"] <= figures["p90"] <= figures["max"], stage
+        assert len(result["runs"]) == runs
+        assert result["unet_calls_per_run"] == unet_calls
+        for run in result["runs"]:
+            assert set(run) == RUN_KEYS
+            assert len(run["unet_steps"]) == unet_calls
+            # each run's stages add up to its total (scheduler and glue is the remainder, never negative)
+            assert sum(run[s] or 0.0 for s in ADDITIVE_STAGES) == pytest.approx(run["total"], rel=1e-9)
+        # ... and the stages' medians to the median end-to-end time, within 5 %
+        total = result["stages"]["total"]["median"]
+        assert abs(stages_sum(result["stages"]) - total) <= 0.05 * total, result["name"]
+
+
+def test_bench_cli_every_backend_without_torch(exported_dirs, tmp_path):
+    """The command line on every installed backend, in a process (and workers) where torch cannot be imported."""
+    out = tmp_path / "out"
+    diffship = Path(sys.executable).parent / "diffship"
+    command = [str(diffship)] if diffship.exists() else [sys.executable, "-m", "diffship"]
+    result = subprocess.run(
+        [*command, "bench", str(exported_dirs("sd1")), "--runs", "2", "--warmup", "1", "--steps", "2",
+         "--scheduler", "euler", "--json", str(out / "bench.json"), "--markdown", str(out / "bench.md"),
+         "--plot", str(out / "bench.png")],
+        env=no_torch_env(tmp_path), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    backends = installed_backends()
+    assert backends, "no backend installed"
+    for backend in backends:
+        assert backend in result.stdout
+    assert "UNet per step (p90)" in result.stdout and "time to first image" in result.stdout
+    assert "warm-up" in result.stderr and "round 3/3" in result.stderr  # progress goes to stderr
+
+    report = json.loads((out / "bench.json").read_text())
+    check_schema(report, runs=2, unet_calls=2)
+    assert [r["name"] for r in report["results"]] == backends
+    assert report["settings"]["steps"] == 2 and report["settings"]["scheduler"] == "euler"
+    assert all(r["stages"]["vae_encode"] is None for r in report["results"])  # text-to-image has none
+
+    markdown = (out / "bench.md").read_text()
+    assert "| stage | " + " | ".join(backends) + " |" in markdown
+    assert "![per-stage latency](bench.png)" in markdown
+
+    from PIL import Image
+
+    with Image.open(out / "bench.png") as image:
+        image.verify()
+    with Image.open(out / "bench.png") as image:
+        assert image.format == "PNG" and image.width > 400 and image.height > 100
+
+
+@pytest.mark.skipif("openvino" not in installed_backends(), reason="needs openvino")
+def test_bench_openvino_static(exported_dirs):
+    report = bench(exported_dirs("sd1"), ["ov"], static=True, steps=2, runs=1, warmup=0, scheduler="ddim",
+                   height=64, width=64)
+    check_schema(report, runs=1, unet_calls=2)
+    (result,) = report["results"]
+    assert result["name"] == "openvino static" and result["static"] and result["info"]["static"]
+
+
+@pytest.mark.skipif("onnxruntime" not in installed_backends(), reason="needs onnxruntime")
+def test_bench_image_to_image_times_the_vae_encoder(exported_dirs):
+    report = bench(exported_dirs("sd1"), ["onnxruntime"], task="image-to-image", strength=0.5, steps=4, runs=1,
+                   warmup=0, scheduler="euler")
+    check_schema(report, runs=1, unet_calls=2)  # strength 0.5 of 4 steps
+    (result,) = report["results"]
+    assert result["stages"]["vae_encode"]["median"] > 0
+    assert result["info"]["pipeline"] == "StableDiffusionImg2ImgPipeline"
+
+
+def test_bench_errors(exported_dirs, tmp_path, capsys):
+    export = str(exported_dirs("sd1"))
+    assert main(["bench", export, "--backend", "tensorrt"]) == 2
+    err = capsys.readouterr().err
+    assert "tensorrt backend is not available" in err and "no TensorRT runtime" in err
+    assert main(["bench", export, "--backend", "cuda-magic"]) == 2
+    assert "unknown backend 'cuda-magic'" in capsys.readouterr().err
+    assert main(["bench", str(tmp_path)]) == 2
+    assert "no model_index.json" in capsys.readouterr().err
+    assert main(["bench", export, "--runs", "0"]) == 2
+    assert "runs must be at least 1" in capsys.readouterr().err
+    assert main(["bench", export, "--task", "image-to-image", "--static"]) == 2
+    assert "text-to-image only" in capsys.readouterr().err
+
+
+def test_failed_worker_keeps_its_row(exported_dirs, tmp_path):
+    """A backend that fails to load is reported with its error; the others still run."""
+    from diffship.benchmarking.interleave import Contestant, run_rounds, start_all
+
+    broken = Contestant("broken", {"model_dir": str(tmp_path), "backend": "onnxruntime", "steps": 1,
+                                   "height": 64, "width": 64})
+    start_all([broken])
+    run_rounds([broken], warmup=0, runs=1)
+    result = broken.result()
+    assert result["error"] and "no model_index.json" in result["error"]
+    assert result["stages"] is None and result["runs"] == []
+
+
+def test_flop_counter_on_a_hand_built_graph(tmp_path):
+    """Conv and MatMul FLOPs from shapes, against the formula; dynamic dims take the given sizes."""
+    onnx = pytest.importorskip("onnx")
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from diffship.benchmarking.roofline import count_flops
+
+    weight = numpy_helper.from_array(np.zeros((8, 3, 3, 3), np.float32), "w")
+    proj = numpy_helper.from_array(np.zeros((16, 5), np.float32), "p")
+    shape = numpy_helper.from_array(np.array([0, 8, -1], np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]),
+         helper.make_node("Reshape", ["y", "shape"], ["r"]),  # [B, 8, 16]
+         helper.make_node("MatMul", ["r", "p"], ["z"])],      # [B, 8, 5]
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 4, 4])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], initializer=[weight, proj, shape])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    counted = count_flops(path, {"x": [2, 3, 4, 4]})
+    assert counted["uncounted_nodes"] == 0
+    assert counted["by_op"]["Conv"] == 2 * (2 * 8 * 4 * 4) * (3 * 3 * 3)
+    assert counted["by_op"]["MatMul"] == 2 * (2 * 8 * 5) * 16
+
+
+def test_unet_flops_of_the_tiny_export(exported_dirs):
+    pytest.importorskip("onnx")
+    from diffship.benchmarking.roofline import unet_flops
+
+    small = unet_flops(exported_dirs("sd1"), 2, 64, 64)
+    large = unet_flops(exported_dirs("sd1"), 2, 128, 128)
+    assert small["uncounted_nodes"] == 0 and small["flops"] > 0
+    # convolutions scale with the pixels, attention faster: 4x the pixels is at least 4x the FLOPs
+    assert large["flops"] >= 4 * small["flops"] * 0.99
