@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffship.benchmarking import measure_roofline
+from diffship.benchmarking import measure_roofline, vae_scale_factor
 from diffship.benchmarking.interleave import Contestant, run_rounds, start_all
 from diffship.benchmarking.machine import load_average, machine_info, now, versions
 from diffship.benchmarking.plot import plot_report
@@ -141,8 +141,12 @@ def main() -> int:
     parser.add_argument("--install-sizes", type=Path, default=REPO / "benchmarks" / "results" / "install_sizes.json")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/peers_SIZE")
     parser.add_argument("--budget-minutes", type=float, default=19.0,
-                        help="fewer runs (then fewer groups) when the projected end passes this")
+                        help="fewer runs per group when the projected end passes this")
+    parser.add_argument("--rerender", type=Path, metavar="OUT.json",
+                        help="only rebuild OUT.md and OUT.png (and the ratios) from an earlier run's JSON")
     args = parser.parse_args()
+    if args.rerender:
+        return rerender(args.rerender, args.install_sizes)
     args.out = args.out or REPO / "benchmarks" / "results" / f"peers_{args.size}"
     groups = [g.strip() for g in args.groups.split(",") if g.strip()]
     unknown = [g for g in groups if g not in GROUPS]
@@ -157,7 +161,7 @@ def main() -> int:
     log(f"{date}: {machine['cpu']}, {machine['cores']} cores, load average {machine['loadavg_start']}")
     work = Path(tempfile.mkdtemp(prefix="diffship-peers-"))
     latents_file = work / "latents.npy"
-    latent = args.size // 8
+    latent = args.size // vae_scale_factor(args.export)
     np.save(latents_file, np.random.default_rng(0).standard_normal((1, 4, latent, latent)).astype(np.float32))
     common = {"height": args.size, "width": args.size, "steps": args.steps, "guidance_scale": 7.5,
               "prompt": PROMPT, "negative_prompt": None, "scheduler": SCHEDULER, "latents": str(latents_file),
@@ -218,23 +222,39 @@ def main() -> int:
         result["group"] = "all" if c is torch else next(g for g, e in GROUPS.items() if c.name in [x[0] for x in e])
         attach_roofline(result, (roofline or {}).get("unet_flops_per_call"), (roofline or {}).get("peak_gflops"))
         report["results"].append(result)
-    report["ratios"], report["targets"] = ratios_and_targets(report)
-    report["install_sizes"] = json.loads(args.install_sizes.read_text()) if args.install_sizes.is_file() else None
-    if report["install_sizes"]:
-        value = report["install_sizes"]["ratios"]["diffship[onnxruntime,openvino] / optimum (ORT + OpenVINO)"]
-        report["targets"]["install_size_ratio"] = target(value, TARGETS["install_size_ratio"])
+    finish_report(report, args.install_sizes)
     report["duration_s"] = time.perf_counter() - started
-
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    plot_report(report, args.out.with_suffix(".png"),
-                title=f"SD1.5 architecture, {args.size}x{args.size}, {args.steps} steps: median latency per stage")
-    from peers_report import format_peers_markdown  # benchmarks/peers/peers_report.py
-
-    args.out.with_suffix(".md").write_text(format_peers_markdown(report, args.out.with_suffix(".png").name))
+    write_report(report, args.out)
     print(format_table(report))
     print(args.out.with_suffix(".md").read_text())
     log(f"done in {report['duration_s'] / 60:.1f} min: {args.out}.json/.md/.png")
+    return 0
+
+
+def finish_report(report: dict, install_sizes: Path) -> None:
+    report["ratios"], report["targets"] = ratios_and_targets(report)
+    report["install_sizes"] = json.loads(install_sizes.read_text()) if install_sizes.is_file() else None
+    if report["install_sizes"]:
+        value = report["install_sizes"]["ratios"]["diffship[onnxruntime,openvino] / optimum (ORT + OpenVINO)"]
+        report["targets"]["install_size_ratio"] = target(value, TARGETS["install_size_ratio"])
+
+
+def write_report(report: dict, out: Path) -> None:
+    from peers_report import format_peers_markdown  # benchmarks/peers/peers_report.py
+
+    s = report["settings"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_report(report, out.with_suffix(".png"),
+                title=f"SD1.5 architecture, {s['height']}x{s['width']}, {s['steps']} steps: median latency per stage")
+    out.with_suffix(".md").write_text(format_peers_markdown(report, out.with_suffix(".png").name))
+
+
+def rerender(path: Path, install_sizes: Path) -> int:
+    report = json.loads(path.read_text())
+    finish_report(report, install_sizes)
+    write_report(report, path.with_suffix(""))
+    print(path.with_suffix(".md").read_text())
     return 0
 
 
@@ -259,9 +279,14 @@ def ratios_and_targets(report: dict) -> tuple[dict, dict]:
                             "glue_share_percent": 100 * ratio(median_of(r, "scheduler_and_glue"), median_of(r, "total"))}
         mine, theirs = (by_name.get(entries[0][0]), by_name.get(entries[1][0]))
         if mine and theirs and mine.get("stages") and theirs.get("stages"):
-            ratios[f"{entries[0][0]} / {entries[1][0]}"] = {
-                stage: ratio(median_of(mine, stage), median_of(theirs, stage))
-                for stage in ("total", "unet_per_step", "text_encoder", "vae_decode", "scheduler_and_glue")}
+            pair = {stage: ratio(median_of(mine, stage), median_of(theirs, stage))
+                    for stage in ("total", "unet_per_step", "text_encoder", "vae_decode", "scheduler_and_glue")}
+            # Run i of each was made in the same round, seconds apart: the spread of these per-round ratios shows
+            # how much of a difference the machine's noise alone makes.
+            paired = [a["total"] / b["total"] for a, b in zip(mine["runs"], theirs["runs"])]
+            pair["total_per_round"] = paired
+            pair["total_per_round_median"] = describe(paired)["median"] if paired else None
+            ratios[f"{entries[0][0]} / {entries[1][0]}"] = pair
     diffship_rows = [n for n in ratios if n.startswith("diffship") and "/" not in n]
     f32_rows = [n for n in diffship_rows if "bf16" not in n]
 

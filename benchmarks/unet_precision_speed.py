@@ -47,6 +47,9 @@ MODEL = ROOT / "out" / "full-size"
 SOURCE = ROOT / "out" / "full-size-export" / "unet"
 WORK = ROOT / "out" / "precision-bench"
 THREADS = 2
+# Pause before each timed call: onnxruntime's intra-op threads spin-wait after a run (and OpenMP's / TBB's
+# briefly too), which on 2 cores slows whichever runtime is called next; the pause keeps the alternation fair.
+PAUSE_S = 0.5
 SHAPES = {"sample": (2, 4, 32, 32), "timestep": (), "encoder_hidden_states": (2, 77, 768)}
 CALIBRATION_PROMPTS = ("a photo of an astronaut riding a horse on the moon", "a red circle on the left")
 CALIBRATION_STEPS = 3
@@ -317,6 +320,7 @@ def measure(name: str, torch_unet, feeds, reference, budget_s: float, torch_s: f
         if i % 2:
             pair.reverse()
         for who, fn in pair:
+            time.sleep(PAUSE_S)  # let the other runtime's worker threads stop spinning before this call
             seconds, _ = timed(fn, feeds)
             (theirs if who == "torch" else ours).append(seconds)
     row["rss_gb"] = round(rss_gb(), 2)
@@ -463,8 +467,10 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="configurations / build steps to run (default: all)")
     parser.add_argument("--budget", type=float, default=45.0,
                         help="seconds of timed calls per configuration (torch included), at least 3 pairs")
+    parser.add_argument("--pause", type=float, default=PAUSE_S, help="seconds of idle before each timed call")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
+    globals()["PAUSE_S"] = args.pause
     if args.phase == "build":
         build(args.only)
     else:

@@ -182,3 +182,48 @@ def test_unet_flops_of_the_tiny_export(exported_dirs):
     assert small["uncounted_nodes"] == 0 and small["flops"] > 0
     # convolutions scale with the pixels, attention faster: 4x the pixels is at least 4x the FLOPs
     assert large["flops"] >= 4 * small["flops"] * 0.99
+
+
+def synthetic_report() -> dict:
+    """A report as `bench` writes it, with made-up figures: one pipeline with a roofline, one that failed."""
+    from diffship.benchmarking.summary import attach_roofline, complete_run, stage_figures
+
+    runs = [complete_run({"text_encoder": 0.01, "vae_encode": None, "vae_decode": 0.2, "unet_steps": [0.1 * k, 0.1],
+                          "total": 0.5 + 0.1 * k}) for k in (1, 2, 3)]
+    ok = {"name": "openvino", "runtime": "diffship", "backend": "openvino", "static": False, "precision": "f32",
+          "info": {}, "error": None, "unet_calls_per_run": 2, "stages": stage_figures(runs), "runs": runs,
+          "cold_start": {"startup_s": 2.0, "load_and_compile_s": 1.5, "first_run_s": 0.9,
+                         "time_to_first_image_s": 2.9},
+          "memory": {"rss_after_load_mb": 100.0, "peak_rss_mb": 150.0}}
+    attach_roofline(ok, unet_flops=2e9, peak_gflops=100.0)
+    failed = {"name": "onnxruntime", "runtime": "diffship", "backend": "onnxruntime", "static": False,
+              "precision": "f32", "info": {}, "error": "BackendError: no ONNX model\ntraceback", "cold_start": None,
+              "memory": None, "unet_calls_per_run": None, "stages": None, "runs": [], "unet_gflops": None,
+              "unet_percent_of_peak": None}
+    return {"schema": SCHEMA, "date": "2026-01-01T00:00:00+00:00", "duration_s": 1.0, "command": "test",
+            "machine": {"cpu": "a CPU", "cores": 2, "memory_gb": 8, "os": "Linux", "loadavg_start": [0.5, 0.5, 0.5]},
+            "versions": {"diffship": "0"}, "roofline": {"unet_flops_per_call": 2e9, "peak_gflops": 100.0},
+            "settings": {"model": "m", "task": "text-to-image", "height": 64, "width": 64, "steps": 2,
+                         "batch_size": 1, "guidance_scale": 7.5, "scheduler": "euler", "runs": 3, "warmup": 1},
+            "results": [ok, failed]}
+
+
+def test_table_markdown_and_plot_from_a_report(tmp_path):
+    from PIL import Image
+
+    from diffship.benchmarking import write_outputs
+    from diffship.benchmarking.report import format_table
+
+    report = synthetic_report()
+    ok = report["results"][0]
+    assert ok["stages"]["unet_per_step"]["median"] == pytest.approx(0.1)  # pooled steps: .1 .1 .1 .2 .3 .1
+    assert ok["unet_gflops"] == pytest.approx(20.0) and ok["unet_percent_of_peak"] == pytest.approx(20.0)
+    table = format_table(report)
+    assert "UNet x 2" in table and "20 (20 %)" in table and "onnxruntime (FAILED)" in table
+    assert "onnxruntime failed: BackendError: no ONNX model" in table
+    write_outputs(report, tmp_path / "r.json", tmp_path / "r.md", tmp_path / "plots" / "r.png")
+    markdown = (tmp_path / "r.md").read_text()
+    assert "![per-stage latency](plots/r.png)" in markdown and "**onnxruntime failed:**" in markdown
+    assert json.loads((tmp_path / "r.json").read_text())["results"][0]["name"] == "openvino"
+    with Image.open(tmp_path / "plots" / "r.png") as image:
+        assert image.format == "PNG"

@@ -66,13 +66,17 @@ def format_peers_markdown(report: dict, plot_name: str | None = None) -> str:
         met = "-" if t.get("met") is None else ("yes" if t["met"] else "**no**")
         lines.append(f"| {label} | {shown} | {goal} | {met} |")
 
-    lines += ["", "Per-stage ratios of diffship to its Optimum counterpart (same graphs, same runtime):", "",
-              "| pair | end to end | UNet per step | text encoder | VAE decode | scheduler + glue |",
-              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines += ["", "Per-stage ratios of diffship to its Optimum counterpart (ratios of medians; the same graphs on the "
+              "same runtime). The last column pairs the runs made in the same round, seconds apart: its spread is "
+              "what the machine's noise alone does to a ratio.", "",
+              "| pair | end to end | UNet per step | text encoder | VAE decode | scheduler + glue | "
+              "end to end, run by run |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for pair, v in ratios.items():
         if " / " in pair:
+            per_round = ", ".join(f"{x:.2f}" for x in v.get("total_per_round", []))
             lines.append(f"| {pair} | {_x(v['total'])} | {_x(v['unet_per_step'])} | {_x(v['text_encoder'])} | "
-                         f"{_x(v['vae_decode'])} | {_x(v['scheduler_and_glue'])} |")
+                         f"{_x(v['vae_decode'])} | {_x(v['scheduler_and_glue'])} | {per_round} |")
 
     sizes = report.get("install_sizes")
     if sizes:
@@ -97,7 +101,8 @@ def format_peers_markdown(report: dict, plot_name: str | None = None) -> str:
                   f"- measured fp32 peak: **{rl['peak_gflops']:.0f} GFLOP/s**, the best of numpy "
                   f"({peak['numpy_gflops']:.0f}) and ONNX Runtime ({peak.get('onnxruntime_gflops') or 0:.0f}) on a "
                   f"{peak['n']}x{peak['n']}x{peak['n']} matmul with {peak['threads']} threads, at the start of the "
-                  "benchmark (other jobs on the machine lower it)."]
+                  "benchmark (other jobs on the machine lower it). The percentages of the bf16 rows are of this fp32 "
+                  "peak: bf16 (AVX512-BF16) has a higher roof, which they pass."]
 
     lines += ["", "## Method", ""]
     lines += [

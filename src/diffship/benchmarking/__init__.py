@@ -50,14 +50,21 @@ def check_backend(name: str) -> str:
     return canonical
 
 
-def default_size(model_dir: Path) -> int:
-    """The model's native image size: the UNet's sample_size times the VAE's scale factor."""
-    def config(name):
-        path = model_dir / name / "config.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+def _config(model_dir: Path, name: str) -> dict:
+    path = Path(model_dir) / name / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
-    blocks = (config("vae_decoder") or config("vae_encoder")).get("block_out_channels", [0] * 4)
-    return config("unet").get("sample_size", 64) * 2 ** (len(blocks) - 1)
+
+def vae_scale_factor(model_dir) -> int:
+    """Image pixels per latent pixel: 8 for Stable Diffusion's VAE (2 ** (its blocks - 1))."""
+    blocks = (_config(model_dir, "vae_decoder") or _config(model_dir, "vae_encoder")).get("block_out_channels",
+                                                                                          [0] * 4)
+    return 2 ** (len(blocks) - 1)
+
+
+def default_size(model_dir) -> int:
+    """The model's native image size: the UNet's sample_size times the VAE's scale factor."""
+    return _config(model_dir, "unet").get("sample_size", 64) * vae_scale_factor(model_dir)
 
 
 def bench(model_dir, backends: list[str] | None = None, *, height: int | None = None, width: int | None = None,
@@ -70,6 +77,7 @@ def bench(model_dir, backends: list[str] | None = None, *, height: int | None = 
     from diffship.pipelines.base import _read_index
 
     started, date = time.perf_counter(), now()
+    given = str(model_dir)
     model_dir = Path(model_dir).expanduser().resolve()
     _read_index(model_dir)  # a clear error for a directory that is not an exported pipeline
     backends = [check_backend(b) for b in (backends or installed_backends())]
@@ -89,7 +97,7 @@ def bench(model_dir, backends: list[str] | None = None, *, height: int | None = 
     if height % 8 or width % 8:
         raise ValueError(f"height and width must be multiples of 8, got {height} and {width}")
 
-    settings = {"model": str(model_dir), "task": task, "height": height, "width": width, "steps": steps,
+    settings = {"model": given, "task": task, "height": height, "width": width, "steps": steps,
                 "batch_size": batch_size, "guidance_scale": guidance_scale, "scheduler": scheduler, "prompt": prompt,
                 "negative_prompt": negative_prompt, "runs": runs, "warmup": warmup, "seed": seed,
                 "strength": strength if task != "text-to-image" else None}
@@ -168,4 +176,5 @@ def write_outputs(report: dict, json_path=None, markdown_path=None, plot_path=No
         Path(markdown_path).write_text(format_markdown(report, title=title, plot=link))
 
 
-__all__ = ["DiffshipError", "bench", "check_backend", "installed_backends", "measure_roofline", "write_outputs"]
+__all__ = ["DiffshipError", "bench", "check_backend", "default_size", "installed_backends", "measure_roofline",
+           "vae_scale_factor", "write_outputs"]

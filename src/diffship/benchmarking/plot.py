@@ -40,7 +40,7 @@ def plot_report(report: dict, path: str | Path, title: str | None = None) -> Pat
     font, small, bold = _font(15), _font(13), _font(18)
 
     scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = int(max(_text_width(scratch, r["name"], font) for r in results)) + 24
+    label_w = int(max(_text_width(scratch, r["name"], font) for r in results)) + 36
     bar_w, bar_h, gap, top = 760, 30, 14, 70
     legend_h = 40
     width = label_w + bar_w + 150

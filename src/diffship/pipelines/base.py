@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+# Imported with the module, not on the first denoising loop, so its import time is not billed to a generation.
+from tqdm.auto import tqdm
 
 from diffship.errors import DiffshipError, MissingComponentError, NotAPipelineError
 from diffship.pipelines.tokenizer import CLIPTokenizer
@@ -159,8 +161,6 @@ class DiffusionPipeline:
         self._progress_bar_config = kwargs
 
     def progress_bar(self, iterable):
-        from tqdm.auto import tqdm
-
         return tqdm(iterable, **self._progress_bar_config)
 
     def reshape(self, batch_size: int = 1, height: int | None = None, width: int | None = None,
