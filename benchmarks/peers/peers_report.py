@@ -32,7 +32,7 @@ def format_peers_markdown(report: dict, plot_name: str | None = None) -> str:
         f"Full-size Stable Diffusion 1.5 UNet, text encoder and VAE with random weights (fp32), text-to-image, "
         f"batch 1 with classifier-free guidance (UNet batch 2), {s['steps']} steps of {s['scheduler']} on every "
         f"side, the same prompt and latents. Medians of {s['runs']} timed runs after {s['warmup']} warm-up, "
-        "each pipeline in its own process, interleaved run by run with PyTorch (see Method).",
+        "each pipeline in its own process, interleaved run by run (see Method).",
         "",
         "| pipeline | end to end | UNet per step (median / p90) | text encoder | VAE decode | scheduler + glue "
         "(share) | vs PyTorch | vs Optimum | UNet GFLOP/s (% of peak) | load + compile | first image | peak RSS |",
@@ -100,26 +100,34 @@ def format_peers_markdown(report: dict, plot_name: str | None = None) -> str:
                   "elementwise ops are not counted.",
                   f"- measured fp32 peak: **{rl['peak_gflops']:.0f} GFLOP/s**, the best of numpy "
                   f"({peak['numpy_gflops']:.0f}) and ONNX Runtime ({peak.get('onnxruntime_gflops') or 0:.0f}) on a "
-                  f"{peak['n']}x{peak['n']}x{peak['n']} matmul with {peak['threads']} threads, at the start of the "
-                  "benchmark (other jobs on the machine lower it). The percentages of the bf16 rows are of this fp32 "
+                  f"{peak['n']}x{peak['n']}x{peak['n']} matmul with {peak['threads']} threads, the better of its "
+                  "measurements at the start and the end of the benchmark (other jobs on the machine lower it). The "
+                  "percentages of the bf16 rows are of this fp32 "
                   "peak: bf16 (AVX512-BF16) has a higher roof, which they pass."]
 
     lines += ["", "## Method", ""]
+    apart = any(v.get("torch", "").startswith("its own") for v in report["groups"].values())
+    grouping = (
+        "- A full-size pipeline holds 4-9 GB (more at 512x512), too much for three at once on this machine: PyTorch "
+        "ran first on its own, then each diffship pipeline interleaved run by run with its Optimum counterpart. "
+        "Ratios to PyTorch are therefore across groups (minutes apart)." if apart else
+        "- A full-size pipeline holds 4-9 GB, too much for all of them at once on this machine: they run in groups "
+        "(each diffship pipeline with its Optimum counterpart), interleaved run by run with the PyTorch worker, "
+        "which stays loaded through all groups. Ratios to PyTorch use PyTorch's runs of the same group.")
     lines += [
         "- Each pipeline runs in its own worker process (`src/diffship/benchmarking/worker.py` for diffship, "
         "`benchmarks/peers/peer_worker.py` in each peer's venv): its load and compile are a cold start and its "
         "peak RSS is its own. Memory-mapped weights count in RSS (OpenVINO maps its .bin files).",
-        "- A full-size pipeline holds 4-9 GB, too much for all of them at once on this machine: they run in groups "
-        "(each diffship pipeline with its Optimum counterpart), interleaved run by run with the PyTorch worker, "
-        "which stays loaded through all groups. Ratios to PyTorch use PyTorch's runs of the same group.",
+        grouping,
         "- Stages are timed the same way on every side, by wrapping the component calls (diffship's Sessions; "
         "the Optimum and diffusers model objects' `forward` and `vae.decode`); scheduler + glue is the pipeline "
         "call's wall time less its component calls (tokenizing, guidance, scheduler steps, postprocessing to PIL).",
         "- Optimum loads diffship's export directory, so both run the very same graphs with the same runtime "
         "versions; OpenVINO in fp32 on both sides (`INFERENCE_PRECISION_HINT: f32`), bf16 rows are extra.",
-        "- Group timings: " + "; ".join(
+        "- Groups, in order: " + "; ".join(
             f"{g}: {v['seconds']:.0f} s, {v['runs']} runs, {v['mem_available_gb_at_start']:.1f} GiB free at start, "
-            f"load average {(v['loadavg_end'] or [None])[0]} at end" for g, v in report["groups"].items()) + ".",
+            f"load average {(v.get('loadavg_start') or ['?'])[0]} at start and {(v['loadavg_end'] or ['?'])[0]} "
+            "at end" for g, v in report["groups"].items()) + ".",
         "- diffship venv: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v) + ".",
         "- Optimum venv: " + ", ".join(f"{k} {v}" for k, v in report["versions_optimum_venv"].items() if v) + ".",
     ]
