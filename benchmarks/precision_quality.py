@@ -306,7 +306,8 @@ def markdown(result: dict) -> str:
         "UNet max rel = the export's validation figure for the UNet (max error / max |output|).",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores; " + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
-        + f". {m['date']}. Run time {result['run_time_s']:.0f} s.",
+        + f". {m['date']}, load average {m['load_average_at_start']} at start (shared machine; not timed). "
+        f"Run time {result['run_time_s']:.0f} s.",
         "",
         "| model | configuration | backend | PSNR dB | NaN | std | UNet max rel | passes |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |",

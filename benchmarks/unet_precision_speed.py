@@ -11,10 +11,12 @@ Two phases, so that only the timing holds the machine's benchmark lock:
 `build` starts from the fp32 export (out/full-size-export/unet: model.onnx and openvino_model.xml, dynamic shapes;
 `diffship tiny-model out/full-size --kind full-size` then `diffship export out/full-size out/full-size-export
 --backend onnx,openvino --height 256 --width 256`) and applies diffship's own pass functions, one variant per
-folder, exactly as `diffship export` chains them: graphs.cleanup, graphs.fusion.fuse_for_onnxruntime (cpu),
-graphs.float16.to_float16, graphs.quantize (ORT dynamic int8, int4 MatMulNBits), exporters.openvino
-(fp16 IR, NNCF int8 / int4 weights, hybrid int8 calibrated on UNet inputs captured from the PyTorch pipeline).
-Variants already built are kept.
+folder, in the order `diffship export` chains them: cleanup, graphs.fusion (cpu), graphs.float16.to_float16,
+graphs.quantize (ORT dynamic int8, int4 MatMulNBits), exporters.openvino (fp16 IR, NNCF int8 / int4 weights,
+hybrid int8 calibrated on UNet inputs captured from the PyTorch pipeline). Two of them run through this script's
+past-2-GB variants: `cleanup_large` (graphs.cleanup.cleanup fails on the 3.4 GB UNet, see its docstring) and
+`fuse_from_file` (the same fusion, from the file, to stay within the machine's memory). Variants already built are
+kept.
 
 `time` loads one configuration at a time (a full-size fp32 session holds ~3.5 GB), checks its output against torch
 on one fixed input (max abs, max rel = max abs / max |torch output|), then alternates torch and the configuration
@@ -369,7 +371,7 @@ def time_all(only: list[str] | None, budget_s: float, out_dir: Path) -> None:
     if missing:
         raise SystemExit(f"not built: {missing}; run `python {sys.argv[0]} build` first")
     result = {"benchmark": "unet_precision_speed", "model": "SD1.5 UNet architecture, random weights",
-              "shapes": {k: list(v) for k, v in SHAPES.items()}, "machine": machine()}
+              "shapes": {k: list(v) for k, v in SHAPES.items()}, "pause_s": PAUSE_S, "machine": machine()}
     feeds = fixed_feeds()
     t0 = time.perf_counter()
     torch_unet = TorchUNet()
@@ -430,10 +432,11 @@ def markdown(result: dict) -> str:
         "INFERENCE_NUM_THREADS). One configuration is loaded at a time; after a warm-up call, it and torch eager "
         "alternate call by call, and the speed-up is torch's median over the same window divided by the "
         "configuration's median. Size = graph + weights on disk. Error = against torch on one fixed input "
-        "(max abs; max rel = max abs / max |torch output| = "
-        f"{result.get('reference_max_abs', 'see json')}). "
+        f"(max abs; max rel = max abs / max |torch output|, which is {result.get('reference_max_abs', '?')}). "
         "Built from the fp32 export with diffship's pass functions (`python benchmarks/unet_precision_speed.py "
-        "build`), timed under `flock /tmp/diffship-bench.lock` (`... time`).",
+        "build`; cleanup through the script's past-2-GB workaround, as `graphs.cleanup.cleanup` fails on this "
+        f"3.4 GB graph), timed under `flock /tmp/diffship-bench.lock` (`... time`), {result.get('pause_s', 0)} s "
+        "idle before each timed call so that one runtime's spinning worker threads do not slow the next.",
         "",
         f"Machine: {m['cpu']} ({', '.join(m['isa'])}), {m['cores']} cores, {m['platform']}; "
         + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
@@ -444,33 +447,67 @@ def markdown(result: dict) -> str:
         f"**Best: {best['label']} ({best['backend']}), {best['speedup_vs_torch']:.2f}x torch eager: the 2x target is "
         f"{'met' if best['target_met'] else 'not met'}.**",
         "",
-        "| backend | configuration | ms / step | speed-up vs torch | torch ms (same window) | size MB | max abs | max rel | load + first call s |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        f"| torch | {t['label']} | {t['median_ms']:.0f} | 1.00 | {t['median_ms']:.0f} (all windows) | "
-        f"{t['size_bytes'] / 2**20:,.0f} | - | - | {t['load_s']:.1f} |",
+    ]
+    previous = result.get("previous_run")
+    if previous:
+        lines += [f"Earlier run: {previous['note']}", ""]
+    extra_head, extra_sep = (" earlier run |", " ---: |") if previous else ("", "")
+    lines += [
+        "| backend | configuration | ms / step | speed-up vs torch |" + extra_head + " torch ms (same window) | size MB | "
+        "max abs | max rel | load + first call s |",
+        "| --- | --- | ---: | ---: |" + extra_sep + " ---: | ---: | ---: | ---: | ---: |",
+        f"| torch | {t['label']} | {t['median_ms']:.0f} | 1.00 |" + (" 1.00 |" if previous else "")
+        + f" {t['median_ms']:.0f} (all windows) | {t['size_bytes'] / 2**20:,.0f} | - | - | {t['load_s']:.1f} |",
     ]
     for r in result["rows"]:
         if "error" in r:
             lines.append(f"| {r['backend']} | {r['label']} | failed: {r['error'][:160]} | | | | | | |")
             continue
+        disturbed = r["torch_median_ms_same_window"] > 1.5 * t["median_ms"]
+        earlier = ""
+        if previous:
+            value = previous["speedups"].get(r["config"])
+            earlier = f" {value:.2f}x |" if value else " - |"
         lines.append(
-            f"| {r['backend']} | {r['label']} | {r['median_ms']:.0f} | {r['speedup_vs_torch']:.2f}x | "
+            f"| {r['backend']} | {r['label']} | {r['median_ms']:.0f}{' *' if disturbed else ''} | "
+            f"{r['speedup_vs_torch']:.2f}x |{earlier} "
             f"{r['torch_median_ms_same_window']:.0f} | {r['size_bytes'] / 2**20:,.0f} | {r['max_abs']:.1e} | "
             f"{r['max_rel']:.1e}{' NaN' if r['nan'] else ''} | {r['load_s'] + r['first_call_s']:.1f} |")
+    if any("median_ms" in r and r["torch_median_ms_same_window"] > 1.5 * t["median_ms"] for r in result["rows"]):
+        lines += ["", "\\* other work on the machine slowed this window (torch too, see its column): the absolute ms "
+                  "are inflated, the interleaved ratio still holds."]
     lines += ["", "Build time per variant (s): " + ", ".join(f"{k} {v['build_s']:.0f}" for k, v in build.items()), ""]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("phase", choices=["build", "time"])
+    parser.add_argument("phase", choices=["build", "time", "markdown"])
     parser.add_argument("--only", nargs="*", help="configurations / build steps to run (default: all)")
     parser.add_argument("--budget", type=float, default=45.0,
                         help="seconds of timed calls per configuration (torch included), at least 3 pairs")
     parser.add_argument("--pause", type=float, default=PAUSE_S, help="seconds of idle before each timed call")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--previous", type=Path,
+                        help="with `markdown`: the .json of an earlier run, shown as a column beside this one")
     args = parser.parse_args()
     globals()["PAUSE_S"] = args.pause
+    if args.phase == "markdown":
+        path = args.out / "precision_speed.json"
+        result = json.loads(path.read_text())
+        if args.previous:
+            earlier = json.loads(args.previous.read_text())
+            result["previous_run"] = {
+                "date": earlier["machine"]["date"], "pause_s": earlier.get("pause_s", 0.0),
+                "speedups": {r["config"]: r["speedup_vs_torch"] for r in earlier["rows"] if "speedup_vs_torch" in r},
+                "note": f"{earlier['machine']['date']}, same script and variants"
+                        + (" without the pause between calls" if not earlier.get("pause_s") else "")
+                        + f", load average {earlier['machine']['load_average_at_start']} at start; its speed-ups "
+                        "are the 'earlier run' column (run-to-run spread on this shared 2-core machine: about 15%).",
+            }
+            path.write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / "precision_speed.md").write_text(markdown(result))
+        return
     if args.phase == "build":
         build(args.only)
     else:

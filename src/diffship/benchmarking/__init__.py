@@ -148,6 +148,9 @@ def measure_roofline(model_dir: Path, unet_batch: int, height: int, width: int, 
         if log is not None:
             log("  roofline skipped: the export has no unet/model.onnx to count FLOPs from")
         return None
+    if counted["uncounted_nodes"] and log is not None:
+        log(f"  roofline: {counted['uncounted_nodes']} Conv/MatMul nodes had no inferred shapes and are not counted "
+            f"({counted['shape_inference']} shape inference; onnxruntime's symbolic one needs sympy)")
     peak = matmul_peak()
     return {"unet_flops_per_call": counted["flops"], "unet_flops_by_op": counted["by_op"],
             "unet_input_shapes": counted["input_shapes"], "shape_inference": counted["shape_inference"],
