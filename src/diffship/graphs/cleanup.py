@@ -29,8 +29,7 @@ def cleanup(model: onnx.ModelProto, context=None) -> onnx.ModelProto:
     import onnxslim
 
     if is_large(model):
-        # onnxslim serialises the graph for shape inference; past 2 GB do the same work through files.
-        with on_disk(model) as path:
-            onnxslim.slim(str(path), str(path), save_as_external_data=True)
-            return load(path)
+        # onnxslim's own shape inference serialises the whole graph, which protobuf refuses past 2 GB: infer
+        # shapes through a file instead, before and after.
+        return infer_shapes(onnxslim.slim(infer_shapes(model), no_shape_infer=True))
     return onnxslim.slim(model)
