@@ -20,7 +20,7 @@ STAT_KEYS = {"median", "p90", "min", "max", "mean"}
 RESULT_KEYS = {"name", "runtime", "backend", "static", "precision", "info", "error", "cold_start", "memory",
                "unet_calls_per_run", "stages", "unet_gflops", "unet_percent_of_peak", "runs"}
 RUN_KEYS = {"text_encoder", "unet", "unet_steps", "scheduler_and_glue", "vae_encode", "vae_decode", "total",
-            "loadavg_1m"}
+            "cpu_s", "loadavg_1m"}
 
 
 def no_torch_env(tmp_path: Path) -> dict:
@@ -57,6 +57,7 @@ def check_schema(report: dict, runs: int, unet_calls: int) -> None:
         for run in result["runs"]:
             assert set(run) == RUN_KEYS
             assert len(run["unet_steps"]) == unet_calls
+            assert run["cpu_s"] > 0
             # each run's stages add up to its total (scheduler and glue is the remainder, never negative)
             assert sum(run[s] or 0.0 for s in ADDITIVE_STAGES) == pytest.approx(run["total"], rel=1e-9)
         # ... and the stages' medians to the median end-to-end time, within 5 %

@@ -105,6 +105,17 @@ def format_peers_markdown(report: dict, plot_name: str | None = None) -> str:
                   "percentages of the bf16 rows are of this fp32 "
                   "peak: bf16 (AVX512-BF16) has a higher roof, which they pass."]
 
+    busy = [(r["name"], [run["cpu_s"] / run["total"] for run in r["runs"] if run.get("cpu_s")],
+             [run.get("loadavg_1m") for run in r["runs"]]) for r in report["results"] if r.get("runs")]
+    if any(b for _, b, _ in busy):
+        lines += ["", "## How quiet the machine was", "",
+                  "CPU seconds each worker got per second of wall time in each timed run (2.0: both cores, all the "
+                  "time; other jobs taking a core show as less) and the 1-minute load average when it ended:", "",
+                  "| pipeline | cores busy, run by run | load average, run by run |", "| --- | --- | --- |"]
+        for name, shares, loads in busy:
+            lines.append(f"| {name} | {', '.join(f'{x:.2f}' for x in shares) or '-'} | "
+                         f"{', '.join(f'{x:.1f}' for x in loads if x is not None)} |")
+
     lines += ["", "## Method", ""]
     apart = any(v.get("torch", "").startswith("its own") for v in report["groups"].values())
     grouping = (

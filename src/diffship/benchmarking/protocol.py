@@ -6,7 +6,7 @@ worker's stdin and reads one reply per line:
 
     {"op": "load", "spec": {...}}  -> {"ok": true, "load_and_compile_s", "rss_mb", "info": {...}}
     {"op": "run"}                  -> {"ok": true, "timings": {text_encoder, unet_steps: [...], vae_encode,
-                                                                vae_decode, total}}
+                                                                vae_decode, total, cpu_s}}
     {"op": "close"}                -> {"ok": true, "peak_rss_mb", "rss_mb", "rss_anon_mb"}, then the worker exits
     any failure                    -> {"ok": false, "error": "...", "traceback": "..."}
 
@@ -99,7 +99,13 @@ def serve(load) -> int:
                 reply({"ok": True, "load_and_compile_s": time.perf_counter() - t0,
                        **memory_mb(), "info": info})
             elif request["op"] == "run":
-                reply({"ok": True, "timings": run()})
+                before = resource.getrusage(resource.RUSAGE_SELF)
+                timings = run()
+                after = resource.getrusage(resource.RUSAGE_SELF)
+                # CPU seconds of all the worker's threads: against the wall time, how much of the machine it got
+                # (other jobs taking cores show as a lower ratio).
+                timings["cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+                reply({"ok": True, "timings": timings})
             elif request["op"] == "close":
                 reply({"ok": True, **memory_mb()})
                 return 0

@@ -34,7 +34,8 @@ Every time is in seconds, every memory figure in MiB; a stage a pipeline does no
           "unet_gflops": null | float,                   # with a roofline: FLOPs per UNet call / median step
           "unet_percent_of_peak": null | float,
           "runs": [{"text_encoder", "unet", "unet_steps": [...], "scheduler_and_glue", "vae_encode",
-                    "vae_decode", "total", "loadavg_1m"}]
+                    "vae_decode", "total", "cpu_s", "loadavg_1m"}]   # cpu_s: CPU seconds of all the worker's
+                                                                     # threads (cpu_s / total / cores: its share)
         }
       ]
     }
