@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# The main job on the built-in tiny model: export to ONNX and OpenVINO (validated against PyTorch),
-# generate an image with each backend's numpy pipeline, print the per-stage timing table.
+# The main job on the built-in trained shapes model: export it to ONNX and OpenVINO (validated against PyTorch),
+# generate "a red circle on the left" with each backend's numpy pipeline, show the image, print the timing table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="$(bash scripts/setup_env.sh | tail -n 1)"
 DIFFSHIP="$VENV/bin/diffship"
 WORK="${DIFFSHIP_DEMO_DIR:-out/demo}"
+PROMPT="${DIFFSHIP_DEMO_PROMPT:-a red circle on the left}"
 mkdir -p "$WORK"
 
-"$DIFFSHIP" tiny-model "$WORK/tiny-sd" --kind sd1
-"$DIFFSHIP" export "$WORK/tiny-sd" "$WORK/exported" --backend onnx,openvino --overwrite
+rm -rf "$WORK/shapes-sd"
+"$DIFFSHIP" tiny-model --trained "$WORK/shapes-sd"
+"$DIFFSHIP" export "$WORK/shapes-sd" "$WORK/exported" --backend onnx,openvino --overwrite
 for backend in onnxruntime openvino; do
     echo
-    "$DIFFSHIP" generate "$WORK/exported" --backend "$backend" --prompt "a red circle on the left" \
-        --steps 25 --seed 0 --scheduler euler --out "$WORK/image-$backend.png" --no-progress
+    "$DIFFSHIP" generate "$WORK/exported" --backend "$backend" --prompt "$PROMPT" \
+        --steps 25 --guidance 6 --seed 0 --out "$WORK/image-$backend.png" --no-progress --show
 done

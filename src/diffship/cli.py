@@ -35,7 +35,11 @@ def _add_tiny_model(sub) -> None:
                         "and a tiny DPT depth estimator")
     p.add_argument("--full-size", action="store_true",
                    help="the full SD1.5 architecture with random weights (about 4 GB, for benchmarks)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trained", action="store_true",
+                   help="the trained shapes model shipped with diffship: 64x64 pictures of 'a {red,green,blue,"
+                        "yellow} {circle,square,triangle} on the {left,right,top,bottom,center}' (real images, "
+                        "not noise; DDIM, guidance about 6)")
+    p.add_argument("--seed", type=int, default=0, help="weight seed of the random-weight kinds")
 
 
 def _add_export(sub) -> None:
@@ -95,6 +99,8 @@ def _add_generate(sub) -> None:
                    help="output image; with several images, OUT_0.png, OUT_1.png, ...")
     p.add_argument("--json", type=Path, help="also write the timings as JSON here")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--show", action="store_true",
+                   help="also draw the image in the terminal (24-bit colour, 64 columns at most)")
     p.add_argument("--image", type=Path, help="input image: image-to-image, or inpainting with --mask")
     p.add_argument("--mask", type=Path, help="inpainting mask (white: repaint, black: keep); needs --image")
     p.add_argument("--strength", type=float, default=None,
@@ -160,6 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_tiny_model(args) -> None:
     from diffship.testing.tiny_models import save_tiny_pipeline
 
+    if args.trained:
+        if args.full_size or args.kind != "sd1":
+            raise DiffshipError("--trained writes the shipped shapes model; it cannot be combined with --kind or "
+                                "--full-size")
+        from diffship.testing.shapes import save_trained_pipeline
+
+        print(f"wrote the trained shapes model to {save_trained_pipeline(args.out)}")
+        return
     kind = "full-size" if args.full_size else args.kind
     path = save_tiny_pipeline(args.out, kind, seed=args.seed)
     print(f"wrote {kind} pipeline to {path}")
@@ -254,6 +268,10 @@ def cmd_generate(args) -> None:
     for image, path in zip(result.images, paths):
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
+        if args.show:
+            from diffship.terminal_image import terminal_image
+
+            print(terminal_image(image))
     print(f"saved {', '.join(str(p) for p in paths)}  ({type(pipe).__name__}, {pipe.backend}, "
           f"{type(pipe.scheduler).__name__}, {args.steps} steps)")
     print(format_timings(result.timings))
