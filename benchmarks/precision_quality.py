@@ -305,6 +305,10 @@ def markdown(result: dict) -> str:
         "diffusers (torch). NaN = NaN pixels; std = pixel standard deviation (about 0 for a black or flat image). "
         "UNet max rel = the export's validation figure for the UNet (max error / max |output|).",
         "",
+        "Random weights draw noise, so PSNR is all these models can show. The same configurations on the trained "
+        "shapes model, with the accuracy of what it draws (colour, shape, position) next to PSNR: "
+        "[shapes_accuracy.md](shapes_accuracy.md#precision-accuracy-next-to-psnr).",
+        "",
         f"Machine: {m['cpu']}, {m['cores']} cores; " + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
         + f". {m['date']}, load average {m['load_average_at_start']} at start (shared machine; not timed). "
         f"Run time {result['run_time_s']:.0f} s.",

@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from precision_quality import BACKENDS, CONFIGS, psnr, unet_validation  # noqa: E402
+from precision_quality import BACKENDS, CONFIGS, machine, psnr, unet_validation  # noqa: E402
 
 from diffship.testing import shapes  # noqa: E402
 
@@ -143,7 +142,7 @@ def main() -> None:
 
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": f"{machine()['cpu']}, {os.cpu_count()} cores",
         "model": str(model.relative_to(ROOT) if model.is_relative_to(ROOT) else model),
         "training": _training_summary(model),
         "steps": STEPS, "guidance_scale": GUIDANCE, "seeds": list(SEEDS), "scheduler": "DDIMScheduler",
@@ -205,7 +204,8 @@ def markdown(result: dict) -> str:
         f"{result['date']} · {result['machine']} · diffship {result['versions']['diffship']}, torch "
         f"{result['versions']['torch']}, diffusers {result['versions']['diffusers']}, onnxruntime "
         f"{result['versions']['onnxruntime']}, openvino {result['versions']['openvino']} · {result['run_seconds']} s. "
-        "Made by `python benchmarks/shapes_accuracy.py`.", "",
+        "Made by `python benchmarks/shapes_accuracy.py`." + (f" Note: {result['note']}." if result.get("note") else ""),
+        "",
         f"Model: `{result['model']}`"
         + (f" ({sum(params.values()) / 1e6:.2f} M parameters: UNet {params['unet'] / 1e6:.2f} M, VAE "
            f"{params['vae'] / 1e6:.2f} M, text encoder {params['text_encoder'] / 1e6:.2f} M; trained in "
