@@ -146,7 +146,7 @@ def main() -> None:
         "model": str(model.relative_to(ROOT) if model.is_relative_to(ROOT) else model),
         "training": _training_summary(model),
         "steps": STEPS, "guidance_scale": GUIDANCE, "seeds": list(SEEDS), "scheduler": "DDIMScheduler",
-        "images": len(PROMPTS) * len(SEEDS), "versions": _versions(),
+        "images": len(PROMPTS) * len(SEEDS), "versions": machine()["versions"],
         "rows": rows, "precision": precision_rows, "run_seconds": round(time.perf_counter() - started),
     }
     (args.out / "shapes_accuracy.json").write_text(json.dumps(result, indent=1))
@@ -184,12 +184,6 @@ def _training_summary(model: Path) -> dict | None:
         return None
     log = json.loads(path.read_text())
     return {k: log[k] for k in ("total_seconds", "vae_seconds", "threads", "parameters", "machine") if k in log}
-
-
-def _versions() -> dict:
-    from importlib.metadata import version
-
-    return {p: version(p) for p in ("diffship", "torch", "diffusers", "onnxruntime", "openvino", "nncf")}
 
 
 def _pct(row: dict) -> str:

@@ -144,24 +144,3 @@ def format_peers_markdown(report: dict, plot_name: str | None = None) -> str:
     ]
     return "\n".join(lines) + "\n"
 
-
-def format_compact_table(report: dict) -> str:
-    """The short table the README shows: end to end, UNet per step, ratios, roofline, cold start, memory."""
-    ratios = report["ratios"]
-    pairs = {k.split(" / ")[0]: v for k, v in ratios.items() if " / " in k}
-    lines = ["| pipeline | end to end | UNet per step | vs PyTorch | vs Optimum | UNet GFLOP/s (% of fp32 peak) | "
-             "scheduler + glue | time to first image | peak RSS |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in report["results"]:
-        if r.get("error"):
-            lines.append(f"| {r['name']} | failed |" + " |" * 7)
-            continue
-        own = ratios.get(r["name"], {})
-        vs_torch = 1.0 if r["runtime"] == "diffusers" else own.get("vs_torch_total")
-        glue, total = _stage(r, "scheduler_and_glue"), _stage(r, "total")
-        gflops = f"{r['unet_gflops']:.0f} ({r['unet_percent_of_peak']:.0f} %)" if r.get("unet_gflops") else "-"
-        lines.append(f"| {r['name']} | {_ms(total)} | {_ms(_stage(r, 'unet_per_step'))} | {_x(vs_torch)} | "
-                     f"{_x((pairs.get(r['name']) or {}).get('total'))} | {gflops} | {100 * glue / total:.2f} % | "
-                     f"{_ms((r.get('cold_start') or {}).get('time_to_first_image_s'))} | "
-                     f"{(r.get('memory') or {}).get('peak_rss_mb', 0) / 1024:.1f} GiB |")
-    return "\n".join(lines)

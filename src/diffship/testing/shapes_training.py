@@ -50,16 +50,13 @@ LATENT_SIZE = shapes.SIZE // 4
 
 def build_components(config: dict):
     """Fresh (tokenizer, text_encoder, vae, unet), weights drawn from config["seed"]."""
-    import tempfile
-
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    from diffship.testing.tiny_models import save_tokenizer
+    from diffship.testing.tiny_models import load_tokenizer
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = CLIPTokenizer.from_pretrained(save_tokenizer(tmp))
+    tokenizer = load_tokenizer()
     torch.manual_seed(config["seed"])
     text_encoder = CLIPTextModel(CLIPTextConfig(
         **config["text_encoder"], vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
@@ -104,7 +101,6 @@ def train_vae(vae, config: dict, rng: np.random.Generator, log: list, progress) 
     vae.eval()
 
 
-@np.errstate(all="ignore")
 def encode_dataset(vae, config: dict, rng: np.random.Generator):
     """Posterior means and stds of renders_per_prompt renders of each prompt, the prompt index of each, and the
     scaling factor (1 / std of sampled latents) set on the VAE's config."""
@@ -149,8 +145,9 @@ def train_unet(unet, text_encoder, tokenizer, data, config: dict, log: list, pro
     text_encoder.train()
     for step in progress(range(spec["steps"]), desc="unet"):
         pick = torch.randint(0, len(means), (spec["batch"],), generator=generator)
-        noise = torch.randn(means[pick].shape, generator=generator)
-        latents = (means[pick] + stds[pick] * torch.randn(means[pick].shape, generator=generator)) * scaling_factor
+        mean = means[pick]
+        noise = torch.randn(mean.shape, generator=generator)
+        latents = (mean + stds[pick] * torch.randn(mean.shape, generator=generator)) * scaling_factor
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (spec["batch"],), generator=generator)
         rows = torch.where(torch.rand(spec["batch"], generator=generator) < spec["empty_prompt"], empty,
                            prompt_index[pick])
@@ -178,15 +175,12 @@ def train_unet(unet, text_encoder, tokenizer, data, config: dict, log: list, pro
 def save_pipeline(out: Path, tokenizer, text_encoder, vae, unet, config: dict) -> None:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from diffship.testing.tiny_models import _text_encoder_hub_layout, save_tokenizer
+    from diffship.testing.tiny_models import write_pipeline
 
     scheduler = DDIMScheduler(**config["scheduler"], clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(out, safe_serialization=True)
-    save_tokenizer(out / "tokenizer")
-    _text_encoder_hub_layout(out / "text_encoder" / "model.safetensors")
+    write_pipeline(StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                           scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False), out)
 
 
 def train(out: str | Path, config: dict = CONFIG, show_progress: bool = True, checkpoint_every: int = 0) -> Path:

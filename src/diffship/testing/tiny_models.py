@@ -131,23 +131,40 @@ def save_tokenizer(out_dir: str | Path, pad_token: str = EOS_TOKEN, model_max_le
     return out_dir
 
 
+def load_tokenizer(pad_token: str = EOS_TOKEN):
+    """transformers' CLIPTokenizer over the vocabulary `save_tokenizer` writes."""
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return CLIPTokenizer.from_pretrained(save_tokenizer(tmp, pad_token))
+
+
+def write_pipeline(pipe, out_dir: str | Path, pad_token: str = EOS_TOKEN) -> Path:
+    """Save a diffusers pipeline as a directory (safetensors) that transformers 4 and 5 both read right."""
+    out_dir = Path(out_dir)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    # Replace the tokenizer folder with ours so that vocab.json/merges.txt sit beside tokenizer.json.
+    save_tokenizer(out_dir / "tokenizer", pad_token)
+    _text_encoder_hub_layout(out_dir / "text_encoder" / "model.safetensors")
+    return out_dir
+
+
 def build_tiny_pipeline(kind: str = "sd1", seed: int = 0):
     """The diffusers pipeline (torch) for `kind`, with weights drawn from `seed`: StableDiffusionPipeline, or for
     the task kinds StableDiffusionInpaintPipeline / StableDiffusionDepth2ImgPipeline."""
-    import tempfile
-
     import torch
     import diffusers
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.schedulers import DDIMScheduler, PNDMScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     if kind not in _SPECS:
         raise ValueError(f"unknown tiny model kind {kind!r}; choose one of {', '.join(KINDS)}")
     spec = _SPECS[kind]
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = CLIPTokenizer.from_pretrained(save_tokenizer(tmp, spec["pad_token"]))
+    tokenizer = load_tokenizer(spec["pad_token"])
     text_config = dict(spec["text_encoder"])
     text_config.setdefault("vocab_size", len(tokenizer))
     text_config = CLIPTextConfig(
@@ -206,13 +223,7 @@ def _vae_blocks(vae_spec: dict) -> dict:
 
 def save_tiny_pipeline(out_dir: str | Path, kind: str = "sd1", seed: int = 0) -> Path:
     """Write the `kind` pipeline as a diffusers directory (safetensors weights) and return its path."""
-    out_dir = Path(out_dir)
-    pipe = build_tiny_pipeline(kind, seed)
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    # Replace the tokenizer folder with ours so that vocab.json/merges.txt sit beside tokenizer.json.
-    save_tokenizer(out_dir / "tokenizer", _SPECS[kind]["pad_token"])
-    _text_encoder_hub_layout(out_dir / "text_encoder" / "model.safetensors")
-    return out_dir
+    return write_pipeline(build_tiny_pipeline(kind, seed), out_dir, _SPECS[kind]["pad_token"])
 
 
 def _text_encoder_hub_layout(path: Path) -> None:
