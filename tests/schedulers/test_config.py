@@ -56,7 +56,11 @@ def test_from_config_switches_class_like_diffusers(source, target):
     assert ours.config["_class_name"] == target
     ref.set_timesteps(10)
     ours.set_timesteps(10)
-    np.testing.assert_allclose(np.asarray(ours.timesteps, dtype=np.float64), ref.timesteps.numpy().astype(np.float64), rtol=1e-6)
+    # atol near t = 0 as in parity.assert_schedules_equal: KDPM2 ancestral's last interpolated timestep is
+    # sigma_to_t of a sigma within rounding of the smallest training sigma, so t is 0 or a few 1e-6 above it
+    np.testing.assert_allclose(
+        np.asarray(ours.timesteps, dtype=np.float64), ref.timesteps.numpy().astype(np.float64), rtol=1e-6, atol=1e-4
+    )
 
 
 def test_config_of_one_class_round_trips_through_another():
