@@ -34,6 +34,15 @@ def test_tiny_model_export_generate(tmp_path, capsys):
     timings = json.loads((tmp_path / "t.json").read_text())
     assert timings["unet_steps"] == 2
 
+    # The images are diffship's (their EXIF says so): a second run replaces them. A file diffship did not write is
+    # replaced only with --overwrite.
+    again = ["generate", str(tmp_path / "out"), "--prompt", "a red circle", "--steps", "1", "--out",
+             str(tmp_path / "img_0.png"), "--no-progress"]
+    assert main(again) == 0
+    assert main(again + ["--json", str(tmp_path / "t.json")]) == 2
+    assert "t.json exists and diffship did not write it; pass --overwrite" in capsys.readouterr().err
+    assert main(again + ["--json", str(tmp_path / "t.json"), "--overwrite"]) == 0
+
 
 def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2

@@ -51,8 +51,9 @@ def check_backend(name: str) -> str:
 
 
 def _config(model_dir: Path, name: str) -> dict:
-    path = Path(model_dir) / name / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    from diffship.pipelines.base import read_config
+
+    return read_config(model_dir, name) if (Path(model_dir) / name / "config.json").is_file() else {}
 
 
 def vae_scale_factor(model_dir) -> int:
@@ -67,6 +68,32 @@ def default_size(model_dir) -> int:
     return _config(model_dir, "unet").get("sample_size", 64) * vae_scale_factor(model_dir)
 
 
+def check_bench_arguments(names: dict | None = None, *, runs, warmup, steps, batch_size, height, width,
+                          guidance_scale, task, strength, seed, static, scheduler) -> None:
+    """bench()'s arguments, checked before anything is loaded; `names` maps an argument to the name errors use
+    (the command line's flags). strength None: not given."""
+    from diffship.checks import MAX_SEED, check_image_size, check_int, check_number, check_scheduler_name
+    from diffship.pipelines.stable_diffusion_img2img import check_strength
+
+    names = {k: (names or {}).get(k, k) for k in ("runs", "warmup", "steps", "batch_size", "height", "width",
+                                                   "guidance_scale", "task", "strength", "seed", "static",
+                                                   "scheduler")}
+    for name, value, low in (("runs", runs, 1), ("warmup", warmup, 0), ("steps", steps, 1),
+                             ("batch_size", batch_size, 1)):
+        check_int(value, names[name], low)
+    check_image_size({names["height"]: height, names["width"]: width})
+    check_number(guidance_scale, names["guidance_scale"])
+    check_int(seed, names["seed"], 0, MAX_SEED)
+    if task not in TASKS:
+        raise ValueError(f"{names['task']} must be one of {', '.join(TASKS)}, got {task!r}")
+    if static and task != "text-to-image":
+        raise ValueError(f"{names['static']} reshapes for text-to-image only")
+    if task == "image-to-image" and strength is not None:
+        check_strength(strength, steps, names=(names["strength"], names["steps"]))
+    if scheduler is not None:
+        check_scheduler_name(scheduler, names["scheduler"])  # here, not in each backend's worker
+
+
 def bench(model_dir, backends: list[str] | None = None, *, height: int | None = None, width: int | None = None,
           steps: int = 25, batch_size: int = 1, runs: int = 3, warmup: int = 1, static: bool = False,
           prompt: str = "a photo of an astronaut riding a horse on mars", negative_prompt: str | None = None,
@@ -77,25 +104,17 @@ def bench(model_dir, backends: list[str] | None = None, *, height: int | None = 
     from diffship.pipelines.base import _read_index
 
     started, date = time.perf_counter(), now()
+    check_bench_arguments(runs=runs, warmup=warmup, steps=steps, batch_size=batch_size, height=height, width=width,
+                          guidance_scale=guidance_scale, task=task, strength=strength, seed=seed, static=static,
+                          scheduler=scheduler)
     given = str(model_dir)
     model_dir = Path(model_dir).expanduser().resolve()
     _read_index(model_dir)  # a clear error for a directory that is not an exported pipeline
     backends = [check_backend(b) for b in (backends or installed_backends())]
     if not backends:
         raise BackendError("no backend is installed: pip install diffship[onnxruntime] or diffship[openvino]")
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    if static and task != "text-to-image":
-        raise ValueError("--static reshapes for text-to-image only")
-    for name, value in (("runs", runs), ("steps", steps), ("batch_size", batch_size)):
-        if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
-    if warmup < 0:
-        raise ValueError(f"warmup must be 0 or more, got {warmup}")
-    height = height or default_size(model_dir)
-    width = width or default_size(model_dir)
-    if height % 8 or width % 8:
-        raise ValueError(f"height and width must be multiples of 8, got {height} and {width}")
+    height = default_size(model_dir) if height is None else height
+    width = default_size(model_dir) if width is None else width
 
     settings = {"model": given, "task": task, "height": height, "width": width, "steps": steps,
                 "batch_size": batch_size, "guidance_scale": guidance_scale, "scheduler": scheduler, "prompt": prompt,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from diffship.checks import software_exif
+
 # stage -> (legend label, colour)
 SEGMENTS = {
     "text_encoder": ("text encoder", (86, 180, 233)),
@@ -91,7 +93,7 @@ def plot_report(report: dict, path: str | Path, title: str | None = None) -> Pat
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    image.save(path, exif=software_exif())  # marked as diffship's: a later run may replace it
     return path
 
 

@@ -113,17 +113,14 @@ def unet_input_shapes(batch: int, height: int, width: int, in_channels: int = 4,
 
 def unet_flops(model_dir: str | os.PathLike, batch: int, height: int, width: int) -> dict | None:
     """FLOPs of one call of an exported directory's unet/model.onnx; None if it has no ONNX graph."""
-    import json
+    from diffship.benchmarking import _config, vae_scale_factor
 
-    folder = Path(model_dir) / "unet"
-    graph = folder / "model.onnx"
+    graph = Path(model_dir) / "unet" / "model.onnx"
     if not graph.is_file():
         return None
-    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
-    vae = Path(model_dir) / "vae_decoder" / "config.json"
-    blocks = json.loads(vae.read_text()).get("block_out_channels", [0] * 4) if vae.is_file() else [0] * 4
+    config = _config(model_dir, "unet")
     shapes = unet_input_shapes(batch, height, width, config.get("in_channels", 4), 77,
-                               config.get("cross_attention_dim", 768), 2 ** (len(blocks) - 1))
+                               config.get("cross_attention_dim", 768), vae_scale_factor(model_dir))
     counted = count_flops(graph, shapes)
     counted["input_shapes"] = shapes
     return counted

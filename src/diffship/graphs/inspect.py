@@ -5,11 +5,13 @@ Used by `diffship inspect`. Reads ONNX with `onnx` (weights not loaded) and Open
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+
+from diffship.checks import check_fields, read_json_object
+from diffship.errors import DiffshipError, NotAPipelineError
 
 GRAPH_FILES = ("model.onnx", "openvino_model.xml")
 
@@ -24,10 +26,19 @@ def _size_on_disk(path: Path) -> int:
     return total
 
 
-def inspect_onnx(path: Path) -> dict:
-    import onnx
+# export_report.json's sections that `format_inspection` reads, with their JSON types.
+REPORT_FIELDS = {"components": dict, "options": dict, "passes": list, "formats": list}
 
-    model = onnx.load(str(path), load_external_data=False)
+
+def inspect_onnx(path: Path) -> dict:
+    try:
+        import onnx
+    except ImportError as e:
+        raise DiffshipError("inspecting ONNX files needs the onnx package: pip install onnx") from e
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and onnx's own errors for a truncated or foreign file
+        raise DiffshipError(f"{path} is not a readable ONNX model ({type(e).__name__}: {e}); export it again") from e
     names = {v: k for k, v in onnx.TensorProto.DataType.items()}
 
     def shape(value):
@@ -53,9 +64,9 @@ def inspect_onnx(path: Path) -> dict:
 
 
 def inspect_openvino(path: Path) -> dict:
-    import openvino as ov
+    from diffship.runtimes.openvino import _ov, read_model
 
-    model = ov.Core().read_model(str(path))
+    model = read_model(_ov().Core(), path)
 
     def io(ports):
         return [{"name": p.get_any_name(), "dtype": p.get_element_type().get_type_name(),
@@ -88,20 +99,28 @@ def inspect_file(path: str | Path) -> dict:
 
 def inspect_path(path: str | Path) -> dict:
     """A model file, or an exported directory: every component's graphs plus export_report.json's figures."""
-    from diffship.errors import NotAPipelineError
-
     path = Path(path)
     if not path.exists():
         raise NotAPipelineError(f"{path} does not exist")
     if path.is_file():
         return {"graphs": [inspect_file(path)]}
     report_path = path / "export_report.json"
-    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    report = read_report(report_path) if report_path.is_file() else {}
     graphs = [inspect_file(f) for folder in sorted(p for p in path.iterdir() if p.is_dir())
               for f in (folder / name for name in GRAPH_FILES) if f.is_file()]
     if not graphs:
         raise NotAPipelineError(f"{path} holds no model.onnx or openvino_model.xml in its component folders")
     return {"graphs": graphs, "report": report}
+
+
+def read_report(path: Path) -> dict:
+    """export_report.json, with the sections `format_inspection` reads type-checked (each component an object)."""
+    report = read_json_object(path, REPORT_FIELDS)
+    for name, entry in report.get("components", {}).items():
+        if not isinstance(entry, dict):
+            raise DiffshipError(f"{path}: components.{name} must be an object; fix or re-export the file")
+        check_fields(entry, {"validation": dict, "passes": list}, f"{path} (components.{name})")
+    return report
 
 
 def _mb(n: int) -> str:

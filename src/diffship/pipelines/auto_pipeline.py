@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffship.errors import DiffshipError
-from diffship.pipelines.base import _read_index, _read_json
+from diffship.pipelines.base import _read_index, read_config
 from diffship.pipelines.stable_diffusion import StableDiffusionPipeline
 from diffship.pipelines.stable_diffusion_depth2img import StableDiffusionDepth2ImgPipeline
 from diffship.pipelines.stable_diffusion_img2img import StableDiffusionImg2ImgPipeline
@@ -64,7 +64,7 @@ class _AutoPipeline:
         """The class `from_pretrained(model_dir)` would load, without loading anything."""
         model_dir = Path(model_dir).expanduser()
         index = _read_index(model_dir)
-        unet_config = _read_json(model_dir / "unet" / "config.json") if (model_dir / "unet").is_dir() else {}
+        unet_config = read_config(model_dir, "unet") if (model_dir / "unet").is_dir() else {}
         return pipeline_class_for(cls.task, index.get("_class_name"), unet_config.get("in_channels"), model_dir)
 
     @classmethod

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import json
+import inspect
 import time
 from pathlib import Path
 
@@ -11,10 +11,11 @@ import numpy as np
 # Imported with the module, not on the first denoising loop, so its import time is not billed to a generation.
 from tqdm.auto import tqdm
 
+from diffship.checks import IMAGE_SIZE_MULTIPLE, check_fields, check_image_size, check_int, read_json_object
 from diffship.errors import DiffshipError, MissingComponentError, NotAPipelineError
 from diffship.pipelines.tokenizer import CLIPTokenizer
 from diffship.runtimes import BACKENDS, backend_name, input_info, load_session
-from diffship.schedulers import scheduler_from_config
+from diffship.schedulers import scheduler_class
 from diffship.schedulers.noise import randn
 
 # Written at export beside the text encoder graph: clip_skip applies this norm to an earlier hidden state.
@@ -22,6 +23,21 @@ FINAL_LAYER_NORM_FILE = "final_layer_norm.npz"
 GRAPH_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder", "depth_estimator")
 # Plain-file components read at load: the folder and the file holding their settings.
 SETTINGS_FILES = {"feature_extractor": "preprocessor_config.json"}
+# The settings the pipelines read from each component's config (and model_index.json), with their JSON types:
+# checked at load, so that a hand-edited file is named instead of failing later inside numpy.
+_VAE_FIELDS = {"block_out_channels": list, "scaling_factor": float, "shift_factor": (float, None),
+               "latent_channels": int, "in_channels": int}
+CONFIG_FIELDS = {
+    "model_index": {"_class_name": str},
+    "unet": {"in_channels": int, "sample_size": int, "cross_attention_dim": int},
+    "vae_encoder": _VAE_FIELDS,
+    "vae_decoder": _VAE_FIELDS,
+    "feature_extractor": {"size": (int, dict), "image_mean": list, "image_std": list, "do_resize": bool,
+                          "keep_aspect_ratio": bool, "ensure_multiple_of": int, "resample": int, "do_rescale": bool,
+                          "rescale_factor": float, "do_normalize": bool, "do_pad": bool, "size_divisor": (int, None)},
+}
+# Python annotations of scheduler __init__ arguments -> the JSON types their config values may have.
+_ANNOTATION_KINDS = {"int": int, "float": float, "bool": bool, "str": str, "None": None}
 # What a Stable Diffusion UNet's input width says about the model, and the pipelines that run it.
 UNET_KINDS = {
     4: ("text-to-image", "StableDiffusionPipeline, StableDiffusionImg2ImgPipeline or StableDiffusionInpaintPipeline"),
@@ -78,6 +94,13 @@ class DiffusionPipeline:
         model_dir = Path(model_dir).expanduser()
         index = _read_index(model_dir)
         names = [n for n in cls.required_components + cls.optional_components]
+        # Every settings file first: a malformed one fails before any graph is loaded.
+        tokenizer = CLIPTokenizer.from_pretrained(_required_dir(model_dir, "tokenizer"))
+        scheduler = read_scheduler(_required_dir(model_dir, "scheduler") / "scheduler_config.json")
+        configs = {name: read_config(model_dir, name) for name in names if (model_dir / name).is_dir()}
+        configs.update({name: read_config(model_dir, name, file) for name, file in SETTINGS_FILES.items()
+                        if (model_dir / name / file).is_file()})
+        configs["model_index"] = index
         model_file = BACKENDS[backend][2]
         sessions = {}
         for name in names:
@@ -96,12 +119,6 @@ class DiffusionPipeline:
                 raise DiffshipError(f"backend option not understood by {backend}: {e}") from e
             if compile and hasattr(sessions[name], "compile"):
                 sessions[name].compile()
-        tokenizer = CLIPTokenizer.from_pretrained(_required_dir(model_dir, "tokenizer"))
-        scheduler = scheduler_from_config(_read_json(_required_dir(model_dir, "scheduler") / "scheduler_config.json"))
-        configs = {name: _read_json(model_dir / name / "config.json") for name in names if (model_dir / name).is_dir()}
-        configs.update({name: _read_json(model_dir / name / file) for name, file in SETTINGS_FILES.items()
-                        if (model_dir / name / file).is_file()})
-        configs["model_index"] = index
         return cls(sessions, tokenizer, scheduler, configs, model_dir, backend, time.perf_counter() - start)
 
     @classmethod
@@ -168,8 +185,11 @@ class DiffusionPipeline:
         """Fix OpenVINO graphs to static shapes (faster on CPU); a later call with other sizes must reshape again."""
         if self.backend != "openvino":
             raise DiffshipError("reshape() is for the openvino backend; ONNX Runtime handles dynamic shapes as they come")
-        height = height or self.default_height
-        width = width or self.default_width
+        height = self.default_height if height is None else height
+        width = self.default_width if width is None else width
+        check_image_size({"height": height, "width": width}, max(IMAGE_SIZE_MULTIPLE, self.vae_scale_factor))
+        check_int(batch_size, "batch_size", 1)
+        check_int(num_images_per_prompt, "num_images_per_prompt", 1)
         images = batch_size * num_images_per_prompt
         latent = (height // self.vae_scale_factor, width // self.vae_scale_factor)
         seq = self.tokenizer.model_max_length
@@ -250,7 +270,7 @@ def _read_index(model_dir: Path) -> dict:
             f"{model_dir} is not an exported pipeline: it has no model_index.json "
             f"(export one with `diffship export MODEL {model_dir}`)"
         )
-    return _read_json(index_path)
+    return read_json_object(index_path, CONFIG_FIELDS["model_index"])
 
 
 def _required_dir(model_dir: Path, name: str) -> Path:
@@ -259,10 +279,36 @@ def _required_dir(model_dir: Path, name: str) -> Path:
     return model_dir / name
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise MissingComponentError(f"{path} is missing")
+def read_config(model_dir: Path, name: str, file: str = "config.json") -> dict:
+    """A component's settings file, with the fields the pipelines read type-checked (CONFIG_FIELDS)."""
+    return read_json_object(Path(model_dir) / name / file, CONFIG_FIELDS.get(name))
+
+
+def read_scheduler(path: Path):
+    """The scheduler a scheduler_config.json describes. Its values are checked against the types the scheduler
+    class's arguments are annotated with, and a value the class refuses is reported with the file's name."""
+    config = read_json_object(path, {"_class_name": str})
+    if "_class_name" not in config:
+        raise DiffshipError(f"{path} has no _class_name: name the scheduler class, e.g. \"PNDMScheduler\"")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DiffshipError(f"{path} is not valid JSON: {e}") from e
+        cls = scheduler_class(config["_class_name"])
+    except DiffshipError as e:
+        raise DiffshipError(f"{path}: {e}") from e
+    check_fields(config, _annotated_kinds(cls), path)
+    try:
+        return cls.from_config(config)
+    except (TypeError, ValueError, NotImplementedError) as e:
+        raise DiffshipError(f"{path}: {e}") from e
+
+
+def _annotated_kinds(cls) -> dict:
+    """argument -> JSON types, for the __init__ arguments annotated with int, float, bool, str, None or list[...]
+    (joined with |); arguments with other annotations are left to the class."""
+    kinds = {}
+    for parameter in inspect.signature(cls.__init__).parameters.values():
+        if parameter.annotation is inspect.Parameter.empty:
+            continue
+        parts = [p.strip() for p in str(parameter.annotation).split("|")]
+        if all(p in _ANNOTATION_KINDS or p.startswith("list[") for p in parts):
+            kinds[parameter.name] = tuple(list if p.startswith("list[") else _ANNOTATION_KINDS[p] for p in parts)
+    return kinds

@@ -8,6 +8,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
+from diffship.checks import MAX_IMAGE_SIDE
+
 OUTPUT_TYPES = ("pil", "np", "latent")
 
 
@@ -127,13 +129,22 @@ class VaeImageProcessor:
         self.do_binarize = do_binarize
         self.do_convert_grayscale = do_convert_grayscale
 
-    def get_default_height_width(self, image, height: int | None = None, width: int | None = None):
-        """(height, width): given, or the image's, rounded down to a multiple of vae_scale_factor."""
+    def get_default_height_width(self, image, height: int | None = None, width: int | None = None,
+                                 name: str = "image"):
+        """(height, width): given, or the image's, rounded down to a multiple of vae_scale_factor (as diffusers
+        does, so that the latents decode to that size); `name` is the argument named when the result is out of
+        range."""
         if height is None:
             height = image.height if isinstance(image, Image.Image) else image.shape[2]
         if width is None:
             width = image.width if isinstance(image, Image.Image) else image.shape[3]
-        return height - height % self.vae_scale_factor, width - width % self.vae_scale_factor
+        rounded = height - height % self.vae_scale_factor, width - width % self.vae_scale_factor
+        if not all(self.vae_scale_factor <= side <= MAX_IMAGE_SIDE for side in rounded):
+            raise ValueError(
+                f"{name} is {height}x{width} pixels; its sides, rounded down to a multiple of {self.vae_scale_factor}"
+                f" (the VAE's scale factor), must be from {self.vae_scale_factor} to {MAX_IMAGE_SIDE} pixels"
+            )
+        return rounded
 
     def resize(self, image, height: int, width: int, resize_mode: str = "default"):
         if resize_mode != "default" and not isinstance(image, Image.Image):
@@ -265,7 +276,7 @@ class VaeImageProcessor:
             if crops_coords is not None:
                 image = [i.crop(crops_coords) for i in image]
             if self.do_resize:
-                height, width = self.get_default_height_width(image[0], height, width)
+                height, width = self.get_default_height_width(image[0], height, width, name)
                 image = [self.resize(i, height, width, resize_mode=resize_mode) for i in image]
             if self.do_convert_grayscale:
                 image = [i.convert("L") for i in image]
@@ -289,7 +300,7 @@ class VaeImageProcessor:
             array = array[..., None]
         array = np.ascontiguousarray(array.transpose(0, 3, 1, 2), dtype=np.float32)
         if not isinstance(image[0], Image.Image):
-            height, width = self.get_default_height_width(array, height, width)
+            height, width = self.get_default_height_width(array, height, width, name)
             if self.do_resize:
                 array = self.resize(array, height, width)
         do_normalize = self.do_normalize

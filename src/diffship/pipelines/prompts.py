@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
+from diffship.checks import check_int
 from diffship.errors import DiffshipError
+
+logger = logging.getLogger(__name__)
 
 
 def run_text_encoder(text_encoder, input_ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -18,25 +23,64 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) 
     return ((x - mean) / np.sqrt(var + eps) * weight + bias).astype(np.float32)
 
 
+def hidden_state_outputs(text_encoder) -> list[str]:
+    """The text encoder graph's hidden_states.N outputs, in layer order (embeddings first)."""
+    names = (o.name for o in text_encoder.outputs if o.name.startswith("hidden_states."))
+    return sorted(names, key=lambda k: int(k.split(".")[1]))
+
+
+def check_clip_skip(text_encoder, clip_skip, final_layer_norm, name: str = "clip_skip") -> None:
+    """clip_skip counts layers back from the last: 0 to the encoder's layer count (its embeddings), and needs the
+    hidden states and the final layer norm in the export. `name`: what errors call it."""
+    if clip_skip is None:
+        return
+    hidden = hidden_state_outputs(text_encoder)
+    if not hidden:
+        raise DiffshipError(
+            f"{name} needs a text encoder with hidden_states.N outputs, which this export lacks (Optimum's "
+            "Stable Diffusion 1.x/2.x exports do not write them): export the model with `diffship export`"
+        )
+    check_int(clip_skip, name, 0, len(hidden) - 1)
+    if final_layer_norm is None:
+        raise DiffshipError(
+            f"{name} needs the text encoder's final layer norm (text_encoder/final_layer_norm.npz), which "
+            "diffship writes at export; this directory was exported without it"
+        )
+
+
+def check_negative_prompt(prompt, negative_prompt, batch_size: int) -> None:
+    """diffusers' rule: negative_prompt has prompt's type; a list gives one negative prompt per prompt."""
+    if negative_prompt is None:
+        return
+    if not isinstance(negative_prompt, (str, list)) or (
+            isinstance(negative_prompt, list) and not all(isinstance(n, str) for n in negative_prompt)):
+        raise TypeError(f"negative_prompt must be a str or a list of str, got {type(negative_prompt).__name__}")
+    if prompt is not None and type(prompt) is not type(negative_prompt):
+        raise TypeError(
+            f"negative_prompt should be the same type as prompt: {type(negative_prompt).__name__} != "
+            f"{type(prompt).__name__}"
+        )
+    if isinstance(negative_prompt, list) and len(negative_prompt) != batch_size:
+        raise ValueError(
+            f"negative_prompt has {len(negative_prompt)} entries but prompt has {batch_size}; give one per prompt"
+        )
+
+
+def warn_truncated(tokenizer, texts: list[str], name: str, max_length: int) -> None:
+    """Log the part of each text the tokenizer cuts to `max_length` tokens, as diffusers does for the prompt."""
+    for i, removed in enumerate(tokenizer.truncated(texts, max_length)):
+        if removed:
+            logger.warning("%s is longer than the %d tokens the text encoder takes; this part was cut: %r",
+                           name if len(texts) == 1 else f"{name} {i}", max_length, removed)
+
+
 def embed(text_encoder, input_ids: np.ndarray, clip_skip: int | None = None, final_layer_norm=None) -> np.ndarray:
-    """last_hidden_state, or with clip_skip the hidden state that many layers earlier, final-layer-normed."""
+    """last_hidden_state, or with clip_skip (see check_clip_skip) the hidden state that many layers earlier,
+    final-layer-normed."""
     outputs = run_text_encoder(text_encoder, input_ids)
     if clip_skip is None:
         return outputs["last_hidden_state"]
-    hidden = sorted((k for k in outputs if k.startswith("hidden_states.")), key=lambda k: int(k.split(".")[1]))
-    if not hidden:
-        raise DiffshipError(
-            "clip_skip needs a text encoder with hidden_states.N outputs, which this export lacks (Optimum's "
-            "Stable Diffusion 1.x/2.x exports do not write them): export the model with `diffship export`"
-        )
-    if not 0 <= clip_skip < len(hidden):
-        raise ValueError(f"clip_skip must be between 0 and {len(hidden) - 1}, got {clip_skip}")
-    if final_layer_norm is None:
-        raise DiffshipError(
-            "clip_skip needs the text encoder's final layer norm (text_encoder/final_layer_norm.npz), which "
-            "diffship writes at export; this directory was exported without it"
-        )
-    return layer_norm(outputs[hidden[-(clip_skip + 1)]], *final_layer_norm)
+    return layer_norm(outputs[hidden_state_outputs(text_encoder)[-(clip_skip + 1)]], *final_layer_norm)
 
 
 def encode_prompt(text_encoder, tokenizer, prompt, num_images_per_prompt, do_classifier_free_guidance,
@@ -46,6 +90,7 @@ def encode_prompt(text_encoder, tokenizer, prompt, num_images_per_prompt, do_cla
     if prompt is not None:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         batch_size = len(prompts)
+        warn_truncated(tokenizer, prompts, "prompt", tokenizer.model_max_length)
         prompt_embeds = embed(text_encoder, tokenizer(prompts), clip_skip, final_layer_norm)
     else:
         prompt_embeds = np.asarray(prompt_embeds, dtype=np.float32)
@@ -53,21 +98,15 @@ def encode_prompt(text_encoder, tokenizer, prompt, num_images_per_prompt, do_cla
     prompt_embeds = np.repeat(prompt_embeds, num_images_per_prompt, axis=0)
 
     if do_classifier_free_guidance and negative_prompt_embeds is None:
+        # Checked by check_negative_prompt: a str goes with one prompt (or with prompt_embeds), a list has one
+        # entry per prompt.
         if negative_prompt is None:
             uncond_tokens = [""] * batch_size
-        elif prompt is not None and type(prompt) is not type(negative_prompt):
-            raise TypeError(
-                f"negative_prompt should be the same type as prompt: {type(negative_prompt).__name__} != "
-                f"{type(prompt).__name__}"
-            )
         elif isinstance(negative_prompt, str):
-            uncond_tokens = [negative_prompt] * batch_size if prompt is None else [negative_prompt]
-        elif batch_size != len(negative_prompt):
-            raise ValueError(
-                f"negative_prompt has {len(negative_prompt)} entries but prompt has {batch_size}; give one per prompt"
-            )
+            uncond_tokens = [negative_prompt] * batch_size
         else:
             uncond_tokens = list(negative_prompt)
+        warn_truncated(tokenizer, uncond_tokens, "negative_prompt", prompt_embeds.shape[1])
         uncond_ids = tokenizer(uncond_tokens, max_length=prompt_embeds.shape[1])
         # diffusers applies clip_skip to the prompt only, not to the negative prompt.
         negative_prompt_embeds = embed(text_encoder, uncond_ids)

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from diffship.checks import IMAGE_SIZE_MULTIPLE, check_image_size, check_int, check_number
 from diffship.pipelines.base import DiffusionPipeline
 from diffship.pipelines.image_processing import OUTPUT_TYPES, postprocess
-from diffship.pipelines.prompts import encode_prompt
+from diffship.pipelines.prompts import check_clip_skip, check_negative_prompt, encode_prompt
 from diffship.pipelines.timing import StageTimer
 from diffship.schedulers.noise import randn
 
 CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -27,6 +31,7 @@ class StableDiffusionPipelineOutput:
 def as_generator(generator):
     """An int seed becomes a numpy Generator; Generators, noise hooks and lists of them pass through."""
     if isinstance(generator, (int, np.integer)):
+        check_int(generator, "generator (a seed)", 0)
         return np.random.default_rng(int(generator))
     return generator
 
@@ -66,9 +71,12 @@ class StableDiffusionPipeline(DiffusionPipeline):
     optional_components = ("vae_encoder",)
 
     def check_inputs(self, prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                     output_type, callback_on_step_end_tensor_inputs, num_images_per_prompt):
-        if height % 8 != 0 or width % 8 != 0:
-            raise ValueError(f"height and width must be multiples of 8, got {height} and {width}")
+                     output_type, callback_on_step_end_tensor_inputs, num_images_per_prompt, *,
+                     num_inference_steps=50, timesteps=None, sigmas=None, guidance_scale=7.5, eta=0.0,
+                     clip_skip=None, guidance_rescale=0.0):
+        """diffusers' checks, and the ranges of the values it leaves unchecked, before any graph runs. height and
+        width None: the size comes from an input image (checked when it is preprocessed)."""
+        check_image_size({"height": height, "width": width}, max(IMAGE_SIZE_MULTIPLE, self.vae_scale_factor))
         if prompt is None and prompt_embeds is None:
             raise ValueError("pass either prompt or prompt_embeds")
         if prompt is not None and prompt_embeds is not None:
@@ -79,6 +87,8 @@ class StableDiffusionPipeline(DiffusionPipeline):
             raise ValueError("prompt must be a non-empty list of str")
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise ValueError("pass either negative_prompt or negative_prompt_embeds, not both")
+        batch_size = (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else len(prompt_embeds)
+        check_negative_prompt(prompt, negative_prompt, batch_size)
         if prompt_embeds is not None and negative_prompt_embeds is not None:
             if prompt_embeds.shape != negative_prompt_embeds.shape:
                 raise ValueError(
@@ -90,8 +100,25 @@ class StableDiffusionPipeline(DiffusionPipeline):
         unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in CALLBACK_TENSOR_INPUTS]
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} not in {CALLBACK_TENSOR_INPUTS}")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}")
+        check_int(num_images_per_prompt, "num_images_per_prompt", 1)
+        for name, schedule in (("timesteps", timesteps), ("sigmas", sigmas)):
+            if schedule is not None and len(schedule) == 0:
+                raise ValueError(f"{name} is empty; give the schedule's values, or num_inference_steps instead")
+        if timesteps is None and sigmas is None:
+            # More steps than the noise levels the model was trained on have no meaning (and DDIM, DDPM, PNDM
+            # and LCM refuse them in set_timesteps).
+            check_int(num_inference_steps, "num_inference_steps", 1, self.scheduler.config.get("num_train_timesteps"))
+        # A non-finite guidance_scale or eta turns every latent into NaN: a black image, not an error, without this.
+        check_number(guidance_scale, "guidance_scale")
+        # eta weighs DDIM's noise, in [0, 1] (the paper's eta): past 1 its variance can exceed what the schedule
+        # leaves, and the step takes the square root of a negative number.
+        check_number(eta, "eta", 0.0, 1.0)
+        check_number(guidance_rescale, "guidance_rescale", 0.0, 1.0)
+        if guidance_scale <= 1 and (negative_prompt is not None or negative_prompt_embeds is not None):
+            logger.warning("the negative prompt is ignored: guidance_scale %g (<= 1) turns classifier-free guidance "
+                           "off", guidance_scale)
+        if prompt is not None:  # diffusers applies clip_skip when it encodes a prompt, not to prompt_embeds
+            check_clip_skip(self.text_encoder, clip_skip, self.text_encoder_final_layer_norm)
 
     def prepare_latents(self, batch_size, height, width, generator, latents=None):
         shape = (batch_size, self.unet_config.get("in_channels", 4),
@@ -111,6 +138,9 @@ class StableDiffusionPipeline(DiffusionPipeline):
         kwargs = {}
         if "eta" in params:
             kwargs["eta"] = eta
+        elif eta:
+            logger.warning("eta=%g is ignored: %s takes no eta (DDIMScheduler does)", eta,
+                           type(self.scheduler).__name__)
         if "generator" in params:
             kwargs["generator"] = generator
         return kwargs
@@ -144,10 +174,13 @@ class StableDiffusionPipeline(DiffusionPipeline):
     ):
         start = time.perf_counter()
         timer = StageTimer()
-        height = height or self.default_height
-        width = width or self.default_width
+        height = self.default_height if height is None else height
+        width = self.default_width if width is None else width
         self.check_inputs(prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                          output_type, callback_on_step_end_tensor_inputs, num_images_per_prompt)
+                          output_type, callback_on_step_end_tensor_inputs, num_images_per_prompt,
+                          num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
+                          guidance_scale=guidance_scale, eta=eta, clip_skip=clip_skip,
+                          guidance_rescale=guidance_rescale)
         generator = as_generator(generator)
 
         # 1. Batch size and guidance.

@@ -125,7 +125,9 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionImg2ImgPipeline):
         timer = StageTimer()
         # 1. Check inputs.
         self.check_image_inputs(prompt, image, strength, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                output_type, callback_on_step_end_tensor_inputs, num_images_per_prompt)
+                                output_type, callback_on_step_end_tensor_inputs, num_images_per_prompt,
+                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
+                                clip_skip=clip_skip)
         generator = as_generator(generator)
 
         # 2. Batch size and guidance.
@@ -153,9 +155,6 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionImg2ImgPipeline):
         # 6. Timesteps: the last `strength` of the schedule.
         self.scheduler.set_timesteps(num_inference_steps)
         timesteps, num_inference_steps = get_timesteps(self.scheduler, num_inference_steps, strength)
-        if num_inference_steps < 1:
-            raise ValueError(f"strength {strength} leaves no denoising step of {len(self.scheduler.timesteps)}; "
-                             "raise strength or num_inference_steps")
         latent_timestep = np.repeat(timesteps[:1], batch_size * num_images_per_prompt)
 
         # 7. Initial latents: the encoded image, noised to the first timestep.

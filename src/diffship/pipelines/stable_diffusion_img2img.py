@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 
+from diffship.checks import check_number
 from diffship.pipelines.base import retrieve_latents  # noqa: F401  (re-exported: diffusers has it here)
 from diffship.pipelines.image_processing import VaeImageProcessor, postprocess
 from diffship.pipelines.prompts import encode_prompt
@@ -22,19 +23,29 @@ from diffship.pipelines.timing import StageTimer
 from diffship.schedulers.noise import randn
 
 
+def strength_steps(num_inference_steps: int, strength: float) -> int:
+    """How many of the steps `strength` keeps: the last int(num_inference_steps * strength) (diffusers' rule)."""
+    return min(int(num_inference_steps * strength), num_inference_steps)
+
+
 def get_timesteps(scheduler, num_inference_steps: int, strength: float):
     """The tail of the schedule that `strength` keeps; schedulers that track a step index start there."""
-    init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
-    t_start = max(num_inference_steps - init_timestep, 0)
+    t_start = max(num_inference_steps - strength_steps(num_inference_steps, strength), 0)
     timesteps = scheduler.timesteps[t_start * scheduler.order:]
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(t_start * scheduler.order)
     return timesteps, num_inference_steps - t_start
 
 
-def check_strength(strength) -> None:
-    if not isinstance(strength, (int, float, np.floating)) or not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be between 0.0 and 1.0, got {strength!r}")
+def check_strength(strength, num_inference_steps: int | None = None, timesteps=None, sigmas=None,
+                   names: tuple[str, str] = ("strength", "num_inference_steps")) -> None:
+    """strength in [0, 1], and, where the step count is given (checked before), leaving at least one of the steps
+    (a custom schedule's length, else num_inference_steps). `names`: what errors call the two."""
+    check_number(strength, names[0], 0.0, 1.0)
+    steps = len(timesteps) if timesteps is not None else len(sigmas) if sigmas is not None else num_inference_steps
+    if steps is not None and strength_steps(steps, strength) < 1:
+        raise ValueError(f"{names[0]} {strength} leaves no denoising step of {steps}; raise {names[0]} or "
+                         f"{names[1]}")
 
 
 def check_image_channels(image: np.ndarray, expected: int, name: str = "image") -> None:
@@ -65,11 +76,13 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         return VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     def check_image_inputs(self, prompt, image, strength, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                           output_type, callback_on_step_end_tensor_inputs, num_images_per_prompt):
-        check_strength(strength)
-        # The size comes from the image (checked when it is preprocessed): 0 x 0 passes the text-to-image check.
-        self.check_inputs(prompt, 0, 0, negative_prompt, prompt_embeds, negative_prompt_embeds, output_type, None,
-                          num_images_per_prompt)
+                           output_type, callback_on_step_end_tensor_inputs, num_images_per_prompt, **denoising):
+        """check_inputs (`denoising`: its keyword arguments), strength, and the image given."""
+        # The size comes from the image (checked when it is preprocessed).
+        self.check_inputs(prompt, None, None, negative_prompt, prompt_embeds, negative_prompt_embeds, output_type,
+                          None, num_images_per_prompt, **denoising)
+        check_strength(strength, denoising.get("num_inference_steps"), denoising.get("timesteps"),
+                       denoising.get("sigmas"))
         unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self.callback_tensor_inputs]
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} not in {self.callback_tensor_inputs}")
@@ -113,7 +126,9 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         start = time.perf_counter()
         timer = StageTimer()
         self.check_image_inputs(prompt, image, strength, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                output_type, callback_on_step_end_tensor_inputs, num_images_per_prompt)
+                                output_type, callback_on_step_end_tensor_inputs, num_images_per_prompt,
+                                num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
+                                guidance_scale=guidance_scale, eta=eta, clip_skip=clip_skip)
         generator = as_generator(generator)
 
         # 1. Batch size and guidance.
@@ -136,9 +151,6 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         # 4. Timesteps: the last `strength` of the schedule.
         timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, timesteps, sigmas)
         timesteps, num_inference_steps = get_timesteps(self.scheduler, num_inference_steps, strength)
-        if num_inference_steps < 1:
-            raise ValueError(f"strength {strength} leaves no denoising step of {len(self.scheduler.timesteps)}; "
-                             "raise strength or num_inference_steps")
         latent_timestep = np.repeat(timesteps[:1], batch_size * num_images_per_prompt)
 
         # 5. Initial latents: the encoded image, noised to the first timestep.

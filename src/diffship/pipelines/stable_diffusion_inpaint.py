@@ -15,6 +15,7 @@ import time
 import numpy as np
 from PIL import Image
 
+from diffship.checks import check_int
 from diffship.pipelines.image_processing import VaeImageProcessor, interpolate_nearest, postprocess
 from diffship.pipelines.prompts import encode_prompt
 from diffship.pipelines.stable_diffusion import (
@@ -55,10 +56,12 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
 
     def check_inpaint_inputs(self, prompt, image, mask_image, height, width, strength, output_type, negative_prompt,
                              prompt_embeds, negative_prompt_embeds, callback_on_step_end_tensor_inputs,
-                             padding_mask_crop, num_images_per_prompt):
-        check_strength(strength)
+                             padding_mask_crop, num_images_per_prompt, **denoising):
+        """check_inputs (`denoising`: its keyword arguments), strength, image, mask and padding_mask_crop."""
         self.check_inputs(prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                          output_type, None, num_images_per_prompt)
+                          output_type, None, num_images_per_prompt, **denoising)
+        check_strength(strength, denoising.get("num_inference_steps"), denoising.get("timesteps"),
+                       denoising.get("sigmas"))
         unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self.callback_tensor_inputs]
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} not in {self.callback_tensor_inputs}")
@@ -68,6 +71,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         if mask_image is None:
             raise ValueError("inpainting needs mask_image: white (1) where to paint, black (0) where to keep")
         if padding_mask_crop is not None:
+            check_int(padding_mask_crop, "padding_mask_crop", 0)
             if not isinstance(image, Image.Image):
                 raise ValueError(f"padding_mask_crop needs image as a PIL image, got {type(image).__name__}")
             if not isinstance(mask_image, Image.Image):
@@ -144,11 +148,13 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         start = time.perf_counter()
         timer = StageTimer()
         # Like diffusers, the size defaults to the UNet's, not to the image's: image and mask are resized to it.
-        height = height or self.default_height
-        width = width or self.default_width
+        height = self.default_height if height is None else height
+        width = self.default_width if width is None else width
         self.check_inpaint_inputs(prompt, image, mask_image, height, width, strength, output_type, negative_prompt,
                                   prompt_embeds, negative_prompt_embeds, callback_on_step_end_tensor_inputs,
-                                  padding_mask_crop, num_images_per_prompt)
+                                  padding_mask_crop, num_images_per_prompt, num_inference_steps=num_inference_steps,
+                                  timesteps=timesteps, sigmas=sigmas, guidance_scale=guidance_scale, eta=eta,
+                                  clip_skip=clip_skip)
         generator = as_generator(generator)
 
         # 1. Batch size and guidance.
@@ -167,9 +173,6 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         # 3. Timesteps: the last `strength` of the schedule.
         timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, timesteps, sigmas)
         timesteps, num_inference_steps = get_timesteps(self.scheduler, num_inference_steps, strength)
-        if num_inference_steps < 1:
-            raise ValueError(f"strength {strength} leaves no denoising step of {len(self.scheduler.timesteps)}; "
-                             "raise strength or num_inference_steps")
         latent_timestep = np.repeat(timesteps[:1], batch_size * num_images_per_prompt)
         is_strength_max = strength == 1.0
 

@@ -7,13 +7,19 @@ transformers' CLIPTokenizer gives.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from diffship.errors import MissingComponentError
+from diffship.checks import read_json_object
+from diffship.errors import DiffshipError, MissingComponentError
+
+# The settings read from tokenizer_config.json and special_tokens_map.json, with their JSON types (special tokens
+# are strings or AddedToken objects; transformers writes model_max_length as a huge number when none was set).
+_TOKEN = (str, dict, None)
+CONFIG_FIELDS = {"model_max_length": float, "bos_token": _TOKEN, "eos_token": _TOKEN, "pad_token": _TOKEN,
+                 "unk_token": _TOKEN}
 
 # CLIP's word split: contractions, letter runs, single digits, runs of other symbols.
 _CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -55,7 +61,11 @@ class CLIPTokenizer:
             max_length = 77
 
         if (folder / "tokenizer.json").is_file():
-            tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            try:
+                tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            except Exception as e:  # the tokenizers library raises its own exception for a malformed file
+                raise DiffshipError(f"{folder / 'tokenizer.json'} is not a tokenizer file the tokenizers library "
+                                    f"reads: {e}") from e
         elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
             tokenizer = _clip_bpe(folder / "vocab.json", folder / "merges.txt", unk)
             # Special tokens are whole tokens, never split by the BPE (as transformers registers them).
@@ -86,6 +96,13 @@ class CLIPTokenizer:
             ids[row, : len(tokens)] = tokens
         return ids
 
+    def truncated(self, prompts: list[str], max_length: int | None = None) -> list[str]:
+        """The text that `__call__` cuts from each prompt ('' where it fits): the tokens between the kept part
+        and the end token, decoded, as diffusers reports them."""
+        max_length = max_length or self.model_max_length
+        return [self.decode(e.ids[max_length - 1:-1]) if len(e.ids) > max_length else ""
+                for e in self._tokenizer.encode_batch(list(prompts))]
+
     def untruncated_length(self, prompt: str) -> int:
         return len(self._tokenizer.encode(prompt).ids)
 
@@ -97,9 +114,18 @@ class CLIPTokenizer:
 
 
 def _clip_bpe(vocab_path: Path, merges_path: Path, unk: str) -> Tokenizer:
-    vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
-    lines = merges_path.read_text(encoding="utf-8").splitlines()
+    vocab = read_json_object(vocab_path)
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in vocab.values()):
+        raise DiffshipError(f"{vocab_path} must map each token to an integer id")
+    try:
+        lines = merges_path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DiffshipError(f"{merges_path} is not a UTF-8 text file: {e}") from e
     merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+    bad = next((i for i, m in enumerate(merges) if len(m) != 2), None)
+    if bad is not None:
+        raise DiffshipError(f"{merges_path}: merge {bad + 1} is {' '.join(merges[bad])!r}; each line after "
+                            "#version holds two tokens separated by one space")
     tokenizer = Tokenizer(
         models.BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
                    fuse_unk=False, unk_token=unk)
@@ -118,4 +144,5 @@ def _clip_bpe(vocab_path: Path, merges_path: Path, unk: str) -> Tokenizer:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """An optional settings file: {} when absent."""
+    return read_json_object(path, CONFIG_FIELDS) if path.is_file() else {}

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+
+from diffship.errors import BackendError
 
 
 @dataclass(frozen=True)
@@ -42,9 +45,17 @@ def check_feeds(session: Session, feeds: dict[str, np.ndarray]) -> None:
     expected = {i.name for i in session.inputs}
     missing, extra = expected - set(feeds), set(feeds) - expected
     if missing or extra:
-        from diffship.errors import BackendError
-
         raise BackendError(
             f"{session.path}: the graph takes inputs {sorted(expected)}; "
             f"missing {sorted(missing)}, unexpected {sorted(extra)}"
         )
+
+
+def run_error(session: Session, feeds: dict[str, np.ndarray], error: Exception) -> BackendError:
+    """A backend's failure inside a run, as a BackendError naming the component and the shapes it was given (what
+    a user can change), with the backend's own message."""
+    component = Path(session.path).parent.name
+    shapes = ", ".join(f"{name} {list(np.shape(value))} {np.asarray(value).dtype}" for name, value in feeds.items())
+    message = " ".join(str(error).split())  # backends' messages span lines
+    return BackendError(f"{session.backend} could not run the {component} graph ({session.path}) on {shapes}: "
+                        f"{message}")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from diffship.errors import BackendError
-from diffship.runtimes.base import TensorInfo, check_feeds
+from diffship.runtimes.base import TensorInfo, check_feeds, run_error
 
 MODEL_FILE = "model.onnx"
 
@@ -60,8 +60,9 @@ class OnnxRuntimeSession:
         options = session_options or ort.SessionOptions()
         if intra_op_num_threads:
             options.intra_op_num_threads = intra_op_num_threads
-        # Warnings about unused initializers and the like are noise for users; errors still surface.
-        options.log_severity_level = 3
+        # Warnings about unused initializers and the like are noise for users; errors surface as exceptions, which
+        # diffship reports naming the component (ORT's own error log would say it twice, over several lines).
+        options.log_severity_level = 4
         providers = providers or ["CPUExecutionProvider"]
         available = ort.get_available_providers()
         unknown = [p for p in providers if (p[0] if isinstance(p, tuple) else p) not in available]
@@ -80,7 +81,10 @@ class OnnxRuntimeSession:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self, feeds)
         names = [o.name for o in self.outputs]
-        return dict(zip(names, self._session.run(names, feeds)))
+        try:
+            return dict(zip(names, self._session.run(names, feeds)))
+        except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidArgument, ...)
+            raise run_error(self, feeds, e) from e
 
     def __repr__(self) -> str:
         return f"OnnxRuntimeSession({self.path!r}, providers={self.providers})"

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from diffship.errors import BackendError
-from diffship.runtimes.base import TensorInfo, check_feeds
+from diffship.runtimes.base import TensorInfo, check_feeds, run_error
 
 MODEL_FILE = "openvino_model.xml"
 
@@ -19,6 +19,21 @@ def _ov():
     except ImportError as e:
         raise BackendError("the openvino backend needs `pip install diffship[openvino]`") from e
     return openvino
+
+
+def read_model(core, path: Path):
+    """core.read_model(path), failing with a BackendError that names the file. A file that is not XML is refused
+    before OpenVINO sees it: OpenVINO would offer it to each of its frontends in turn, and TensorFlow's prints
+    its parse errors to stderr."""
+    if path.suffix == ".xml":
+        with open(path, "rb") as f:
+            head = f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+        if not head.startswith(b"<"):
+            raise BackendError(f"OpenVINO could not read {path}: it is not XML, as an OpenVINO IR is; export it again")
+    try:
+        return core.read_model(str(path))
+    except Exception as e:  # OpenVINO raises RuntimeError with its own (multi-line) message for corrupt files
+        raise BackendError(f"OpenVINO could not read {path}: {' '.join(str(e).split())}") from e
 
 
 def _info(port, name: str) -> TensorInfo:
@@ -65,10 +80,7 @@ class OpenVINOSession:
             self._config.setdefault("INFERENCE_PRECISION_HINT", inference_precision)
         if cache_dir is not None:
             self._config["CACHE_DIR"] = str(cache_dir)
-        try:
-            self._model = self._core.read_model(self.path)
-        except Exception as e:  # OpenVINO raises RuntimeError with its own message for corrupt files
-            raise BackendError(f"OpenVINO could not read {self.path}: {e}") from e
+        self._model = read_model(self._core, path)
         self._compiled = None
         self._describe()
 
@@ -97,7 +109,10 @@ class OpenVINOSession:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self, feeds)
         self.compile()
-        results = self._request.infer(feeds, share_inputs=False, share_outputs=False)
+        try:
+            results = self._request.infer(feeds, share_inputs=False, share_outputs=False)
+        except Exception as e:  # OpenVINO raises RuntimeError (or its own types) with the plugin's message
+            raise run_error(self, feeds, e) from e
         return {info.name: np.asarray(results[port]) for info, port in zip(self.outputs, self._compiled.outputs)}
 
     def __repr__(self) -> str:
