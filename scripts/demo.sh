@@ -15,5 +15,5 @@ rm -rf "$WORK/shapes-sd"
 for backend in onnxruntime openvino; do
     echo
     "$DIFFSHIP" generate "$WORK/exported" --backend "$backend" --prompt "$PROMPT" \
-        --steps 25 --guidance 6 --seed 0 --out "$WORK/image-$backend.png" --no-progress --show
+        --steps 25 --guidance 6 --seed 0 --out "$WORK/image-$backend.png" --overwrite --no-progress --show
 done

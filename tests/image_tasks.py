@@ -19,6 +19,7 @@ ATOL = 1e-3  # max abs difference on output_type="np" images in [0, 1], the issu
 STEPS = 5
 PROMPTS = ["a red circle on the left", "an oil painting of a castle at sunset"]
 BACKENDS = ["onnxruntime", "openvino"]
+VAE_SCALE_FACTOR = 8  # the tiny models' VAE, as every Stable Diffusion's: a 64x64 image has an 8x8 latent
 # name: (class name in diffusers and diffship, config overrides). The model's own config is the base.
 SCHEDULERS = {
     "pndm": ("PNDMScheduler", {}),
@@ -36,6 +37,12 @@ class TorchNoise:
 
     def randn(self, shape, dtype):
         return torch.randn(tuple(shape), generator=self.generator, dtype=torch.float32).numpy().astype(dtype)
+
+
+def latents(batch: int = 2, height: int = 64, width: int = 64, seed: int = 0) -> np.ndarray:
+    """Initial latents for `batch` images of height x width, drawn from `seed`."""
+    shape = (batch, 4, height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR)
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
 def rgb_image(height=64, width=64, seed=0) -> Image.Image:

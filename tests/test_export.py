@@ -84,36 +84,46 @@ def test_corrupted_weights_fail_validation(tiny_model_dirs, tmp_path, monkeypatc
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_existing_output_refused_unless_overwrite(tiny_model_dirs, tmp_path):
+def test_external_data_to_both_formats_and_static_shapes(tiny_model_dirs, tmp_path):
+    """A lowered threshold puts weights in model.onnx_data, as for a full-size UNet (3.4 GB); one export to both
+    formats then converts the very graph whose weights the ONNX writer moved out (it once left OpenVINO pointing at
+    data that was no longer there). Both validate and run. Static shapes fix batch (x2 for guidance in the UNet),
+    height and width: 48x40 is a 6x5 latent, which sd1's up factor of 4 does not divide."""
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    with pytest.raises(DiffshipError, match="exists; pass overwrite=True"):
-        export(tiny_model_dirs("sd1"), out, "onnx", progress=False)
-    assert (out / "keep.txt").read_text() == "mine"
-
-
-def test_external_data_static_shapes_and_overwrite(tiny_model_dirs, tmp_path):
-    """A lowered threshold puts weights in model.onnx_data; the graphs still load and validate. Static
-    shapes fix batch (x2 for guidance in the UNet), height and width."""
-    out = tmp_path / "out"
-    out.mkdir()
-    export(tiny_model_dirs("sd1"), out, "onnx", overwrite=True, static=True, batch_size=1, height=48, width=40,
+    export(tiny_model_dirs("sd1"), out, ["onnx", "openvino"], static=True, batch_size=1, height=48, width=40,
            external_data_threshold=1024, progress=False)
+    report = json.loads((out / "export_report.json").read_text())
     for name in COMPONENTS:
-        assert (out / name / "model.onnx_data").is_file()
+        assert (out / name / "model.onnx_data").is_file() and (out / name / "openvino_model.bin").is_file()
         model = onnx.load(str(out / name / "model.onnx"), load_external_data=False)
         assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+        assert set(report["components"][name]["validation"]) == {"onnxruntime", "openvino"}
     unet = onnx.load(str(out / "unet" / "model.onnx"), load_external_data=False)
     sample = unet.graph.input[0].type.tensor_type.shape.dim
-    assert [d.dim_value for d in sample] == [2, 4, 24, 20]
+    assert [d.dim_value for d in sample] == [2, 4, 6, 5]
 
     from diffship.pipelines import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(out)
-    assert (pipe.default_height, pipe.default_width) == (48, 40)
-    image = pipe("a square", num_inference_steps=2, generator=0, output_type="np").images
-    assert image.shape == (1, 48, 40, 3) and np.isfinite(image).all()
+    for backend in ("onnxruntime", "openvino"):
+        pipe = StableDiffusionPipeline.from_pretrained(out, backend=backend)
+        assert (pipe.default_height, pipe.default_width) == (48, 40)
+        image = pipe("a square", num_inference_steps=2, generator=0, output_type="np").images
+        assert image.shape == (1, 48, 40, 3) and np.isfinite(image).all()
+
+
+def test_dynamic_graphs_are_validated_at_other_shapes(exported_dirs):
+    """Dynamic graphs are checked at the traced shapes and at others: another batch, and for the UNet a latent its
+    up factor does not divide (9x9: sd1's factor is 4) beside the requested one (8x8)."""
+    report = json.loads((exported_dirs("sd1") / "export_report.json").read_text())
+    for name in COMPONENTS:
+        for backend in ("onnxruntime", "openvino"):
+            cases = report["components"][name]["validation"][backend]["cases"]
+            assert len(cases) >= 2 and all(c["max_abs"] <= 1e-3 for c in cases)
+            batches = {c["inputs"][next(iter(c["inputs"]))][0] for c in cases}
+            assert len(batches) == 2, f"{name}: one batch size only"
+    unet = report["components"]["unet"]["validation"]["onnxruntime"]["cases"]
+    assert [c["inputs"]["sample"] for c in unet] == [[2, 4, 9, 9], [1, 4, 8, 8], [1, 4, 9, 9]]
 
 
 def test_unknown_backend_and_bad_sizes(tiny_model_dirs, tmp_path):
@@ -132,3 +142,26 @@ def test_not_a_pipeline(tmp_path):
         export(tmp_path / "empty", tmp_path / "o", progress=False)
     with pytest.raises(NotAPipelineError, match="neither an existing directory nor a hub id"):
         export(str(tmp_path / "missing" / "deeper"), tmp_path / "o", progress=False)
+
+
+def test_save_model_leaves_the_graph_in_memory_as_it_was(tmp_path):
+    """Writing a graph with external data must not move its weights out of the in-memory graph: the next user of
+    the same graph (another format, another pass) would find them gone."""
+    from onnx import helper
+
+    from diffship.graphs.external_data import save_model
+
+    weight = onnx.numpy_helper.from_array(np.arange(4096, dtype=np.float32).reshape(64, 64), "weight")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "weight"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 64])], [weight])
+    model = helper.make_model(graph)
+    files = save_model(model, tmp_path / "a" / "model.onnx", external_data_threshold=0)
+    assert [f.name for f in files] == ["model.onnx", "model.onnx_data"]
+    kept = model.graph.initializer[0]
+    assert kept.data_location == onnx.TensorProto.DEFAULT and not kept.external_data
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(kept), onnx.numpy_helper.to_array(weight))
+    save_model(model, tmp_path / "b" / "model.onnx", external_data_threshold=0)  # again, elsewhere
+    written = onnx.load(str(tmp_path / "b" / "model.onnx"))
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(written.graph.initializer[0]),
+                                  onnx.numpy_helper.to_array(weight))

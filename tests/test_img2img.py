@@ -74,7 +74,7 @@ def test_numpy_batch_odd_size_images_per_prompt_and_eta(reference, pipelines):
                   num_images_per_prompt=2, eta=0.5)
     expected = run_reference(reference, "ddim", seed=4, **kwargs)
     got = run_diffship(pipelines("onnxruntime"), "ddim", seed=4, **kwargs)
-    assert got.shape == expected.shape == (2, 68, 76, 3)
+    assert got.shape == expected.shape == (2, 64, 72, 3)  # rounded down to multiples of the VAE's 8
     assert max_abs(expected[0], expected[1]) > 1e-3  # different noise per image
     diff = max_abs(got, expected)
     report("img2img numpy NHWC 69x77, 2 per prompt, DDIM eta 0.5", diff)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from diffship.pipelines import StableDiffusionPipeline
+from image_tasks import latents as _latents
 
 ATOL = 1e-3
 PROMPTS = ["a red circle on the left", "an oil painting of a castle at sunset"]
@@ -22,10 +23,6 @@ SCHEDULERS = {
     "ddim": ("DDIMScheduler", "DDIMScheduler"),
     "euler": ("EulerDiscreteScheduler", "EulerDiscreteScheduler"),
 }
-
-
-def _latents(pipe_height=64, batch=2, seed=0):
-    return np.random.default_rng(seed).standard_normal((batch, 4, pipe_height // 2, pipe_height // 2)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +91,7 @@ def test_negative_prompt_clip_skip_and_images_per_prompt(backend, reference_pipe
 
         norm = next(m for n, m in ref.text_encoder.named_modules() if n.endswith("final_layer_norm"))
         object.__setattr__(ref.text_encoder, "text_model", types.SimpleNamespace(final_layer_norm=norm))
-    latents = np.random.default_rng(3).standard_normal((4, 4, 32, 32)).astype(np.float32)
+    latents = _latents(batch=4, seed=3)
     kwargs = dict(negative_prompt=["blurry", "low quality"], num_images_per_prompt=2, clip_skip=1,
                   num_inference_steps=3, guidance_scale=5.0, output_type="np")
     expected = ref(PROMPTS, latents=torch.from_numpy(latents), **kwargs).images

@@ -10,36 +10,57 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
 from pathlib import Path
 
+from diffship.checks import (
+    MAX_IMAGE_SIDE,
+    MAX_SEED,
+    check_image_size,
+    check_int,
+    check_number,
+    check_output_dir,
+    check_output_file,
+    check_scheduler_name,
+    software_exif,
+)
 from diffship.errors import DiffshipError
+
+
+SIZE_HELP = f"a multiple of 8 from 8 to {MAX_IMAGE_SIDE} pixels (default: the model's)"
 
 
 def _atol(value: str):
     """--atol 1e-3 for every component, or --atol unet=1e-3,vae_decoder=2e-3."""
-    if "=" not in value:
-        return float(value)
-    pairs = [p.split("=", 1) for p in value.split(",") if p]
-    return {k.strip(): float(v) for k, v in pairs}
+    try:
+        if "=" not in value:
+            return float(value)
+        pairs = [p.split("=", 1) for p in value.split(",") if p]
+        return {k.strip(): float(v) for k, v in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is neither a number nor COMPONENT=NUMBER pairs (e.g. unet=1e-3,vae_decoder=2e-3)") from None
 
 
 def _add_tiny_model(sub) -> None:
     p = sub.add_parser("tiny-model", help="write a tiny deterministic diffusers pipeline (for tests and demos)",
                        description="Write a tiny Stable Diffusion pipeline built from configs with fixed seeds.")
     p.add_argument("out", type=Path, help="output directory (diffusers format)")
-    p.add_argument("--kind", choices=["sd1", "sd2", "sd1-inpaint", "sd2-depth"], default="sd1",
+    p.add_argument("--kind", choices=["sd1", "sd2", "sd1-inpaint", "sd2-depth"], default=None,
                    help="sd1: epsilon prediction; sd2: v_prediction, linear projections, upcast attention; "
                         "sd1-inpaint: sd1 with a 9-channel inpainting UNet; sd2-depth: sd2 with a 5-channel UNet "
-                        "and a tiny DPT depth estimator")
+                        "and a tiny DPT depth estimator (default sd1)")
     p.add_argument("--full-size", action="store_true",
                    help="the full SD1.5 architecture with random weights (about 4 GB, for benchmarks)")
     p.add_argument("--trained", action="store_true",
                    help="the trained shapes model shipped with diffship: 64x64 pictures of 'a {red,green,blue,"
                         "yellow} {circle,square,triangle} on the {left,right,top,bottom,center}' (real images, "
                         "not noise; DDIM, guidance about 6)")
-    p.add_argument("--seed", type=int, default=0, help="weight seed of the random-weight kinds")
+    p.add_argument("--seed", type=int, default=None,
+                   help="weight seed of the random-weight kinds, 0 to 2**64-1 (default 0)")
 
 
 def _add_export(sub) -> None:
@@ -47,17 +68,23 @@ def _add_export(sub) -> None:
                        description="Export one graph per component (text_encoder, unet, vae_encoder, vae_decoder) "
                                    "in Optimum's layout; each is validated against PyTorch on the target backend.")
     p.add_argument("model", help="a local diffusers directory or a hub id (org/name)")
-    p.add_argument("out", type=Path, help="output directory (written atomically)")
+    p.add_argument("out", type=Path,
+                   help="output directory: new, empty, or (with --overwrite) a previous diffship export; written "
+                        "in a staging folder beside it and renamed at the end")
     p.add_argument("--backend", action="append", default=None,
                    help="onnx, openvino, or both (repeat the flag or give onnx,openvino); default onnx")
-    p.add_argument("--height", type=int, help="image height the graphs are traced at (default: the model's)")
-    p.add_argument("--width", type=int, help="image width the graphs are traced at (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=1, help="images per call the graphs are traced at")
+    p.add_argument("--height", type=int,
+                   help="image height the graphs are traced at, a multiple of 8 (default: the model's); dynamic "
+                        "graphs run any size")
+    p.add_argument("--width", type=int, help="image width the graphs are traced at, as --height")
+    p.add_argument("--batch-size", type=int, default=1, help="images per call the graphs are traced at, 1 to 256")
     p.add_argument("--static", action="store_true", help="fix batch, height and width in the graphs")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 14 to 20 (default 17)")
     p.add_argument("--atol", type=_atol, default=None,
                    help="max abs error vs PyTorch: one value, or per component (unet=1e-3,vae_decoder=2e-3)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it is a previous diffship export holding only the files that export wrote "
+                        "(nothing else is ever replaced)")
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
                    help="fp16 halves the graphs; the VAE stays fp32 unless --vae-fp16 mixed (overflow protection)")
@@ -81,27 +108,38 @@ def _add_generate(sub) -> None:
                                    "on a depth model); --image and --mask: inpainting.")
     p.add_argument("model_dir", type=Path, help="an exported directory (diffship or Optimum)")
     p.add_argument("--prompt", required=True, action="append", help="the prompt; repeat for a batch")
-    p.add_argument("--negative-prompt", action="append", default=None)
-    p.add_argument("--steps", type=int, default=50, help="num_inference_steps")
-    p.add_argument("--guidance", type=float, default=7.5, help="guidance_scale (<= 1 turns guidance off)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--num-images", type=int, default=1, help="num_images_per_prompt")
+    p.add_argument("--negative-prompt", action="append", default=None,
+                   help="what to steer away from: once for every prompt, or once per --prompt, in order")
+    p.add_argument("--steps", type=int, default=50,
+                   help="num_inference_steps: 1 to the scheduler's num_train_timesteps (1000)")
+    p.add_argument("--guidance", type=float, default=7.5,
+                   help="guidance_scale, a finite number (<= 1 turns guidance off)")
+    p.add_argument("--seed", type=int, default=None, help="0 to 2**64-1 (default: a random one)")
+    p.add_argument("--height", type=int, help=SIZE_HELP)
+    p.add_argument("--width", type=int, help=SIZE_HELP)
+    p.add_argument("--num-images", type=int, default=1, help="num_images_per_prompt, at least 1")
     p.add_argument("--scheduler", help="e.g. euler, euler-a, ddim, pndm, dpm++2m-karras (default: the model's)")
-    p.add_argument("--eta", type=float, default=0.0)
-    p.add_argument("--clip-skip", type=int, default=None)
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM's noise weight, 0 to 1")
+    p.add_argument("--clip-skip", type=int, default=None,
+                   help="use the text encoder's hidden state this many layers before the last: 0 to its layers")
     p.add_argument("--backend", default="onnxruntime", help="onnxruntime or openvino")
-    p.add_argument("--provider", action="append", help="onnxruntime execution provider(s), e.g. CUDAExecutionProvider")
-    p.add_argument("--device", default=None, help="OpenVINO device (CPU, GPU, ...)")
+    p.add_argument("--provider", action="append",
+                   help="onnxruntime execution provider(s), e.g. CUDAExecutionProvider (--backend onnxruntime)")
+    p.add_argument("--device", default=None, help="OpenVINO device (CPU, GPU, ...; --backend openvino)")
     p.add_argument("--static", action="store_true", help="OpenVINO: reshape the graphs to static shapes first")
     p.add_argument("--out", type=Path, default=Path("image.png"),
-                   help="output image; with several images, OUT_0.png, OUT_1.png, ...")
+                   help="output image (an extension PIL writes: .png, .jpg, ...); with several images, OUT_0.png, "
+                        "OUT_1.png, ...")
     p.add_argument("--json", type=Path, help="also write the timings as JSON here")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out / --json files that exist although diffship did not write them (images "
+                        "diffship saved are replaced without it)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--show", action="store_true",
                    help="also draw the image in the terminal (24-bit colour, 64 columns at most)")
-    p.add_argument("--image", type=Path, help="input image: image-to-image, or inpainting with --mask")
+    p.add_argument("--image", type=Path,
+                   help=f"input image: image-to-image (at most {MAX_IMAGE_SIDE} pixels a side, rounded down to a "
+                        "multiple of the VAE's scale factor), or inpainting with --mask")
     p.add_argument("--mask", type=Path, help="inpainting mask (white: repaint, black: keep); needs --image")
     p.add_argument("--strength", type=float, default=None,
                    help="how far to move from --image, 0..1 (default: the pipeline's, 0.8 or 1.0 for inpainting)")
@@ -125,23 +163,25 @@ def _add_bench(sub) -> None:
     p.add_argument("model_dir", type=Path, help="an exported directory (diffship or Optimum)")
     p.add_argument("--backend", action="append", default=None,
                    help="onnxruntime, openvino (repeat or comma-separate); default: every installed backend")
-    p.add_argument("--height", type=int, help="image height (default: the model's)")
-    p.add_argument("--width", type=int, help="image width (default: the model's)")
-    p.add_argument("--steps", type=int, default=25, help="num_inference_steps")
-    p.add_argument("--batch-size", type=int, default=1, help="prompts per call")
-    p.add_argument("--runs", type=int, default=3, help="timed runs per backend (the figures are their medians)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs per backend first")
+    p.add_argument("--height", type=int, help=SIZE_HELP)
+    p.add_argument("--width", type=int, help=SIZE_HELP)
+    p.add_argument("--steps", type=int, default=25, help="num_inference_steps, at least 1")
+    p.add_argument("--batch-size", type=int, default=1, help="prompts per call, at least 1")
+    p.add_argument("--runs", type=int, default=3,
+                   help="timed runs per backend, at least 1 (the figures are their medians)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per backend first, 0 or more")
     p.add_argument("--static", action="store_true", help="OpenVINO: reshape the graphs to static shapes first")
     p.add_argument("--inference-precision", choices=["f32", "bf16", "f16", "default"], default=None,
                    help="OpenVINO's inference precision (default f32; 'default': the CPU plugin's own choice)")
     p.add_argument("--prompt", default="a photo of an astronaut riding a horse on mars")
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--guidance", type=float, default=7.5, help="guidance_scale (<= 1 turns guidance off)")
+    p.add_argument("--guidance", type=float, default=7.5,
+                   help="guidance_scale, a finite number (<= 1 turns guidance off)")
     p.add_argument("--scheduler", help="e.g. euler, ddim, dpm++2m-karras (default: the model's)")
     p.add_argument("--task", choices=["text-to-image", "image-to-image"], default="text-to-image",
                    help="image-to-image also times the VAE encoder (on a generated picture)")
-    p.add_argument("--strength", type=float, default=0.75, help="image-to-image strength")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strength", type=float, default=None, help="image-to-image strength, 0 to 1 (default 0.75)")
+    p.add_argument("--seed", type=int, default=0, help="0 to 2**64-1")
     p.add_argument("--roofline", action="store_true",
                    help="count the UNet's FLOPs (needs the onnx package) and measure the matmul peak, to give "
                         "achieved GFLOP/s and percent of peak")
@@ -149,11 +189,19 @@ def _add_bench(sub) -> None:
     p.add_argument("--markdown", type=Path, help="write a Markdown table")
     p.add_argument("--plot", type=Path, help="write a PNG bar chart of the stages")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --json / --markdown / --plot files that exist although diffship did not write them")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, like diffship's own (the usage is one --help away)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffship", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="diffship", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_tiny_model(sub)
     _add_export(sub)
@@ -164,24 +212,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_tiny_model(args) -> None:
-    from diffship.testing.tiny_models import save_tiny_pipeline
-
+    check_output_dir(args.out, "OUT")
+    if args.seed is not None:
+        check_int(args.seed, "--seed", 0, MAX_SEED)
     if args.trained:
-        if args.full_size or args.kind != "sd1":
-            raise DiffshipError("--trained writes the shipped shapes model; it cannot be combined with --kind or "
-                                "--full-size")
+        if args.full_size or args.kind is not None or args.seed is not None:
+            raise DiffshipError("--trained writes the shipped shapes model; it cannot be combined with --kind, "
+                                "--full-size or --seed")
         from diffship.testing.shapes import save_trained_pipeline
 
         print(f"wrote the trained shapes model to {save_trained_pipeline(args.out)}")
         return
-    kind = "full-size" if args.full_size else args.kind
-    path = save_tiny_pipeline(args.out, kind, seed=args.seed)
+    if args.full_size and args.kind is not None:
+        raise DiffshipError("--full-size writes the SD 1.5 architecture; leave out --kind")
+    from diffship.testing.tiny_models import save_tiny_pipeline
+
+    kind = "full-size" if args.full_size else args.kind or "sd1"
+    path = save_tiny_pipeline(args.out, kind, seed=args.seed or 0)
     print(f"wrote {kind} pipeline to {path}")
 
 
 def cmd_export(args) -> None:
     from diffship.exporters import export
+    from diffship.exporters.export_pipeline import check_arguments
 
+    # The checks export() makes, first under the flags' names.
+    check_arguments(backend=args.backend or ["onnx"], height=args.height, width=args.width,
+                    batch_size=args.batch_size, opset=args.opset, atol=args.atol,
+                    name=lambda argument: "--" + argument.replace("_", "-"))
     out = export(args.model, args.out, backend=args.backend or ["onnx"], height=args.height, width=args.width,
                  batch_size=args.batch_size, static=args.static, opset=args.opset, atol=args.atol,
                  overwrite=args.overwrite, revision=args.revision, dtype=args.dtype, optimize=args.optimize,
@@ -198,6 +256,15 @@ def cmd_export(args) -> None:
         print(f"  {name:<13} {figures}")
 
 
+@contextlib.contextmanager
+def _flag(flag: str):
+    """Name `flag` in a DiffshipError raised by a check that does not know it."""
+    try:
+        yield
+    except DiffshipError as e:
+        raise DiffshipError(f"{flag}: {e}") from None
+
+
 def _read_image(path: Path, flag: str):
     from PIL import Image
 
@@ -207,8 +274,57 @@ def _read_image(path: Path, flag: str):
             return image.copy()
     except FileNotFoundError:
         raise DiffshipError(f"{flag} {path} does not exist") from None
-    except OSError as e:
+    # PIL reports a file it cannot decode with OSError, SyntaxError (broken PNG chunks), ValueError or EOFError,
+    # and one too large to be safe with DecompressionBombError.
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise DiffshipError(f"{flag} {path} is not an image PIL can read: {e}") from None
+
+
+def _image_paths(out: Path, count: int) -> list[Path]:
+    """Where `count` generated images go: OUT itself, or OUT_0, OUT_1, ... beside it."""
+    return [out] if count == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(count)]
+
+
+def _check_generate(args) -> None:
+    """Every flag of `generate` whose check needs no model, before anything is read or loaded. The checks that need
+    the model (--steps past the scheduler's num_train_timesteps, --clip-skip past the text encoder's layers, sizes
+    the VAE's scale factor does not divide) are the pipeline's, made before its first graph runs."""
+    from diffship.pipelines.stable_diffusion_img2img import check_strength
+    from diffship.runtimes import backend_name
+
+    with _flag("--backend"):
+        backend = backend_name(args.backend)
+    if args.provider and backend != "onnxruntime":
+        raise ValueError(f"--provider chooses onnxruntime execution providers; --backend is {backend}")
+    if args.device and backend != "openvino":
+        raise ValueError(f"--device chooses an OpenVINO device; --backend is {backend} (use --provider for "
+                         "onnxruntime)")
+    if args.static and backend != "openvino":
+        raise ValueError(f"--static reshapes OpenVINO graphs; --backend is {backend}")
+    negatives = len(args.negative_prompt or [])
+    if negatives not in (0, 1, len(args.prompt)):
+        raise ValueError(f"--negative-prompt is given {negatives} times for {len(args.prompt)} --prompt: give it "
+                         "once for every prompt, or once per prompt")
+    check_int(args.steps, "--steps", 1)
+    check_number(args.guidance, "--guidance")
+    if args.seed is not None:
+        check_int(args.seed, "--seed", 0, MAX_SEED)
+    check_image_size({"--height": args.height, "--width": args.width})
+    check_int(args.num_images, "--num-images", 1)
+    check_number(args.eta, "--eta", 0.0, 1.0)
+    if args.clip_skip is not None:
+        check_int(args.clip_skip, "--clip-skip", 0)
+    if args.scheduler:
+        check_scheduler_name(args.scheduler, "--scheduler")
+    if args.strength is not None:
+        check_strength(args.strength, args.steps, names=("--strength", "--steps"))
+    paths = _image_paths(args.out, len(args.prompt) * args.num_images)
+    for path in paths:
+        check_output_file(path, "--out", image=True, overwrite=args.overwrite)
+    if args.json is not None:
+        check_output_file(args.json, "--json", overwrite=args.overwrite)
+        if args.json.absolute() in {p.absolute() for p in paths}:
+            raise ValueError(f"--json {args.json} is also where --out writes an image; give another path")
 
 
 def _generate_task(args):
@@ -224,23 +340,29 @@ def _generate_task(args):
         return AutoPipelineForText2Image, {"height": args.height, "width": args.width}
     if args.static:
         raise ValueError("--static reshapes for text-to-image only; leave it out with --image")
+    if args.mask is None and (args.height or args.width):
+        raise ValueError("image-to-image takes its size from --image; leave out --height/--width")
     kwargs = {"image": _read_image(args.image, "--image")}
     if args.strength is not None:
         kwargs["strength"] = args.strength
     if args.mask is not None:
         kwargs.update(mask_image=_read_image(args.mask, "--mask"), height=args.height, width=args.width)
         return AutoPipelineForInpainting, kwargs
-    if args.height or args.width:
-        raise ValueError("image-to-image takes its size from --image; leave out --height/--width")
+    if max(kwargs["image"].size) > MAX_IMAGE_SIDE:
+        width, height = kwargs["image"].size
+        raise ValueError(f"--image {args.image} is {width}x{height} pixels; image-to-image runs at the image's size, "
+                         f"at most {MAX_IMAGE_SIDE} a side: resize it first")
     if args.depth_map is not None:
         kwargs["depth_map"] = _read_image(args.depth_map, "--depth-map")
     return AutoPipelineForImage2Image, kwargs
 
 
 def cmd_generate(args) -> None:
+    from diffship.pipelines.prompts import check_clip_skip
     from diffship.pipelines.timing import format_timings
     from diffship.schedulers import scheduler_by_name
 
+    _check_generate(args)
     options = {}
     if args.provider:
         options["providers"] = args.provider
@@ -252,22 +374,26 @@ def cmd_generate(args) -> None:
         raise ValueError(f"--depth-map needs a depth-to-image model; {args.model_dir} runs {type(pipe).__name__}")
     if args.scheduler:
         pipe.scheduler = scheduler_by_name(args.scheduler, pipe.scheduler.config)
+    # The checks that need the model, under the flags' names (the pipeline makes them again, under its own).
+    check_int(args.steps, "--steps", 1, pipe.scheduler.config.get("num_train_timesteps"))
+    if args.clip_skip is not None:
+        check_clip_skip(pipe.text_encoder, args.clip_skip, pipe.text_encoder_final_layer_norm, "--clip-skip")
     pipe.set_progress_bar_config(disable=args.no_progress)
     if args.static:
         pipe.reshape(len(args.prompt), args.height, args.width, args.num_images, guidance=args.guidance > 1)
     prompt = args.prompt[0] if len(args.prompt) == 1 else args.prompt
     negative = None
     if args.negative_prompt:
-        negative = args.negative_prompt[0] if isinstance(prompt, str) else args.negative_prompt
+        # One negative prompt for every prompt, or one per prompt (checked above); the pipeline takes prompt's type.
+        negatives = args.negative_prompt * (len(args.prompt) // len(args.negative_prompt))
+        negative = negatives[0] if isinstance(prompt, str) else negatives
     result = pipe(prompt, negative_prompt=negative, num_inference_steps=args.steps, guidance_scale=args.guidance,
                   num_images_per_prompt=args.num_images, eta=args.eta, generator=args.seed, clip_skip=args.clip_skip,
                   **task_kwargs)
-    paths = [args.out] if len(result.images) == 1 else [
-        args.out.with_name(f"{args.out.stem}_{i}{args.out.suffix}") for i in range(len(result.images))
-    ]
+    paths = _image_paths(args.out, len(result.images))
     for image, path in zip(result.images, paths):
         path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
+        image.save(path, exif=software_exif())  # marked as diffship's: a later run may replace it
         if args.show:
             from diffship.terminal_image import terminal_image
 
@@ -276,6 +402,7 @@ def cmd_generate(args) -> None:
           f"{type(pipe.scheduler).__name__}, {args.steps} steps)")
     print(format_timings(result.timings))
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result.timings, indent=2) + "\n")
 
 
@@ -286,17 +413,47 @@ def cmd_inspect(args) -> None:
     print(json.dumps(result, indent=2) if args.json else format_inspection(result))
 
 
+# bench()'s arguments -> the flags that set them, for errors.
+BENCH_FLAGS = {"runs": "--runs", "warmup": "--warmup", "steps": "--steps", "batch_size": "--batch-size",
+               "height": "--height", "width": "--width", "guidance_scale": "--guidance", "task": "--task",
+               "strength": "--strength", "seed": "--seed", "static": "--static", "scheduler": "--scheduler"}
+
+
+def _check_bench(args, backends: list[str] | None) -> None:
+    """Every flag of `bench`, before any worker starts."""
+    from diffship.benchmarking import check_backend, check_bench_arguments
+
+    with _flag("--backend"):
+        canonical = {check_backend(b) for b in backends or []}
+    if backends is not None and "openvino" not in canonical:
+        for flag, value in (("--static", args.static), ("--inference-precision", args.inference_precision)):
+            if value:
+                raise ValueError(f"{flag} is an OpenVINO setting; --backend {','.join(backends)} has no openvino")
+    if args.strength is not None and args.task != "image-to-image":
+        raise ValueError("--strength is for --task image-to-image")
+    check_bench_arguments(BENCH_FLAGS, runs=args.runs, warmup=args.warmup, steps=args.steps,
+                          batch_size=args.batch_size, height=args.height, width=args.width,
+                          guidance_scale=args.guidance, task=args.task, strength=args.strength, seed=args.seed,
+                          static=args.static, scheduler=args.scheduler)
+    for flag, path, image in (("--json", args.json, False), ("--markdown", args.markdown, False),
+                              ("--plot", args.plot, True)):
+        if path is not None:
+            check_output_file(path, flag, image=image, overwrite=args.overwrite)
+
+
 def cmd_bench(args) -> None:
     from diffship.benchmarking import bench, write_outputs
     from diffship.benchmarking.report import format_table, settings_line
 
     backends = [b.strip() for flag in args.backend or [] for b in flag.split(",") if b.strip()] or None
+    _check_bench(args, backends)
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    strength = {} if args.strength is None else {"strength": args.strength}
     report = bench(args.model_dir, backends, height=args.height, width=args.width, steps=args.steps,
                    batch_size=args.batch_size, runs=args.runs, warmup=args.warmup, static=args.static,
                    prompt=args.prompt, negative_prompt=args.negative_prompt, scheduler=args.scheduler,
-                   guidance_scale=args.guidance, task=args.task, strength=args.strength, seed=args.seed,
-                   inference_precision=args.inference_precision, roofline=args.roofline, log=log)
+                   guidance_scale=args.guidance, task=args.task, seed=args.seed,
+                   inference_precision=args.inference_precision, roofline=args.roofline, log=log, **strength)
     print(settings_line(report))
     print(format_table(report))
     write_outputs(report, args.json, args.markdown, args.plot)
@@ -312,10 +469,23 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
-    except (DiffshipError, ValueError, TypeError) as e:
-        print(f"diffship {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except (DiffshipError, ValueError, TypeError) as e:  # bad input: arguments, files, models
+        return _fail(args.command, str(e), 2)
+    except OSError as e:  # the machine's refusal: permissions, a full disk, a vanished file
+        return _fail(args.command, str(e), 1)
+    except MemoryError as e:
+        return _fail(args.command, f"out of memory ({e or 'an allocation failed'}); try smaller images, fewer at "
+                                   "once, or a machine with more memory", 1)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP during an export (which cleans up first)
+        signum = getattr(e, "signum", signal.SIGINT)
+        return _fail(args.command, str(e) or "interrupted", 128 + signum)
     return 0
+
+
+def _fail(command: str, message: str, code: int) -> int:
+    """One line on stderr (messages from backends span lines), and the exit code."""
+    print(f"diffship {command}: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

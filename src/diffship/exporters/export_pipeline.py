@@ -1,7 +1,8 @@
 """`diffship.export`: a diffusers pipeline -> one validated graph per component, in Optimum's layout.
 
-The export writes into a temporary sibling of the output directory and renames it at the end, so a failed
-export (a component beyond tolerance included) leaves nothing behind.
+Every argument is checked before any model is loaded. The export writes into a staging directory beside the
+output and renames it at the end (output_directory.py), so a failed or interrupted export (a component beyond
+tolerance, SIGTERM, Ctrl-C) leaves nothing behind, and only a previous diffship export is ever replaced.
 """
 
 from __future__ import annotations
@@ -11,23 +12,26 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from diffship.checks import check_image_size, check_int, check_number, read_json_object
 from diffship.errors import DiffshipError
 from diffship.exporters.components import ExportShapes, stable_diffusion_specs
 from diffship.exporters.loading import load_reference_pipeline, resolve_model_dir
 from diffship.exporters.component_export import export_component
-from diffship.exporters.onnx import DEFAULT_OPSET
+from diffship.exporters.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from diffship.exporters.optimize import ExportOptions
+from diffship.exporters.output_directory import EXPORTER, REPORT_FILE, ExportDirectory, check_output, list_files
 from diffship.exporters.validate import DEFAULT_ATOL
 from diffship.graphs.external_data import TWO_GB
 from diffship.pipelines.base import FINAL_LAYER_NORM_FILE
 
 logger = logging.getLogger(__name__)
 
+# Images per call a graph is traced at: past this, a batch is a typo (and the traced example alone would not fit).
+MAX_BATCH_SIZE = 256
 FORMATS = {"onnx": "onnx", "onnxruntime": "onnx", "ort": "onnx", "openvino": "openvino", "ov": "openvino"}
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
                        "StableDiffusionDepth2ImgPipeline")
@@ -35,25 +39,44 @@ SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipelin
 _COPIED = ("tokenizer", "tokenizer_2", "scheduler")
 
 
-def _formats(backend) -> list[str]:
+def check_arguments(*, backend="onnx", height=None, width=None, batch_size=1, opset=DEFAULT_OPSET, atol=None,
+                    external_data_threshold=TWO_GB, calibration_prompts=None,
+                    name=lambda argument: argument) -> tuple[list[str], dict[str, float] | None]:
+    """Check export's arguments before anything is read or loaded; the formats and per-component atols they give.
+    Errors name each argument as `name(argument)` says: export()'s own names, or the command line's flags."""
+    check_int(batch_size, name("batch_size"), 1, MAX_BATCH_SIZE)
+    check_image_size({name("height"): height, name("width"): width})
+    check_int(opset, name("opset"), MIN_OPSET, MAX_OPSET)
+    check_int(external_data_threshold, name("external_data_threshold"), 0, TWO_GB)
+    if calibration_prompts is not None and (isinstance(calibration_prompts, str) or not calibration_prompts
+                                            or not all(isinstance(p, str) and p for p in calibration_prompts)):
+        raise ValueError(f"{name('calibration_prompts')} must be a non-empty list of non-empty prompts")
+    return _formats(backend, name("backend")), _atols(atol, name("atol"))
+
+
+def _formats(backend, flag: str) -> list[str]:
     names = [backend] if isinstance(backend, str) else list(backend)
     names = [n.strip() for name in names for n in name.split(",") if n.strip()]
     unknown = [n for n in names if n.lower() not in FORMATS]
     if unknown or not names:
-        raise DiffshipError(f"unknown export backend(s) {unknown or names}; choose from onnx, openvino")
+        raise DiffshipError(f"{flag}: unknown export backend(s) {unknown or names}; choose from onnx, openvino")
     return sorted({FORMATS[n.lower()] for n in names}, key=["onnx", "openvino"].index)
 
 
-def _atols(atol) -> dict[str, float] | None:
+def _atols(atol, flag: str) -> dict[str, float] | None:
     """The user's max-abs-error overrides per component; None keeps each precision's default bound."""
     if atol is None:
         return None
-    if isinstance(atol, (int, float)):
+    if not isinstance(atol, dict):
+        check_number(atol, flag, low=0)
         return {k: float(atol) for k in DEFAULT_ATOL}
     unknown = set(atol) - set(DEFAULT_ATOL)
     if unknown:
-        raise DiffshipError(f"atol given for unknown components {sorted(unknown)}; components: {sorted(DEFAULT_ATOL)}")
-    return dict(atol)
+        raise DiffshipError(f"{flag} given for unknown components {sorted(unknown)}; components: "
+                            f"{sorted(DEFAULT_ATOL)}")
+    for component, value in atol.items():
+        check_number(value, f"{flag} for {component}", low=0)
+    return {k: float(v) for k, v in atol.items()}
 
 
 def export(
@@ -81,8 +104,12 @@ def export(
 ) -> Path:
     """Export `model` (a diffusers directory or hub id) to `output` for `backend` ("onnx", "openvino" or both).
 
-    Every component is validated against PyTorch on the target backend(s); the figures go to
+    Every component is validated against PyTorch on the target backend(s), for dynamic graphs at the traced
+    shapes and at others (another batch, a latent size the UNet's up factor does not divide); the figures go to
     `output/export_report.json`. Static shapes (`static=True`) fix batch, height and width in the graphs.
+
+    `output` must be new, an empty folder, or (with `overwrite=True`) a previous diffship export holding only
+    what that export wrote; nothing else is ever replaced.
 
     Precision and optimisation: `dtype` "fp16" converts weights and activations (the VAE stays fp32 unless
     `vae_fp16` says "mixed"); `optimize` cleans the graphs and fuses them for onnxruntime on `target`
@@ -90,45 +117,45 @@ def export(
     NNCF for OpenVINO); `quantize="hybrid"` also quantizes the UNet's activations (OpenVINO), calibrated on
     `calibration_prompts`.
     """
-    formats = _formats(backend)
-    atols = _atols(atol)
+    # Every argument first, before anything is read, downloaded or loaded.
+    formats, atols = check_arguments(backend=backend, height=height, width=width, batch_size=batch_size,
+                                     opset=opset, atol=atol, external_data_threshold=external_data_threshold,
+                                     calibration_prompts=calibration_prompts)
     options = ExportOptions(dtype=dtype, optimize=optimize, target=target, weight_format=weight_format,
                             quantize=quantize, vae_fp16=vae_fp16,
                             calibration_prompts=tuple(calibration_prompts) if calibration_prompts else None)
     options.check(formats)
     output = Path(output).expanduser().resolve()
-    if output.exists() and not overwrite:
-        raise DiffshipError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    local = Path(model).expanduser()
+    check_output(output, overwrite, local if local.exists() else None)
 
     source = resolve_model_dir(model, revision=revision)
-    index = json.loads((source / "model_index.json").read_text())
+    if source != local:  # a hub id: its snapshot in the cache must not be replaced either
+        check_output(output, overwrite, source)
+    index = read_json_object(source / "model_index.json", {"_class_name": str})
     if index.get("_class_name") not in SUPPORTED_PIPELINES:
         raise DiffshipError(
             f"{source} holds a {index.get('_class_name')}; diffship exports {', '.join(SUPPORTED_PIPELINES)}"
         )
-    pipe = load_reference_pipeline(source)
-    vae_scale_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    default_size = pipe.unet.config.sample_size * vae_scale_factor
-    shapes = ExportShapes(
-        batch_size=batch_size,
-        height=height or default_size,
-        width=width or default_size,
-        sequence_length=pipe.tokenizer.model_max_length,
-        static=static,
-    )
-    for name, value in (("height", shapes.height), ("width", shapes.width)):
-        if value % 8:
-            raise ValueError(f"{name} must be a multiple of 8, got {value}")
+    vae_config = read_json_object(source / "vae" / "config.json", {"block_out_channels": list})
+    vae_scale_factor = 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
+    check_image_size({"height": height, "width": width}, multiple=max(vae_scale_factor, 8))
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
+    with ExportDirectory(output, overwrite) as target_dir:
+        pipe = load_reference_pipeline(source)
+        default_size = pipe.unet.config.sample_size * vae_scale_factor
+        shapes = ExportShapes(
+            batch_size=batch_size,
+            height=height or default_size,
+            width=width or default_size,
+            sequence_length=pipe.tokenizer.model_max_length,
+            static=static,
+        )
+        staging = target_dir.path
         report = _export_components(pipe, shapes, staging, formats, atols, opset, external_data_threshold, progress,
                                     options)
         report.update(
+            exporter=EXPORTER,
             source=str(model),
             formats=formats,
             opset=opset,
@@ -139,12 +166,11 @@ def export(
             versions=_versions(),
         )
         _write_pipeline_files(source, staging, index)
-        (staging / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        _replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return output
+        # The list of every file the export wrote: what marks the directory as diffship's, and all that a later
+        # export with overwrite=True may delete.
+        report["files"] = sorted(set(list_files(staging)) | {REPORT_FILE})
+        (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        return target_dir.commit()
 
 
 def _export_components(pipe, shapes, staging, formats, atols, opset, threshold, progress, options) -> dict:
@@ -158,10 +184,10 @@ def _export_components(pipe, shapes, staging, formats, atols, opset, threshold, 
     specs = stable_diffusion_specs(pipe, shapes)
     bar = tqdm(specs, desc="export", unit="component", disable=not progress)
     for spec in bar:
-        bar.set_description(f"export {spec.name}")
         folder = staging / spec.name
-        components[spec.name] = export_component(spec, folder, formats, options, opset, threshold, atols,
-                                                 calibration if spec.name == "unet" else None)
+        components[spec.name] = export_component(
+            spec, folder, formats, options, opset, threshold, atols, calibration if spec.name == "unet" else None,
+            status=lambda text, name=spec.name: bar.set_description(f"export {name}: {text}"))
         _save_config(spec, folder)
         if spec.name == "text_encoder":
             _save_final_layer_norm(pipe.text_encoder, folder)
@@ -206,16 +232,6 @@ def _write_pipeline_files(source: Path, staging: Path, index: dict) -> None:
         dropped = ("safety_checker", "image_encoder")
     index = {k: v for k, v in index.items() if k not in dropped}
     (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _replace(staging: Path, output: Path) -> None:
-    if output.exists():
-        old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
-        output.rename(old)
-        staging.rename(output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(output)
 
 
 def _versions() -> dict[str, str]:

@@ -10,9 +10,11 @@ import onnx
 import torch
 
 from diffship.exporters.components import ComponentSpec
-from diffship.graphs.external_data import TWO_GB, save_model
 
 DEFAULT_OPSET = 17
+# The opsets these graphs export at: scaled_dot_product_attention needs 14; torch.onnx's TorchScript exporter
+# (dynamo=False, which traces diffusers' models to plain ONNX ops) stops at 20.
+MIN_OPSET, MAX_OPSET = 14, 20
 
 
 def trace_onnx(spec: ComponentSpec, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
@@ -34,10 +36,3 @@ def trace_onnx(spec: ComponentSpec, opset: int = DEFAULT_OPSET) -> onnx.ModelPro
         )
         # Loaded whole: the tracer's own external-data layout (one file per tensor) is not the one we write.
         return onnx.load(str(traced), load_external_data=True)
-
-
-def export_onnx(
-    spec: ComponentSpec, path: str | Path, opset: int = DEFAULT_OPSET, external_data_threshold: int = TWO_GB
-) -> list[Path]:
-    """Trace and write the graph to `path`. Returns the files written."""
-    return save_model(trace_onnx(spec, opset), path, external_data_threshold)

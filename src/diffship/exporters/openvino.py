@@ -14,14 +14,19 @@ OV_MODEL_FILE = "openvino_model.xml"
 
 def convert(onnx_model: onnx.ModelProto):
     """An in-memory openvino.Model from an ONNX graph (through a temporary file: OpenVINO reads paths)."""
-    import openvino as ov
-
     from diffship.graphs.external_data import save_model
 
     with tempfile.TemporaryDirectory(prefix="diffship-ov-") as scratch:
         path = Path(scratch) / "model.onnx"
         save_model(onnx_model, path, external_data_threshold=2**30)
-        return ov.convert_model(str(path))
+        return convert_file(path)
+
+
+def convert_file(onnx_path: str | Path):
+    """An in-memory openvino.Model from an ONNX file (and its external data beside it)."""
+    import openvino as ov
+
+    return ov.convert_model(str(onnx_path))
 
 
 def weighted_ops(model, types=("MatMul", "Gather")) -> list[str]:
@@ -87,10 +92,3 @@ def save(model, out_dir: str | Path, compress_to_fp16: bool = False) -> list[Pat
     xml = out_dir / OV_MODEL_FILE
     ov.save_model(model, str(xml), compress_to_fp16=compress_to_fp16)
     return [xml, xml.with_suffix(".bin")]
-
-
-def convert_to_openvino(onnx_path: str | Path, out_dir: str | Path, compress_to_fp16: bool = False) -> list[Path]:
-    """Convert an ONNX file as it is (fp32 IR unless compress_to_fp16)."""
-    import openvino as ov
-
-    return save(ov.convert_model(str(onnx_path)), out_dir, compress_to_fp16)

@@ -97,10 +97,15 @@ def onnx_passes(options: ExportOptions, component: str, validation_feeds: dict[s
     return passes
 
 
+def openvino_converts_traced_graph(options: ExportOptions) -> bool:
+    """Whether OpenVINO converts the traced fp32 graph as it is (no pass before conversion)."""
+    return not options.optimize
+
+
 def openvino_source(options: ExportOptions, component: str, fp32: onnx.ModelProto, validation_feeds) -> tuple:
     """The ONNX graph OpenVINO converts from, and the passes that made it: cleaned, never fused."""
     from diffship.graphs.cleanup import cleanup
 
-    if options.optimize:
-        return cleanup(fp32), ["cleanup"]
-    return fp32, []
+    if openvino_converts_traced_graph(options):
+        return fp32, []
+    return cleanup(fp32), ["cleanup"]

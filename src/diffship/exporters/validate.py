@@ -24,18 +24,21 @@ DEFAULT_ATOL = {"text_encoder": 1e-3, "unet": 1e-3, "vae_encoder": 1e-3, "vae_de
 DEFAULT_RTOL = {"fp16": 2e-2, "int8": 1e-1, "int4": 3e-1, "hybrid": 3e-1}
 
 
-def validation_inputs(spec: ComponentSpec, seed: int = 1) -> dict[str, torch.Tensor]:
-    """Fresh inputs of the traced shapes and kinds, so the check does not reuse the tracing values."""
+def validation_inputs(spec: ComponentSpec, shapes: dict[str, tuple[int, ...]] | None = None,
+                      seed: int = 1) -> dict[str, torch.Tensor]:
+    """Fresh inputs of the kinds traced, at `shapes` (default: the traced shapes), so that the check does not
+    reuse the tracing values."""
     g = torch.Generator().manual_seed(seed)
     inputs = {}
     for name, example in spec.example_inputs.items():
+        shape = tuple(shapes[name]) if shapes and name in shapes else tuple(example.shape)
         if example.dtype in (torch.int64, torch.int32):
             high = int(example.max()) + 1 if name != "input_ids" else spec.module.text_encoder.config.vocab_size
-            inputs[name] = torch.randint(0, max(high, 2), example.shape, generator=g, dtype=example.dtype)
+            inputs[name] = torch.randint(0, max(high, 2), shape, generator=g, dtype=example.dtype)
         elif example.ndim == 0:
             inputs[name] = torch.tensor(float(torch.randint(1, 1000, (), generator=g)), dtype=example.dtype)
         else:
-            inputs[name] = torch.randn(example.shape, generator=g, dtype=example.dtype)
+            inputs[name] = torch.randn(shape, generator=g, dtype=example.dtype)
     return inputs
 
 
@@ -64,40 +67,80 @@ def compare(reference: dict[str, np.ndarray], actual: dict[str, np.ndarray]) -> 
     return figures
 
 
+def describe_shapes(feeds: dict[str, np.ndarray]) -> str:
+    """`sample [2, 4, 5, 9], encoder_hidden_states [2, 77, 32]`: the inputs that are not scalars."""
+    return ", ".join(f"{name} {list(value.shape)}" for name, value in feeds.items() if np.ndim(value))
+
+
 class Reference:
-    """PyTorch's outputs for one component on fixed fresh inputs, computed once and compared many times."""
+    """PyTorch's outputs for one component on fixed fresh inputs, at every shape set the component is validated
+    at (the traced one, and for dynamic graphs others: spec.validation_shapes), computed once and compared many
+    times."""
 
     def __init__(self, spec: ComponentSpec, seed: int = 1):
         self.spec = spec
-        inputs = validation_inputs(spec, seed)
-        self.outputs = reference_outputs(spec, inputs)
-        self.feeds = {k: v.numpy() for k, v in inputs.items()}
+        self.cases = []  # (feeds, outputs) per shape set, the traced one first
+        for shapes in spec.validation_shapes():
+            inputs = validation_inputs(spec, shapes, seed)
+            self.cases.append(({k: v.numpy() for k, v in inputs.items()}, reference_outputs(spec, inputs)))
 
-    def measure(self, session) -> dict:
-        """Per-output figures and the worst of them, without judging."""
-        figures = compare(self.outputs, session.run(self.feeds))
-        worst = max(figures, key=lambda n: (figures[n]["nan"] > 0, figures[n]["max_abs"]))
-        return {"outputs": figures, "worst_output": worst, "max_abs": figures[worst]["max_abs"],
-                "max_rel": max(f["max_rel"] for f in figures.values()), "nan": sum(f["nan"] for f in figures.values())}
+    @property
+    def feeds(self) -> dict[str, np.ndarray]:
+        """The inputs at the traced shapes (what graph passes that need sample data, such as fp16 overflow
+        detection, run on)."""
+        return self.cases[0][0]
+
+    def measure(self, session, backend: str = "the backend") -> dict:
+        """Figures per shape set (`cases`) and the worst max abs error over them, without judging. A graph that
+        cannot run a shape set raises ValidationError naming the component and the shapes."""
+        cases = []
+        for feeds, outputs in self.cases:
+            try:
+                result = session.run(feeds)
+            except Exception as e:  # noqa: BLE001 - whatever the runtime raises, the export is what is wrong
+                raise ValidationError(
+                    f"{self.spec.name} on {backend} cannot run at {describe_shapes(feeds)}: "
+                    f"{_one_line(e.__cause__ or e)} (PyTorch runs these shapes: the graph has a size baked in "
+                    "that the model does not). The export was discarded."
+                ) from e
+            figures = compare(outputs, result)
+            worst = max(figures, key=lambda n: (figures[n]["nan"] > 0, figures[n]["max_abs"]))
+            cases.append({"inputs": {k: list(v.shape) for k, v in feeds.items()}, "worst_output": worst,
+                          "max_abs": figures[worst]["max_abs"], "max_rel": max(f["max_rel"] for f in figures.values()),
+                          "nan": sum(f["nan"] for f in figures.values()), "outputs": figures})
+        worst_case = max(cases, key=lambda c: (c["nan"] > 0, c["max_abs"]))
+        return {"outputs": worst_case["outputs"], "worst_output": worst_case["worst_output"],
+                "max_abs": worst_case["max_abs"], "max_rel": max(c["max_rel"] for c in cases),
+                "nan": sum(c["nan"] for c in cases), "cases": cases}
 
     def check(self, session, backend: str, atol: float | None = None, rtol: float | None = None,
               precision: str = "fp32") -> dict:
         """Measure and judge: max abs error within `atol` (fp32) or max relative error within `rtol` (lower
-        precisions); raise ValidationError naming the component otherwise, and on any NaN."""
-        report = {"backend": backend, "precision": precision, **self.measure(session)}
-        if atol is not None:
-            report["atol"], value, bound, what = atol, report["max_abs"], atol, "max abs error"
-        else:
-            report["rtol"], value, bound, what = rtol, report["max_rel"], rtol, "max relative error"
-        if report["nan"] or not value <= bound:
-            flag = "atol" if atol is not None else "rtol"
+        precisions) at every shape set; raise ValidationError naming the component and the shapes otherwise, and
+        on any NaN."""
+        report = {"backend": backend, "precision": precision, **self.measure(session, backend)}
+        metric, bound, flag, what = (("max_abs", atol, "atol", "max abs error") if atol is not None
+                                     else ("max_rel", rtol, "rtol", "max relative error"))
+        report[flag] = bound
+        worst = max(report["cases"], key=lambda c: (c["nan"] > 0, c[metric]))
+        if worst["nan"] or not worst[metric] <= bound:
+            at = ", ".join(f"{name} {shape}" for name, shape in worst["inputs"].items() if shape)
             raise ValidationError(
-                f"{self.spec.name} on {backend} ({precision}) differs from PyTorch: output {report['worst_output']} "
-                f"{what} {value:.3g} > {flag} {bound:g}" + (f" ({report['nan']} NaN)" if report["nan"] else "")
+                f"{self.spec.name} on {backend} ({precision}) differs from PyTorch at {at}: output "
+                f"{worst['worst_output']} {what} {worst[metric]:.3g} > {flag} {bound:g}"
+                + (f" ({worst['nan']} NaN)" if worst["nan"] else "")
                 + ". The export was discarded; loosen the tolerance only if you accept the error."
             )
         report["passed"] = True
         return report
+
+
+def _one_line(error: Exception) -> str:
+    """A runtime's error on one line: OpenVINO prefixes each message with 'Exception from <file>:<line>:'."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("Exception from ")] or lines or [type(error).__name__]
+    text = " ".join(lines)
+    return text if len(text) <= 400 else text[:400] + "..."
 
 
 def validate(spec: ComponentSpec, session, backend: str, atol: float) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import onnx
+from onnx.external_data_helper import load_external_data_for_model
 
 # Protobuf cannot serialise a message over 2 GiB; graphs past it keep their weights beside them.
 TWO_GB = 2**31 - 1
@@ -25,7 +26,10 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
 def save_model(model: onnx.ModelProto, path: str | Path, external_data_threshold: int = TWO_GB) -> list[Path]:
     """Write `model` to `path`; weights go to one external file when the graph exceeds the threshold.
 
-    Returns the files written.
+    `model` is left as it was: onnx's writer moves each weight out of the proto into the external file, so the
+    weights are read back from that file afterwards (the page cache still holds them). Without that, the next
+    user of the same in-memory graph (the OpenVINO conversion of an export to both formats) would find weights
+    pointing at a file of another directory. Returns the files written.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,6 +42,7 @@ def save_model(model: onnx.ModelProto, path: str | Path, external_data_threshold
             location=EXTERNAL_DATA_FILE,
             size_threshold=1024,
         )
+        load_external_data_for_model(model, str(path.parent))
         return [path, path.parent / EXTERNAL_DATA_FILE]
     onnx.save_model(model, str(path))
     return [path]

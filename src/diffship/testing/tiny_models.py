@@ -3,8 +3,11 @@
 They stand in for hub checkpoints in tests, the demo and benchmarks: the same architectures and code paths as
 the real models, small enough to export and run in seconds. `sd1` mirrors Stable Diffusion 1.x (epsilon
 prediction, an int attention_head_dim, the OpenAI CLIP tokenizer's pad token); `sd2` mirrors 2.x
-(v_prediction, linear projections, per-block head dims, upcast attention, "!" padding). `full-size` has the
-SD1.5 architecture with random weights, for speed measurements (latency does not depend on weight values).
+(v_prediction, linear projections, per-block head dims, upcast attention, "!" padding). Both have the 8x VAE of
+every Stable Diffusion and draw 64x64 images from 8x8 latents; `sd1`'s UNet has three levels (up factor 4), `sd2`'s
+four, as Stable Diffusion's (up factor 8), so that sizes whose latent the up factor does not divide (40x64, 72x48)
+are exercised. `full-size` has the SD1.5 architecture with random weights, for speed measurements (latency does
+not depend on weight values).
 
 Two task kinds: `sd1-inpaint` is `sd1` with a 9-channel inpainting UNet (latents + mask + masked-image latents), as
 in stable-diffusion-inpainting; `sd2-depth` is `sd2` with a 5-channel UNet (latents + depth) and a tiny DPT depth
@@ -44,42 +47,52 @@ _SCHEDULER_SD2 = {
     "prediction_type": "v_prediction",
 }
 
+# Four levels, so the 8x scale factor of every Stable Diffusion VAE: a 64x64 image has an 8x8 latent.
+_VAE_8X = dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1, norm_num_groups=32, sample_size=64)
+
 _SPECS = {
     "sd1": {
+        # Three levels (up factor 4) under an 8x VAE, as the issue of non-divisible sizes needs: at 40x64 or
+        # 72x48 the latent (5x8, 9x6) is not a multiple of 4, so the UNet must forward its skip sizes to the
+        # upsamplers, as Stable Diffusion does at e.g. 520x520.
         "unet": dict(
-            block_out_channels=(32, 64),
-            layers_per_block=2,
-            sample_size=32,
+            block_out_channels=(32, 32, 64),
+            layers_per_block=1,
+            sample_size=8,
             in_channels=4,
             out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
             cross_attention_dim=32,
             attention_head_dim=8,
             norm_num_groups=32,
         ),
-        "vae": dict(block_out_channels=(32, 64), norm_num_groups=32, sample_size=64),
+        "vae": _VAE_8X,
         "text_encoder": dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
                              hidden_act="quick_gelu", projection_dim=32),
         "pad_token": EOS_TOKEN,
         "scheduler": _SCHEDULER_SD1,
     },
     "sd2": {
+        # Stable Diffusion's own layout in small: four levels (up factor 8, three cross-attention levels over a
+        # plain one) under an 8x VAE.
         "unet": dict(
-            block_out_channels=(32, 64),
-            layers_per_block=2,
-            sample_size=32,
+            block_out_channels=(32, 32, 64, 64),
+            layers_per_block=1,
+            sample_size=8,
             in_channels=4,
             out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=32,
-            attention_head_dim=(2, 4),
+            attention_head_dim=(2, 4, 4, 4),
             use_linear_projection=True,
             upcast_attention=True,
-            norm_num_groups=32,
+            # 16 groups, not 32: at 64x64 the deepest level is 1x1, and a GroupNorm over 2 values is so badly
+            # conditioned that float32 PyTorch itself is 1e-3 off float64 there; 4 channels a group keep it at 1e-6.
+            norm_num_groups=16,
         ),
-        "vae": dict(block_out_channels=(32, 64), norm_num_groups=32, sample_size=64),
+        "vae": _VAE_8X,
         "text_encoder": dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
                              hidden_act="gelu", projection_dim=32),
         "pad_token": "!",
