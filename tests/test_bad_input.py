@@ -268,7 +268,7 @@ EXPORT_PATHS = [
     ("a file as the model", ["export", "{text}", "{tmp}/exported"], "is a file"),
     ("a folder without model_index.json", ["export", "{dir}", "{tmp}/exported"], "no model_index.json"),
     ("a file as OUT", ["export", "{dir}", "{text}", "--overwrite"], "exists and is not a directory"),
-    ("OUT under a file", ["export", "{dir}", "{text}/exported"], "is not a writable directory"),
+    ("OUT under a file", ["export", "{dir}", "{text}/exported"], "is a file, so no directory can be made there"),
     ("OUT a user's folder", ["export", "{model}", "{tmp}", "--overwrite"], "is not one"),
     ("OUT the model", ["export", "{dir}", "{dir}", "--overwrite"], "is (or holds) the model being exported"),
 ]

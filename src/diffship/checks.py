@@ -109,7 +109,7 @@ def check_output_file(path, name: str, image: bool = False, overwrite: bool = Fa
     if (path.exists() or path.is_symlink()) and not overwrite and not written_by_diffship(path):
         raise ValueError(f"{name} {path} exists and diffship did not write it; pass --overwrite to replace it, or "
                          "give another path")
-    _check_writable(path, name)
+    check_writable(path, name)
 
 
 # The EXIF Software tag of the images diffship saves (PNG, JPEG, WebP and TIFF carry EXIF), and the "schema" prefix
@@ -153,15 +153,16 @@ def check_output_dir(path, name: str) -> None:
         raise ValueError(f"{name} {path} is a file; give a directory")
     if path.is_dir() and any(path.iterdir()):
         raise ValueError(f"{name} {path} exists and is not empty; give a new folder")
-    _check_writable(path, name)
+    check_writable(path, name)
 
 
-def _check_writable(path: Path, name: str) -> None:
+def check_writable(path: Path, name: str) -> None:
     """`path`, or the nearest parent that exists (where the missing ones will be made), is a writable directory."""
     existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
     if existing != path.absolute() and not existing.is_dir():
         raise ValueError(f"{name} {path}: {existing} is a file, so no directory can be made there")
-    if not os.access(existing, os.W_OK):
+    # A new entry in a directory needs write and search permission there; an existing file, write permission.
+    if not os.access(existing, os.W_OK | (os.X_OK if existing.is_dir() else 0)):
         raise ValueError(f"{name} {path}: {existing} is not writable")
 
 

@@ -28,7 +28,7 @@ def _measure_onnx(model, reference: Reference) -> dict:
     from diffship.runtimes.onnxruntime import OnnxRuntimeSession
 
     with on_disk(model) as path:
-        figures = reference.measure(OnnxRuntimeSession(path))
+        figures = reference.measure(OnnxRuntimeSession(path), "onnxruntime", traced_only=True)
     return {"max_abs": figures["max_abs"], "max_rel": figures["max_rel"], "nan": figures["nan"]}
 
 

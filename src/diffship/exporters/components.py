@@ -91,6 +91,11 @@ def _maybe(static: bool, axes: dict[int, str]) -> dict[int, str]:
     return {} if static else axes
 
 
+def vae_scale_factor(block_out_channels) -> int:
+    """Image pixels per latent pixel: the VAE halves the size at every block but the last (8 for SD's four)."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
 def up_factor(unet) -> int:
     """How many times the UNet upsamples in all: sizes it does not divide need the skip sizes forwarded."""
     return 2 ** unet.num_upsamplers
@@ -221,12 +226,12 @@ def depth_estimator_spec(depth_estimator, shapes: ExportShapes) -> ComponentSpec
 def stable_diffusion_specs(pipe, shapes: ExportShapes) -> list[ComponentSpec]:
     """The components a Stable Diffusion 1.x/2.x pipeline (text-to-image, image-to-image, inpainting or
     depth-to-image: the UNet's in_channels say which) is exported as."""
-    vae_scale_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    scale = vae_scale_factor(pipe.vae.config.block_out_channels)
     specs = [
         text_encoder_spec(pipe.text_encoder, shapes),
-        unet_spec(pipe.unet, shapes, vae_scale_factor, pipe.unet.config.cross_attention_dim),
-        vae_encoder_spec(pipe.vae, shapes, vae_scale_factor),
-        vae_decoder_spec(pipe.vae, shapes, vae_scale_factor),
+        unet_spec(pipe.unet, shapes, scale, pipe.unet.config.cross_attention_dim),
+        vae_encoder_spec(pipe.vae, shapes, scale),
+        vae_decoder_spec(pipe.vae, shapes, scale),
     ]
     if getattr(pipe, "depth_estimator", None) is not None:
         specs.append(depth_estimator_spec(pipe.depth_estimator, shapes))

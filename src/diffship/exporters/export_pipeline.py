@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from diffship.checks import check_image_size, check_int, check_number, read_json_object
 from diffship.errors import DiffshipError
-from diffship.exporters.components import ExportShapes, stable_diffusion_specs
+from diffship.exporters.components import ExportShapes, stable_diffusion_specs, vae_scale_factor
 from diffship.exporters.loading import load_reference_pipeline, resolve_model_dir
 from diffship.exporters.component_export import export_component
 from diffship.exporters.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
@@ -138,12 +138,12 @@ def export(
             f"{source} holds a {index.get('_class_name')}; diffship exports {', '.join(SUPPORTED_PIPELINES)}"
         )
     vae_config = read_json_object(source / "vae" / "config.json", {"block_out_channels": list})
-    vae_scale_factor = 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
-    check_image_size({"height": height, "width": width}, multiple=max(vae_scale_factor, 8))
+    scale = vae_scale_factor(vae_config.get("block_out_channels", [0] * 4))
+    check_image_size({"height": height, "width": width}, multiple=max(scale, 8))
 
     with ExportDirectory(output, overwrite) as target_dir:
         pipe = load_reference_pipeline(source)
-        default_size = pipe.unet.config.sample_size * vae_scale_factor
+        default_size = pipe.unet.config.sample_size * scale
         shapes = ExportShapes(
             batch_size=batch_size,
             height=height or default_size,

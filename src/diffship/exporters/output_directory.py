@@ -27,6 +27,7 @@ import threading
 import uuid
 from pathlib import Path
 
+from diffship.checks import check_writable
 from diffship.errors import DiffshipError
 
 REPORT_FILE = "export_report.json"
@@ -72,7 +73,7 @@ def check_output(output: Path, overwrite: bool, source: Path | None = None) -> N
     if output.is_symlink() or (output.exists() and not output.is_dir()):
         raise DiffshipError(f"output {output} exists and is not a directory; give the path of a new folder")
     if not output.exists():
-        _check_writable(output)
+        check_writable(output, "output")
         return
     if not any(output.iterdir()):
         return  # an empty folder, made for the export
@@ -99,12 +100,6 @@ def check_previous_export(output: Path) -> None:
         raise DiffshipError(
             f"{output} is a diffship export but also holds files the export did not write ({shown}); --overwrite "
             "would delete them, so nothing was changed. Move them out, or choose a new folder.")
-
-
-def _check_writable(output: Path) -> None:
-    existing = next(p for p in output.parents if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise DiffshipError(f"cannot create output {output}: {existing} is not a writable directory")
 
 
 class _Lock:

@@ -67,9 +67,9 @@ def compare(reference: dict[str, np.ndarray], actual: dict[str, np.ndarray]) -> 
     return figures
 
 
-def describe_shapes(feeds: dict[str, np.ndarray]) -> str:
+def describe_shapes(shapes: dict[str, list[int]]) -> str:
     """`sample [2, 4, 5, 9], encoder_hidden_states [2, 77, 32]`: the inputs that are not scalars."""
-    return ", ".join(f"{name} {list(value.shape)}" for name, value in feeds.items() if np.ndim(value))
+    return ", ".join(f"{name} {shape}" for name, shape in shapes.items() if shape)
 
 
 class Reference:
@@ -90,22 +90,24 @@ class Reference:
         detection, run on)."""
         return self.cases[0][0]
 
-    def measure(self, session, backend: str = "the backend") -> dict:
-        """Figures per shape set (`cases`) and the worst max abs error over them, without judging. A graph that
-        cannot run a shape set raises ValidationError naming the component and the shapes."""
+    def measure(self, session, backend: str = "the backend", traced_only: bool = False) -> dict:
+        """Figures per shape set (`cases`; with `traced_only`, the traced one alone, as for the record of each
+        graph pass, which the final check covers at every shape) and the worst max abs error over them, without
+        judging. A graph that cannot run a shape set raises ValidationError naming the component and the shapes."""
         cases = []
-        for feeds, outputs in self.cases:
+        for feeds, outputs in self.cases[:1] if traced_only else self.cases:
+            shapes = {k: list(v.shape) for k, v in feeds.items()}
             try:
                 result = session.run(feeds)
             except Exception as e:  # noqa: BLE001 - whatever the runtime raises, the export is what is wrong
                 raise ValidationError(
-                    f"{self.spec.name} on {backend} cannot run at {describe_shapes(feeds)}: "
+                    f"{self.spec.name} on {backend} cannot run at {describe_shapes(shapes)}: "
                     f"{_one_line(e.__cause__ or e)} (PyTorch runs these shapes: the graph has a size baked in "
                     "that the model does not). The export was discarded."
                 ) from e
             figures = compare(outputs, result)
             worst = max(figures, key=lambda n: (figures[n]["nan"] > 0, figures[n]["max_abs"]))
-            cases.append({"inputs": {k: list(v.shape) for k, v in feeds.items()}, "worst_output": worst,
+            cases.append({"inputs": shapes, "worst_output": worst,
                           "max_abs": figures[worst]["max_abs"], "max_rel": max(f["max_rel"] for f in figures.values()),
                           "nan": sum(f["nan"] for f in figures.values()), "outputs": figures})
         worst_case = max(cases, key=lambda c: (c["nan"] > 0, c["max_abs"]))
@@ -124,9 +126,9 @@ class Reference:
         report[flag] = bound
         worst = max(report["cases"], key=lambda c: (c["nan"] > 0, c[metric]))
         if worst["nan"] or not worst[metric] <= bound:
-            at = ", ".join(f"{name} {shape}" for name, shape in worst["inputs"].items() if shape)
             raise ValidationError(
-                f"{self.spec.name} on {backend} ({precision}) differs from PyTorch at {at}: output "
+                f"{self.spec.name} on {backend} ({precision}) differs from PyTorch at "
+                f"{describe_shapes(worst['inputs'])}: output "
                 f"{worst['worst_output']} {what} {worst[metric]:.3g} > {flag} {bound:g}"
                 + (f" ({worst['nan']} NaN)" if worst["nan"] else "")
                 + ". The export was discarded; loosen the tolerance only if you accept the error."

@@ -24,6 +24,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from diffship.checks import read_json_object
 from diffship.errors import DiffshipError
 
 logger = logging.getLogger(__name__)
@@ -150,11 +151,7 @@ def find_config_file(path: str | os.PathLike, subfolder: str | None = None) -> P
 
 
 def read_config_file(path: str | os.PathLike, subfolder: str | None = None) -> dict[str, Any]:
-    config_file = find_config_file(path, subfolder)
-    try:
-        return json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise DiffshipError(f"{config_file} is not valid JSON: {error}") from error
+    return read_json_object(find_config_file(path, subfolder))
 
 
 def _json_ready(value: Any) -> Any:
