@@ -28,6 +28,7 @@ from diffship.checks import (
     software_exif,
 )
 from diffship.errors import DiffshipError
+from diffship.testing.tiny_models import KINDS as TINY_KINDS
 
 
 SIZE_HELP = f"a multiple of 8 from 8 to {MAX_IMAGE_SIDE} pixels (default: the model's)"
@@ -49,12 +50,15 @@ def _add_tiny_model(sub) -> None:
     p = sub.add_parser("tiny-model", help="write a tiny deterministic diffusers pipeline (for tests and demos)",
                        description="Write a tiny Stable Diffusion pipeline built from configs with fixed seeds.")
     p.add_argument("out", type=Path, help="output directory (diffusers format)")
-    p.add_argument("--kind", choices=["sd1", "sd2", "sd1-inpaint", "sd2-depth"], default=None,
+    p.add_argument("--kind", choices=[k for k in TINY_KINDS if not k.startswith("full-size")], default=None,
                    help="sd1: epsilon prediction; sd2: v_prediction, linear projections, upcast attention; "
                         "sd1-inpaint: sd1 with a 9-channel inpainting UNet; sd2-depth: sd2 with a 5-channel UNet "
-                        "and a tiny DPT depth estimator (default sd1)")
+                        "and a tiny DPT depth estimator; sd1-lcm: sd1 as a Latent Consistency Model; sd-turbo: sd2 "
+                        "with the Turbo scheduler; sdxl, sdxl-refiner, sdxl-inpaint (9 channels), sdxl-lcm, "
+                        "sdxl-turbo: the SDXL family in small (default sd1)")
     p.add_argument("--full-size", action="store_true",
-                   help="the full SD1.5 architecture with random weights (about 4 GB, for benchmarks)")
+                   help="the full SD1.5 architecture with random weights (about 4 GB, for benchmarks); with "
+                        "--kind sdxl, SDXL 1.0's (about 14 GB)")
     p.add_argument("--trained", action="store_true",
                    help="the trained shapes model shipped with diffship: 64x64 pictures of 'a {red,green,blue,"
                         "yellow} {circle,square,triangle} on the {left,right,top,bottom,center}' (real images, "
@@ -223,11 +227,15 @@ def cmd_tiny_model(args) -> None:
 
         print(f"wrote the trained shapes model to {save_trained_pipeline(args.out)}")
         return
-    if args.full_size and args.kind is not None:
-        raise DiffshipError("--full-size writes the SD 1.5 architecture; leave out --kind")
+    if args.full_size and args.kind not in (None, "sdxl"):
+        raise DiffshipError(f"--full-size writes SD 1.5's architecture, or with --kind sdxl SDXL's; not --kind "
+                            f"{args.kind}")
     from diffship.testing.tiny_models import save_tiny_pipeline
 
-    kind = "full-size" if args.full_size else args.kind or "sd1"
+    if args.full_size:
+        kind = "full-size-sdxl" if args.kind == "sdxl" else "full-size"
+    else:
+        kind = args.kind or "sd1"
     path = save_tiny_pipeline(args.out, kind, seed=args.seed or 0)
     print(f"wrote {kind} pipeline to {path}")
 

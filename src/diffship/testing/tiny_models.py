@@ -21,7 +21,8 @@ from pathlib import Path
 
 from diffship.testing.vocabulary import BOS_TOKEN, EOS_TOKEN, build_clip_vocabulary
 
-KINDS = ("sd1", "sd2", "sd1-inpaint", "sd2-depth", "full-size")
+KINDS = ("sd1", "sd2", "sd1-inpaint", "sd2-depth", "sd1-lcm", "sd-turbo", "sdxl", "sdxl-refiner", "sdxl-inpaint",
+         "sdxl-lcm", "sdxl-turbo", "full-size", "full-size-sdxl")
 
 _SCHEDULER_SD1 = {
     "_class_name": "PNDMScheduler",
@@ -45,6 +46,44 @@ _SCHEDULER_SD2 = {
     "steps_offset": 1,
     "clip_sample": False,
     "prediction_type": "v_prediction",
+}
+
+# SDXL ships Euler with "leading" spacing; LCM its own scheduler; the Turbo models Euler ancestral with "trailing"
+# spacing, so that one step starts from pure noise (t = 999).
+_SCHEDULER_SDXL = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+    "prediction_type": "epsilon",
+}
+_SCHEDULER_LCM = {
+    "_class_name": "LCMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "original_inference_steps": 50,
+    "set_alpha_to_one": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+}
+_SCHEDULER_TURBO = {
+    "_class_name": "EulerAncestralDiscreteScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "steps_offset": 1,
+    "timestep_spacing": "trailing",
+    "prediction_type": "epsilon",
 }
 
 # Four levels, so the 8x scale factor of every Stable Diffusion VAE: a 64x64 image has an 8x8 latent.
@@ -114,6 +153,94 @@ _SPECS = {
         "scheduler": _SCHEDULER_SD1,
     },
 }
+# SDXL in small: a three-level UNet (up factor 4, as SDXL's) with the "text_time" additional embedding (the pooled
+# text embedding of text_encoder_2 and six size/crop numbers, each embedded in addition_time_embed_dim), two
+# transformer layers in its deepest block as SDXL has, cross-attention over both encoders' hidden states
+# concatenated (32 + 32); text_encoder_2 is a CLIPTextModelWithProjection whose tokenizer pads with "!".
+_SDXL_UNET = dict(
+    block_out_channels=(32, 32, 64),
+    layers_per_block=1,
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 1, 2),
+    attention_head_dim=(2, 4, 8),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + 32,
+    cross_attention_dim=64,
+    norm_num_groups=16,
+)
+_CLIP_TINY = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
+                  hidden_act="gelu", projection_dim=32)
+_SPECS["sdxl"] = {
+    "unet": _SDXL_UNET,
+    "vae": _VAE_8X,
+    "text_encoder": _CLIP_TINY,
+    "text_encoder_2": _CLIP_TINY,
+    "pad_token": EOS_TOKEN,
+    "pad_token_2": "!",
+    "scheduler": _SCHEDULER_SDXL,
+    "pipeline": "StableDiffusionXLPipeline",
+}
+# The refiner: text_encoder_2 only (cross-attention over its 32 features), and the aesthetic score in place of the
+# target size among the additional numbers (5 of them).
+_SPECS["sdxl-refiner"] = {
+    **_SPECS["sdxl"],
+    "unet": {**_SDXL_UNET, "cross_attention_dim": 32, "projection_class_embeddings_input_dim": 5 * 8 + 32},
+    "text_encoder": None,
+    "pipeline": "StableDiffusionXLImg2ImgPipeline",
+    "pipeline_config": {"requires_aesthetics_score": True, "force_zeros_for_empty_prompt": False},
+}
+_SPECS["sdxl-inpaint"] = {**_SPECS["sdxl"], "unet": {**_SDXL_UNET, "in_channels": 9},
+                          "pipeline": "StableDiffusionXLInpaintPipeline"}
+# LCM: the UNet takes the guidance scale's embedding as timestep_cond (time_cond_proj_dim), and runs no
+# unconditional batch.
+_SPECS["sdxl-lcm"] = {**_SPECS["sdxl"], "unet": {**_SDXL_UNET, "time_cond_proj_dim": 16},
+                      "scheduler": _SCHEDULER_LCM}
+_SPECS["sdxl-turbo"] = {**_SPECS["sdxl"], "scheduler": _SCHEDULER_TURBO,
+                        "pipeline_config": {"force_zeros_for_empty_prompt": True}}
+_SPECS["sd1-lcm"] = {**_SPECS["sd1"], "unet": {**_SPECS["sd1"]["unet"], "time_cond_proj_dim": 16},
+                     "scheduler": _SCHEDULER_LCM, "pipeline": "LatentConsistencyModelPipeline"}
+# SD-Turbo is SD 2.1 distilled: sd2's architecture with the Turbo scheduler.
+_SPECS["sd-turbo"] = {**_SPECS["sd2"], "scheduler": _SCHEDULER_TURBO}
+# SDXL 1.0's architecture with random weights, for speed measurements.
+_SPECS["full-size-sdxl"] = {
+    "unet": dict(
+        sample_size=128,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(320, 640, 1280),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+        cross_attention_dim=2048,
+    ),
+    "vae": dict(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        sample_size=1024,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    ),
+    "text_encoder": dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                         hidden_act="quick_gelu", projection_dim=768, vocab_size=49408),
+    "text_encoder_2": dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                           hidden_act="gelu", projection_dim=1280, vocab_size=49408),
+    "pad_token": EOS_TOKEN,
+    "pad_token_2": "!",
+    "scheduler": _SCHEDULER_SDXL,
+    "pipeline": "StableDiffusionXLPipeline",
+}
+
 # Task kinds: a base kind with another UNet input width, and the diffusers pipeline class that holds it.
 _TASK_KINDS = {
     "sd1-inpaint": ("sd1", 9, "StableDiffusionInpaintPipeline"),
@@ -154,56 +281,68 @@ def load_tokenizer(pad_token: str = EOS_TOKEN):
         return CLIPTokenizer.from_pretrained(save_tokenizer(tmp, pad_token))
 
 
-def write_pipeline(pipe, out_dir: str | Path, pad_token: str = EOS_TOKEN) -> Path:
+def write_pipeline(pipe, out_dir: str | Path, pad_token: str = EOS_TOKEN, pad_token_2: str | None = None) -> Path:
     """Save a diffusers pipeline as a directory (safetensors) that transformers 4 and 5 both read right."""
     out_dir = Path(out_dir)
     pipe.save_pretrained(out_dir, safe_serialization=True)
-    # Replace the tokenizer folder with ours so that vocab.json/merges.txt sit beside tokenizer.json.
-    save_tokenizer(out_dir / "tokenizer", pad_token)
-    _text_encoder_hub_layout(out_dir / "text_encoder" / "model.safetensors")
+    # Replace the tokenizer folders with ours so that vocab.json/merges.txt sit beside tokenizer.json.
+    for folder, pad in (("tokenizer", pad_token), ("tokenizer_2", pad_token_2)):
+        if (out_dir / folder).is_dir():
+            save_tokenizer(out_dir / folder, pad)
+    for folder in ("text_encoder", "text_encoder_2"):
+        _text_encoder_hub_layout(out_dir / folder / "model.safetensors")
     return out_dir
 
 
+def _clip_config(settings: dict, tokenizer):
+    from transformers import CLIPTextConfig
+
+    settings = dict(settings)
+    settings.setdefault("vocab_size", len(tokenizer))
+    return CLIPTextConfig(**settings, max_position_embeddings=77, layer_norm_eps=1e-5,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)
+
+
 def build_tiny_pipeline(kind: str = "sd1", seed: int = 0):
-    """The diffusers pipeline (torch) for `kind`, with weights drawn from `seed`: StableDiffusionPipeline, or for
-    the task kinds StableDiffusionInpaintPipeline / StableDiffusionDepth2ImgPipeline."""
+    """The diffusers pipeline (torch) for `kind`, with weights drawn from `seed`: StableDiffusionPipeline, or the
+    class the kind names (inpainting, depth-to-image, SDXL, its refiner, LCM)."""
     import torch
     import diffusers
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.schedulers import DDIMScheduler, PNDMScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     if kind not in _SPECS:
         raise ValueError(f"unknown tiny model kind {kind!r}; choose one of {', '.join(KINDS)}")
     spec = _SPECS[kind]
-
-    tokenizer = load_tokenizer(spec["pad_token"])
-    text_config = dict(spec["text_encoder"])
-    text_config.setdefault("vocab_size", len(tokenizer))
-    text_config = CLIPTextConfig(
-        **text_config,
-        max_position_embeddings=77,
-        layer_norm_eps=1e-5,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
 
     # One seed per component, so that changing one component's config leaves the others' weights alone.
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**spec["unet"])
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, **_vae_blocks(spec["vae"]))
-    torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(text_config)
+    components = dict(vae=vae.eval(), unet=unet.eval())
+    if spec.get("text_encoder") is not None:
+        tokenizer = load_tokenizer(spec["pad_token"])
+        torch.manual_seed(seed + 2)
+        components.update(tokenizer=tokenizer,
+                          text_encoder=CLIPTextModel(_clip_config(spec["text_encoder"], tokenizer)).eval())
+    else:
+        components.update(tokenizer=None, text_encoder=None)
+    if "text_encoder_2" in spec:
+        tokenizer_2 = load_tokenizer(spec["pad_token_2"])
+        torch.manual_seed(seed + 4)
+        components.update(tokenizer_2=tokenizer_2, text_encoder_2=CLIPTextModelWithProjection(
+            _clip_config(spec["text_encoder_2"], tokenizer_2)).eval())
 
     scheduler_config = spec["scheduler"]
-    scheduler_cls = {"PNDMScheduler": PNDMScheduler, "DDIMScheduler": DDIMScheduler}[scheduler_config["_class_name"]]
-    components = dict(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
-                      scheduler=scheduler_cls.from_config(scheduler_config))
-    pipeline_class = _TASK_KINDS.get(kind, (None, None, "StableDiffusionPipeline"))[2]
+    components["scheduler"] = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
+    pipeline_class = spec.get("pipeline") or _TASK_KINDS.get(kind, (None, None, "StableDiffusionPipeline"))[2]
     if pipeline_class == "StableDiffusionDepth2ImgPipeline":
         components.update(_tiny_depth_estimator(seed + 3))
+    elif pipeline_class.startswith("StableDiffusionXL"):
+        # No invisible watermark: it is not part of the model, and would make the oracle's images differ.
+        components.update(add_watermarker=False, **spec.get("pipeline_config", {}))
     else:
         components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe = getattr(diffusers, pipeline_class)(**components)
@@ -236,7 +375,8 @@ def _vae_blocks(vae_spec: dict) -> dict:
 
 def save_tiny_pipeline(out_dir: str | Path, kind: str = "sd1", seed: int = 0) -> Path:
     """Write the `kind` pipeline as a diffusers directory (safetensors weights) and return its path."""
-    return write_pipeline(build_tiny_pipeline(kind, seed), out_dir, _SPECS[kind]["pad_token"])
+    spec = _SPECS[kind]
+    return write_pipeline(build_tiny_pipeline(kind, seed), out_dir, spec["pad_token"], spec.get("pad_token_2"))
 
 
 def _text_encoder_hub_layout(path: Path) -> None:
@@ -252,6 +392,8 @@ def _text_encoder_hub_layout(path: Path) -> None:
     with safe_open(str(path), "np") as f:
         metadata = f.metadata() or {"format": "pt"}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if all(k.startswith(prefix) for k in tensors):
+    # CLIPTextModelWithProjection's projection sits beside text_model, not in it.
+    keep = ("text_projection.",)
+    if all(k.startswith(prefix) or k.startswith(keep) for k in tensors):
         return
-    save_file({k if k.startswith(prefix) else prefix + k: v for k, v in tensors.items()}, str(path), metadata=metadata)
+    save_file({k if k.startswith(prefix) or k.startswith(keep) else prefix + k: v for k, v in tensors.items()}, str(path), metadata=metadata)
