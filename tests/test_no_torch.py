@@ -49,7 +49,8 @@ def test_runtime_modules_import_no_torch():
     """Importing the public API, pipelines, schedulers and runtimes loads none of the torch stack."""
     code = (
         "import sys, diffship, diffship.pipelines, diffship.schedulers, diffship.runtimes, "
-        "diffship.runtimes.onnxruntime, diffship.runtimes.openvino, diffship.cli\n"
+        "diffship.runtimes.onnxruntime, diffship.runtimes.openvino, diffship.cli, diffship.families, "
+        "diffship.families.stable_diffusion, diffship.families.stable_diffusion_xl, diffship.layout\n"
         f"bad = [m for m in sys.modules if m.split('.')[0] in {BLOCKED!r}]\n"
         "print(bad); sys.exit(1 if bad else 0)"
     )

@@ -8,7 +8,11 @@
 #                                      as Optimum writes it (tokenizer/openvino_{de,}tokenizer.* included, ~70 kB)
 #   tests/fixtures/optimum/MANIFEST.json  commands, Optimum-venv versions, every file's size and sha256
 #
-#   bash benchmarks/peers/make_optimum_fixtures.sh [--force]
+# and, with --kind sdxl, the same for a tiny SDXL pipeline (`diffship tiny-model --kind sdxl`: two text encoders,
+# CLIPTextModel and CLIPTextModelWithProjection, and two tokenizers) in tests/fixtures/optimum-sdxl/{tiny-sdxl,onnx,
+# openvino,MANIFEST.json}. The two sets are independent: making one never touches the other.
+#
+#   bash benchmarks/peers/make_optimum_fixtures.sh [--force] [--kind sd1|sdxl]     # default: --kind sd1
 #
 # Two venvs, because Optimum pins transformers 4.x and diffship's runs transformers 5: the source model is made
 # with the main venv (.venv, or $MAIN_VENV), the exports with the Optimum venv (.venv-optimum, or $OPTIMUM_VENV;
@@ -17,8 +21,8 @@
 # Idempotent: an existing source model is kept, and the exports are remade only when the source's sha256 differs
 # from the one MANIFEST.json records (or an export folder is missing). --force remakes everything. Each step writes
 # to a temporary folder and replaces its target only when it succeeded. The exports run with the fixture folder as
-# working directory and a relative --model, so the `_name_or_path` Optimum writes into the configs is "tiny-sd1",
-# not a path on this machine.
+# working directory and a relative --model, so the `_name_or_path` Optimum writes into the configs is "tiny-sd1"
+# (or "tiny-sdxl"), not a path on this machine.
 #
 # Deterministic: the weights are seeded, the tiny model's BPE vocabulary is learnt with a fixed tie-break, and
 # Optimum's exports of a given source are byte-identical run to run.
@@ -26,23 +30,36 @@
 # The Hub layout: transformers 5 saves CLIPTextModel weights without the `text_model.` key prefix; transformers 4.x
 # (Optimum's) then finds none of them and initialises the text encoder at random, warning "Some weights of
 # CLIPTextModel were not initialized" -- Optimum would export a different text encoder from the one diffusers
-# (transformers 5) runs. Hub checkpoints carry the prefix, and transformers 5 reads both, so the source is saved so.
+# (transformers 5) runs. Hub checkpoints carry the prefix, and transformers 5 reads both, so the source is saved so
+# (both text encoders of SDXL; CLIPTextModelWithProjection's `text_projection.weight` sits beside `text_model` and
+# keeps its name). Before exporting, every text encoder is loaded with the Optimum venv's transformers and the
+# fixture refused if a weight is missing or unexpected; the export logs are also searched for "newly initialized".
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 MAIN_VENV="${MAIN_VENV:-$REPO_ROOT/.venv}"
 OPTIMUM_VENV="${OPTIMUM_VENV:-$REPO_ROOT/.venv-optimum}"
-FIXTURES="$REPO_ROOT/tests/fixtures/optimum"
 HELPER="$REPO_ROOT/benchmarks/peers/optimum_fixtures.py"
-SOURCE=tiny-sd1
 
 FORCE=0
 CHANGED=0
-case "${1:-}" in
-    "") ;;
-    --force) FORCE=1 ;;
-    *) echo "usage: $0 [--force]" >&2; exit 2 ;;
+KIND=sd1
+usage() { echo "usage: $0 [--force] [--kind sd1|sdxl]" >&2; exit 2; }
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --force) FORCE=1 ;;
+        --kind) [[ $# -ge 2 ]] || usage; KIND="$2"; shift ;;
+        --kind=*) KIND="${1#--kind=}" ;;
+        *) usage ;;
+    esac
+    shift
+done
+case "$KIND" in
+    sd1) FIXTURES="$REPO_ROOT/tests/fixtures/optimum" ;;
+    sdxl) FIXTURES="$REPO_ROOT/tests/fixtures/optimum-sdxl" ;;
+    *) usage ;;
 esac
+SOURCE="tiny-$KIND"
 
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONHASHSEED=0
 
@@ -53,6 +70,11 @@ fi
 bash "$REPO_ROOT/benchmarks/peers/setup_optimum_venv.sh" "$OPTIMUM_VENV"
 
 mkdir -p "$FIXTURES"
+# Git must keep the files byte-exact (MANIFEST.json holds their sha256); written once, never rewritten.
+if [[ ! -f "$FIXTURES/.gitattributes" ]]; then
+    printf '%s\n' "# Byte-exact as make_optimum_fixtures.sh wrote them (MANIFEST.json holds their sha256): no end-of-line conversion." \
+        "* -text" >"$FIXTURES/.gitattributes"
+fi
 TMP="$(mktemp -d "$FIXTURES/.tmp.XXXXXX")"
 trap 'rm -rf "$TMP"' EXIT
 
@@ -69,7 +91,7 @@ logged() {
 # 1. the source model (main venv)
 if [[ $FORCE == 1 || ! -f "$FIXTURES/$SOURCE/model_index.json" ]]; then
     echo "making $SOURCE with diffship tiny-model (main venv)"
-    logged "$TMP/tiny-model.log" "$MAIN_VENV/bin/diffship" tiny-model "$TMP/$SOURCE" --kind sd1
+    logged "$TMP/tiny-model.log" "$MAIN_VENV/bin/diffship" tiny-model "$TMP/$SOURCE" --kind "$KIND"
     "$MAIN_VENV/bin/python" "$HELPER" hub-layout "$TMP/$SOURCE"
     rm -rf "${FIXTURES:?}/$SOURCE"
     mv "$TMP/$SOURCE" "$FIXTURES/$SOURCE"
@@ -86,6 +108,8 @@ try: print(json.load(open(sys.argv[1]))["source_sha256"])
 except Exception: print("")' "$FIXTURES/MANIFEST.json")"
 if [[ $FORCE == 1 || "$source_sha" != "$recorded_sha" || ! -f "$FIXTURES/onnx/unet/model.onnx" \
       || ! -f "$FIXTURES/openvino/unet/openvino_model.xml" ]]; then
+    # transformers 4.x loading weights it cannot match would export a random model: refuse such a fixture.
+    "$OPTIMUM_VENV/bin/python" "$HELPER" check-load "$FIXTURES/$SOURCE"
     rel_tmp="$(basename "$TMP")"
     cd "$FIXTURES"
     echo "exporting with optimum-cli export onnx"
@@ -111,6 +135,6 @@ fi
 
 # 3. the manifest (records the versions of the Optimum venv that made the exports, so only rewritten with them)
 if [[ $CHANGED == 1 || ! -f "$FIXTURES/MANIFEST.json" ]]; then
-    "$OPTIMUM_VENV/bin/python" "$HELPER" manifest "$FIXTURES"
+    "$OPTIMUM_VENV/bin/python" "$HELPER" manifest "$FIXTURES" --kind "$KIND"
 fi
 echo "fixture set: $(du -s --apparent-size --block-size=1K "$FIXTURES" | cut -f1) kB in $FIXTURES"

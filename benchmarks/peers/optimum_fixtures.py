@@ -1,17 +1,27 @@
-"""Helpers of `make_optimum_fixtures.sh` (see there for the whole story). Two subcommands:
+"""Helpers of `make_optimum_fixtures.sh` (see there for the whole story). Four subcommands:
 
     python optimum_fixtures.py hub-layout MODEL_DIR
-        Rewrite MODEL_DIR/text_encoder/model.safetensors with the `text_model.` key prefix that CLIP checkpoints on
-        the Hub use. transformers 5 saves CLIPTextModel without it, and transformers 4.x (which Optimum pins) then
-        silently initialises the whole text encoder at random ("Some weights ... newly initialized"), so Optimum
-        would export a different model from the one diffusers runs. transformers 5 reads either layout, so the
-        fixture stays one model for both. Needs numpy + safetensors only (either venv). Idempotent.
+        Rewrite MODEL_DIR/text_encoder/model.safetensors (and text_encoder_2/, SDXL's, where there is one) with the
+        `text_model.` key prefix that CLIP checkpoints on the Hub use. transformers 5 saves CLIPTextModel without
+        it, and transformers 4.x (which Optimum pins) then silently initialises the whole text encoder at random
+        ("Some weights ... newly initialized"), so Optimum would export a different model from the one diffusers
+        runs. CLIPTextModelWithProjection's `text_projection.*` sits beside `text_model`, not in it, and keeps its
+        name. transformers 5 reads either layout, so the fixture stays one model for both. Needs numpy +
+        safetensors only (either venv). Idempotent.
 
-    python optimum_fixtures.py manifest FIXTURE_ROOT
+    python optimum_fixtures.py check-load MODEL_DIR
+        Load every text encoder of MODEL_DIR with this venv's transformers (run it in the Optimum venv) and fail
+        if any weight is missing, unexpected or mismatched: the "newly initialized" case, caught without relying
+        on a log message.
+
+    python optimum_fixtures.py manifest FIXTURE_ROOT [--kind sd1|sdxl]
         Write FIXTURE_ROOT/MANIFEST.json: how each folder was made (commands, versions of the Optimum venv), every
         file with its size and sha256, the sha256 of the source model (what the exports were made from) and the
         total size. No timestamps, so that an unchanged fixture set gives the same manifest. Run it in the Optimum
-        venv (it records that venv's versions).
+        venv (it records that venv's versions). --kind (default sd1) names the source folder, tiny-<kind>.
+
+    python optimum_fixtures.py source-sha256 MODEL_DIR
+        The digest of a folder that MANIFEST.json records as source_sha256.
 """
 
 from __future__ import annotations
@@ -22,23 +32,74 @@ import sys
 from pathlib import Path
 
 PREFIX = "text_model."
-SOURCE, ONNX, OPENVINO = "tiny-sd1", "onnx", "openvino"
+KEEP = ("text_projection.",)  # CLIPTextModelWithProjection's projection, beside text_model
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+ONNX, OPENVINO = "onnx", "openvino"
+KINDS = {
+    "sd1": {
+        "source": "tiny-sd1",
+        "what": "A tiny SD 1.x pipeline (diffusers format) and Optimum's ONNX and OpenVINO exports of it, for "
+                "tests/test_interop_optimum.py. Made by benchmarks/peers/make_optimum_fixtures.sh; do not edit.",
+        "source_made_by": "diffship tiny-model tiny-sd1 --kind sd1 (main venv), then text_encoder weights renamed "
+                          "to the Hub layout (benchmarks/peers/optimum_fixtures.py hub-layout)",
+    },
+    "sdxl": {
+        "source": "tiny-sdxl",
+        "what": "A tiny SDXL pipeline (diffusers format) and Optimum's ONNX and OpenVINO exports of it, for "
+                "diffship's Optimum interop tests. Made by benchmarks/peers/make_optimum_fixtures.sh --kind sdxl; "
+                "do not edit.",
+        "source_made_by": "diffship tiny-model tiny-sdxl --kind sdxl (main venv), text_encoder and text_encoder_2 "
+                          "weights in the Hub layout (benchmarks/peers/optimum_fixtures.py hub-layout)",
+    },
+}
+
+
+def _hub_name(key: str) -> str:
+    return key if key.startswith(PREFIX) or key.startswith(KEEP) else PREFIX + key
 
 
 def hub_layout(model_dir: Path) -> None:
     from safetensors import safe_open
     from safetensors.numpy import save_file
 
-    path = model_dir / "text_encoder" / "model.safetensors"
-    with safe_open(str(path), "np") as f:
-        metadata = f.metadata() or {"format": "pt"}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if all(k.startswith(PREFIX) for k in tensors):
-        print(f"{path}: already in the Hub layout")
-        return
-    renamed = {k if k.startswith(PREFIX) else PREFIX + k: v for k, v in tensors.items()}
-    save_file(renamed, str(path), metadata=metadata)
-    print(f"{path}: {len(renamed)} tensors renamed to the Hub layout ({PREFIX}*)")
+    paths = [model_dir / name / "model.safetensors" for name in TEXT_ENCODERS]
+    if not paths[0].is_file():
+        raise SystemExit(f"error: no {paths[0]}")
+    for path in paths:
+        if not path.is_file():
+            continue
+        with safe_open(str(path), "np") as f:
+            metadata = f.metadata() or {"format": "pt"}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if all(_hub_name(k) == k for k in tensors):
+            print(f"{path}: already in the Hub layout")
+            continue
+        renamed = {_hub_name(k): v for k, v in tensors.items()}
+        save_file(renamed, str(path), metadata=metadata)
+        print(f"{path}: {len(renamed)} tensors renamed to the Hub layout ({PREFIX}*)")
+
+
+def check_load(model_dir: Path) -> None:
+    """Every text encoder loads with no missing, unexpected or mismatched weight in this venv's transformers."""
+    import transformers
+
+    index = json.loads((model_dir / "model_index.json").read_text())
+    bad = []
+    for name in TEXT_ENCODERS:
+        entry = index.get(name)
+        if not entry or entry[0] is None or not (model_dir / name).is_dir():
+            continue
+        cls = getattr(transformers, entry[1])
+        _, info = cls.from_pretrained(str(model_dir / name), output_loading_info=True)
+        problems = {k: v for k, v in info.items() if v and k != "error_msgs"} | (
+            {"error_msgs": info["error_msgs"]} if info.get("error_msgs") else {})
+        status = "all weights loaded" if not problems else f"NOT loaded right: {problems}"
+        print(f"{model_dir.name}/{name} ({entry[1]}, transformers {transformers.__version__}): {status}")
+        if problems:
+            bad.append(name)
+    if bad:
+        raise SystemExit(f"error: transformers {transformers.__version__} does not load every weight of "
+                         f"{', '.join(bad)} in {model_dir}")
 
 
 def tree_digest(root: Path) -> tuple[str, list[dict]]:
@@ -52,26 +113,27 @@ def tree_digest(root: Path) -> tuple[str, list[dict]]:
     return total.hexdigest(), rows
 
 
-def manifest(root: Path) -> None:
+def manifest(root: Path, kind: str = "sd1") -> None:
     from importlib.metadata import version
 
+    spec = KINDS[kind]
+    source = spec["source"]
     names = ["optimum", "optimum-onnx", "optimum-intel", "onnx", "onnxruntime", "openvino", "openvino-tokenizers",
              "diffusers", "transformers", "torch"]
     folders = {}
-    for name in (SOURCE, ONNX, OPENVINO):
+    for name in (source, ONNX, OPENVINO):
         digest, rows = tree_digest(root / name)
         folders[name] = {"sha256": digest, "bytes": sum(r["bytes"] for r in rows), "files": rows}
     data = {
-        "what": "A tiny SD 1.x pipeline (diffusers format) and Optimum's ONNX and OpenVINO exports of it, for "
-                "tests/test_interop_optimum.py. Made by benchmarks/peers/make_optimum_fixtures.sh; do not edit.",
+        "what": spec["what"],
         "made_by": {
-            SOURCE: "diffship tiny-model tiny-sd1 --kind sd1 (main venv), then text_encoder weights renamed to the "
-                    "Hub layout (benchmarks/peers/optimum_fixtures.py hub-layout)",
-            ONNX: "optimum-cli export onnx --model tiny-sd1 --task text-to-image onnx",
-            OPENVINO: "optimum-cli export openvino --model tiny-sd1 --task text-to-image --weight-format fp32 openvino",
+            source: spec["source_made_by"],
+            ONNX: f"optimum-cli export onnx --model {source} --task text-to-image onnx",
+            OPENVINO: f"optimum-cli export openvino --model {source} --task text-to-image --weight-format fp32 "
+                      "openvino",
         },
         "optimum_venv_versions": {n: version(n) for n in names},
-        "source_sha256": folders[SOURCE]["sha256"],
+        "source_sha256": folders[source]["sha256"],
         "total_bytes": sum(f["bytes"] for f in folders.values()),
         "folders": folders,
     }
@@ -81,14 +143,19 @@ def manifest(root: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] not in ("hub-layout", "manifest", "source-sha256"):
+    kind = "sd1"
+    if len(argv) == 4 and argv[0] == "manifest" and argv[2] == "--kind" and argv[3] in KINDS:
+        kind, argv = argv[3], argv[:2]
+    if len(argv) != 2 or argv[0] not in ("hub-layout", "check-load", "manifest", "source-sha256"):
         print(__doc__, file=sys.stderr)
         return 2
     command, path = argv[0], Path(argv[1])
     if command == "hub-layout":
         hub_layout(path)
+    elif command == "check-load":
+        check_load(path)
     elif command == "manifest":
-        manifest(path)
+        manifest(path, kind)
     else:  # the digest the shell script compares with MANIFEST.json's source_sha256
         print(tree_digest(path)[0])
     return 0

@@ -8,11 +8,15 @@ from diffship.pipelines import (
     AutoPipelineForImage2Image,
     AutoPipelineForInpainting,
     AutoPipelineForText2Image,
+    LatentConsistencyModelPipeline,
     StableDiffusionDepth2ImgPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionPipelineOutput,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
 )
 
 __version__ = "0.1.0"
@@ -30,10 +34,14 @@ __all__ = [
     "AutoPipelineForInpainting",
     "AutoPipelineForText2Image",
     "DiffshipError",
+    "LatentConsistencyModelPipeline",
     "StableDiffusionDepth2ImgPipeline",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
     "StableDiffusionPipeline",
     "StableDiffusionPipelineOutput",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
+    "StableDiffusionXLPipeline",
     "export",
 ]

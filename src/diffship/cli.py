@@ -297,7 +297,7 @@ def _check_generate(args) -> None:
     """Every flag of `generate` whose check needs no model, before anything is read or loaded. The checks that need
     the model (--steps past the scheduler's num_train_timesteps, --clip-skip past the text encoder's layers, sizes
     the VAE's scale factor does not divide) are the pipeline's, made before its first graph runs."""
-    from diffship.pipelines.stable_diffusion_img2img import check_strength
+    from diffship.pipelines.steps import check_strength
     from diffship.runtimes import backend_name
 
     with _flag("--backend"):

@@ -17,6 +17,7 @@ from diffship.benchmarking.interleave import Contestant, run_rounds, start_all
 from diffship.benchmarking.machine import load_average, machine_info, now, versions
 from diffship.benchmarking.summary import SCHEMA, attach_roofline
 from diffship.errors import BackendError, DiffshipError
+from diffship.layout import UNET
 
 # Backend name -> the module that must import for it.
 BACKEND_MODULES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}
@@ -53,19 +54,23 @@ def check_backend(name: str) -> str:
 def _config(model_dir: Path, name: str) -> dict:
     from diffship.pipelines.base import read_config
 
-    return read_config(model_dir, name) if (Path(model_dir) / name / "config.json").is_file() else {}
+    from diffship.layout import CONFIG
+
+    return read_config(model_dir, name) if (Path(model_dir) / name / CONFIG).is_file() else {}
 
 
 def vae_scale_factor(model_dir) -> int:
-    """Image pixels per latent pixel: 8 for Stable Diffusion's VAE (2 ** (its blocks - 1))."""
-    blocks = (_config(model_dir, "vae_decoder") or _config(model_dir, "vae_encoder")).get("block_out_channels",
-                                                                                          [0] * 4)
-    return 2 ** (len(blocks) - 1)
+    """Image pixels per latent pixel of an exported directory's VAE (8 for Stable Diffusion's)."""
+    from diffship.layout import VAE_DECODER, VAE_ENCODER
+    from diffship.layout import vae_scale_factor as scale_factor
+
+    vae = _config(model_dir, VAE_DECODER) or _config(model_dir, VAE_ENCODER)
+    return scale_factor(vae.get("block_out_channels", [0] * 4))
 
 
 def default_size(model_dir) -> int:
     """The model's native image size: the UNet's sample_size times the VAE's scale factor."""
-    return _config(model_dir, "unet").get("sample_size", 64) * vae_scale_factor(model_dir)
+    return _config(model_dir, UNET).get("sample_size", 64) * vae_scale_factor(model_dir)
 
 
 def check_bench_arguments(names: dict | None = None, *, runs, warmup, steps, batch_size, height, width,
@@ -73,7 +78,7 @@ def check_bench_arguments(names: dict | None = None, *, runs, warmup, steps, bat
     """bench()'s arguments, checked before anything is loaded; `names` maps an argument to the name errors use
     (the command line's flags). strength None: not given."""
     from diffship.checks import MAX_SEED, check_image_size, check_int, check_number, check_scheduler_name
-    from diffship.pipelines.stable_diffusion_img2img import check_strength
+    from diffship.pipelines.steps import check_strength
 
     names = {k: (names or {}).get(k, k) for k in ("runs", "warmup", "steps", "batch_size", "height", "width",
                                                    "guidance_scale", "task", "strength", "seed", "static",

@@ -45,7 +45,7 @@ class StageRecorder:
         try:
             yield
         finally:
-            self.calls[name].append(time.perf_counter() - start)
+            self.calls.setdefault(name, []).append(time.perf_counter() - start)
 
     def wrap(self, fn, name: str):
         """`fn` timed as one call of stage `name`."""

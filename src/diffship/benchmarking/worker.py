@@ -13,10 +13,7 @@ import sys
 import time
 
 from diffship.benchmarking.protocol import StageRecorder, serve
-
-# Session attribute of a pipeline -> the stage its calls count to.
-SESSION_STAGES = {"text_encoder": "text_encoder", "unet": "unet", "vae_encoder": "vae_encode",
-                  "vae_decoder": "vae_decode"}
+from diffship.pipelines.timing import stage_of
 
 
 class TimedSession:
@@ -66,12 +63,10 @@ def load(spec: dict):
     pipe.set_progress_bar_config(disable=True)
 
     recorder = StageRecorder()
-    for attr, stage in SESSION_STAGES.items():
-        session = getattr(pipe, attr, None)
-        if session is not None:
-            timed = TimedSession(session, recorder, stage)
-            setattr(pipe, attr, timed)
-            pipe.sessions[attr] = timed
+    for name, session in list(pipe.sessions.items()):
+        timed = TimedSession(session, recorder, stage_of(name))
+        setattr(pipe, name, timed)
+        pipe.sessions[name] = timed
 
     prompt = spec.get("prompt", "a photo of an astronaut riding a horse on mars")
     prompts = prompt if batch == 1 else [prompt] * batch
@@ -95,27 +90,8 @@ def load(spec: dict):
         return recorder.timings(time.perf_counter() - start)
 
     info = {"pipeline": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__, "backend": pipe.backend,
-            "static": static, "unet_session": session_settings(pipe.unet._session)}
+            "static": static, "unet_session": pipe.unet.settings()}
     return run, info
-
-
-def session_settings(session) -> dict:
-    """What the runtime chose for the UNet: precision and performance hint (OpenVINO), threads (ONNX Runtime)."""
-    compiled = getattr(session, "_compiled", None)
-    if compiled is not None:
-        out = {}
-        for key in ("INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT", "NUM_STREAMS", "INFERENCE_NUM_THREADS"):
-            try:
-                out[key] = str(compiled.get_property(key))
-            except Exception:  # a property this device does not report
-                pass
-        return out
-    ort_session = getattr(session, "_session", None)
-    if ort_session is not None:
-        options = ort_session.get_session_options()
-        return {"providers": ort_session.get_providers(), "intra_op_num_threads": options.intra_op_num_threads,
-                "graph_optimization_level": str(options.graph_optimization_level)}
-    return {}
 
 
 if __name__ == "__main__":

@@ -1,11 +1,16 @@
-"""What is exported for each component: a wrapper module with the tensor contract of DESIGN.md, and the
-example inputs and dynamic axes it is traced with. One short function per component."""
+"""The export pieces every family builds its components from: a wrapper module with the tensor contract of
+docs/architecture.md, and the example inputs and dynamic axes it is traced with. One short function per kind of
+component; a family module (diffship.families) says which it exports, under which role, with what inputs."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import torch
+
+from diffship.layout import DEPTH_ESTIMATOR, UNET, VAE_DECODER, VAE_ENCODER
 
 
 @dataclass
@@ -18,6 +23,9 @@ class ComponentSpec:
     output_names: list[str]
     dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
     config_source: object = None  # the diffusers/transformers config written as the component's config.json
+    atol: float = 1e-3  # the fp32 max-abs bound its validation is judged by (the family states it, and why)
+    # Files the runtime needs beside the graph, written into the component's folder: (folder) -> None.
+    write_extra: Callable[[Path], None] | None = None
     # Input shapes the graph is validated at besides the traced ones (dynamic exports): other batch sizes and
     # sizes, so that a size baked into the graph cannot pass validation.
     other_shapes: list[dict[str, tuple[int, ...]]] = field(default_factory=list)
@@ -47,16 +55,31 @@ class _TextEncoder(torch.nn.Module):
     def forward(self, input_ids):
         out = self.text_encoder(input_ids=input_ids, output_hidden_states=True, return_dict=True)
         # hidden_states.N are kept for clip_skip (and SDXL's penultimate layer).
+        if hasattr(out, "text_embeds"):
+            # CLIPTextModelWithProjection (SDXL's text_encoder_2) pools through its projection, and its pooled
+            # embedding comes first, as in Optimum's exports: diffusers' SDXL pipelines (Optimum's too) take the
+            # pooled embedding as the encoder's output 0.
+            return (out.text_embeds, out.last_hidden_state, *out.hidden_states)
         return (out.last_hidden_state, out.pooler_output, *out.hidden_states)
 
 
+# UNet inputs -> where diffusers' UNet2DConditionModel.forward takes them.
+_ADDED_CONDITIONS = ("text_embeds", "time_ids")
+
+
 class _UNet(torch.nn.Module):
-    def __init__(self, unet):
+    """sample, timestep, then the conditioning inputs by name: encoder_hidden_states, timestep_cond (LCM), and
+    text_embeds / time_ids (SDXL's added conditions)."""
+
+    def __init__(self, unet, conditioning: list[str]):
         super().__init__()
         self.unet = unet
+        self.conditioning = conditioning
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample, timestep, *conditioning):
+        given = dict(zip(self.conditioning, conditioning))
+        added = {k: given.pop(k) for k in _ADDED_CONDITIONS if k in given}
+        return self.unet(sample, timestep, added_cond_kwargs=added or None, return_dict=False, **given)[0]
 
 
 class _VaeEncoder(torch.nn.Module):
@@ -91,11 +114,6 @@ def _maybe(static: bool, axes: dict[int, str]) -> dict[int, str]:
     return {} if static else axes
 
 
-def vae_scale_factor(block_out_channels) -> int:
-    """Image pixels per latent pixel: the VAE halves the size at every block but the last (8 for SD's four)."""
-    return 2 ** (len(block_out_channels) - 1)
-
-
 def up_factor(unet) -> int:
     """How many times the UNet upsamples in all: sizes it does not divide need the skip sizes forwarded."""
     return 2 ** unet.num_upsamplers
@@ -120,81 +138,99 @@ def latent_sizes(unet, shapes: "ExportShapes", vae_scale_factor: int) -> tuple[t
     return requested, (not_divisible(requested[0], factor), not_divisible(requested[1], factor))
 
 
-def text_encoder_spec(text_encoder, shapes: ExportShapes) -> ComponentSpec:
+def text_encoder_spec(name: str, text_encoder, shapes: ExportShapes, atol: float = 1e-3,
+                      write_extra=None) -> ComponentSpec:
+    """A CLIP text encoder: input_ids -> last_hidden_state and its pooled output (pooler_output; or, first,
+    text_embeds where the model projects it), then every hidden state (hidden_states.0 is the embeddings)."""
     n_hidden = text_encoder.config.num_hidden_layers + 1
     batch = shapes.batch_size
+    hidden = [f"hidden_states.{i}" for i in range(n_hidden)]
+    if hasattr(text_encoder, "text_projection"):
+        pooled, outputs = "text_embeds", ["text_embeds", "last_hidden_state"] + hidden
+    else:
+        pooled, outputs = "pooler_output", ["last_hidden_state", "pooler_output"] + hidden
     return ComponentSpec(
-        name="text_encoder",
+        name=name,
         module=_TextEncoder(text_encoder),
         example_inputs={"input_ids": torch.randint(0, text_encoder.config.vocab_size, (batch, shapes.sequence_length))},
-        output_names=["last_hidden_state", "pooler_output"] + [f"hidden_states.{i}" for i in range(n_hidden)],
+        output_names=outputs,
         dynamic_axes={
-            name: _maybe(shapes.static, {0: "batch_size", 1: "sequence_length"} if name != "pooler_output" else {0: "batch_size"})
-            for name in ["input_ids", "last_hidden_state", "pooler_output"] + [f"hidden_states.{i}" for i in range(n_hidden)]
+            output: _maybe(shapes.static, {0: "batch_size", 1: "sequence_length"} if output != pooled else {0: "batch_size"})
+            for output in ["input_ids"] + outputs
         },
         config_source=text_encoder.config,
+        atol=atol,
+        write_extra=write_extra,
         other_shapes=[] if shapes.static else [{"input_ids": (batch + 1, shapes.sequence_length)}],
     )
 
 
-def unet_spec(unet, shapes: ExportShapes, vae_scale_factor: int, cross_attention_dim: int) -> ComponentSpec:
-    # Classifier-free guidance runs the unconditional and conditional batch together.
-    batch = 2 * shapes.batch_size
+def unet_spec(unet, shapes: ExportShapes, vae_scale_factor: int, conditioning: dict[str, tuple[int, ...]],
+              guided: bool = True, atol: float = 1e-3) -> ComponentSpec:
+    """The denoising UNet: sample and timestep, then `conditioning`: input name -> its shape after the batch axis
+    (encoder_hidden_states (sequence, features), timestep_cond, text_embeds, time_ids). `guided`: traced at the
+    doubled batch of classifier-free guidance (and checked at the single one as well)."""
+    batch = 2 * shapes.batch_size if guided else shapes.batch_size
     requested, not_multiple = latent_sizes(unet, shapes, vae_scale_factor)
     h, w = requested if shapes.static else not_multiple
     c = unet.config.in_channels
     sample_axes = {0: "batch_size", 2: "height", 3: "width"}
+    condition_axes = {name: {0: "batch_size", 1: "sequence_length"} if name == "encoder_hidden_states"
+                      else {0: "batch_size"} for name in conditioning}
     # Besides the traced shapes, dynamic graphs are checked at the unguided batch (one image, guidance off), at
     # the requested latent and at one the up factor does not divide, whatever size the trace was made at.
-    unguided = {"encoder_hidden_states": (shapes.batch_size, shapes.sequence_length, cross_attention_dim)}
+    single = {name: (shapes.batch_size, *shape) for name, shape in conditioning.items()}
     return ComponentSpec(
-        name="unet",
-        module=_UNet(unet),
+        name=UNET,
+        module=_UNet(unet, list(conditioning)),
         example_inputs={
             "sample": torch.randn(batch, c, h, w),
             # Rank-0 float, as Optimum's ONNX exports take it: fractional timesteps (Karras sigmas) stay exact.
             "timestep": torch.tensor(981.0),
-            "encoder_hidden_states": torch.randn(batch, shapes.sequence_length, cross_attention_dim),
+            **{name: torch.randn(batch, *shape) for name, shape in conditioning.items()},
         },
         output_names=["out_sample"],
         dynamic_axes={
             "sample": _maybe(shapes.static, sample_axes),
-            "encoder_hidden_states": _maybe(shapes.static, {0: "batch_size", 1: "sequence_length"}),
+            **{name: _maybe(shapes.static, axes) for name, axes in condition_axes.items()},
             "out_sample": _maybe(shapes.static, sample_axes),
         },
         config_source=unet.config,
-        other_shapes=[] if shapes.static else [{"sample": (shapes.batch_size, c, *size), **unguided}
+        atol=atol,
+        other_shapes=[] if shapes.static else [{"sample": (shapes.batch_size, c, *size), **single}
                                                for size in dict.fromkeys((requested, not_multiple))],
     )
 
 
-def vae_encoder_spec(vae, shapes: ExportShapes, vae_scale_factor: int) -> ComponentSpec:
+def vae_encoder_spec(vae, shapes: ExportShapes, vae_scale_factor: int, atol: float = 1e-3) -> ComponentSpec:
     axes = {0: "batch_size", 2: "height", 3: "width"}
     c = vae.config.in_channels
     return ComponentSpec(
-        name="vae_encoder",
+        name=VAE_ENCODER,
         module=_VaeEncoder(vae),
         example_inputs={"sample": torch.rand(shapes.batch_size, c, shapes.height, shapes.width) * 2 - 1},
         output_names=["latent_parameters"],
         dynamic_axes={"sample": _maybe(shapes.static, axes), "latent_parameters": _maybe(shapes.static, axes)},
         config_source=vae.config,
+        atol=atol,
         other_shapes=[] if shapes.static else [
             {"sample": (shapes.batch_size + 1, c, *_other_image_size(shapes, vae_scale_factor))}],
     )
 
 
-def vae_decoder_spec(vae, shapes: ExportShapes, vae_scale_factor: int) -> ComponentSpec:
+def vae_decoder_spec(vae, shapes: ExportShapes, vae_scale_factor: int, atol: float = 1e-3) -> ComponentSpec:
     axes = {0: "batch_size", 2: "height", 3: "width"}
     h, w = shapes.height // vae_scale_factor, shapes.width // vae_scale_factor
     c = vae.config.latent_channels
     other_h, other_w = (size // vae_scale_factor for size in _other_image_size(shapes, vae_scale_factor))
     return ComponentSpec(
-        name="vae_decoder",
+        name=VAE_DECODER,
         module=_VaeDecoder(vae),
         example_inputs={"latent_sample": torch.randn(shapes.batch_size, c, h, w)},
         output_names=["sample"],
         dynamic_axes={"latent_sample": _maybe(shapes.static, axes), "sample": _maybe(shapes.static, axes)},
         config_source=vae.config,
+        atol=atol,
         other_shapes=[] if shapes.static else [{"latent_sample": (shapes.batch_size + 1, c, other_h, other_w)}],
     )
 
@@ -204,35 +240,37 @@ def _other_image_size(shapes: ExportShapes, vae_scale_factor: int) -> tuple[int,
     return shapes.height + vae_scale_factor, shapes.width + 2 * vae_scale_factor
 
 
-def depth_estimator_spec(depth_estimator, shapes: ExportShapes) -> ComponentSpec:
+def depth_estimator_spec(depth_estimator, shapes: ExportShapes, atol: float = 1e-3) -> ComponentSpec:
     """DPTForDepthEstimation: pixel_values [B,3,S,S] -> predicted_depth [B,h,w]. Height and width stay fixed at the
     DPT's image_size (the size its feature extractor resizes every image to): ViT position embeddings are resized
     with Python ints at trace time, so a graph traced at one size would be wrong at another."""
     size = depth_estimator.config.image_size
     size = (size, size) if isinstance(size, int) else tuple(size)
     return ComponentSpec(
-        name="depth_estimator",
+        name=DEPTH_ESTIMATOR,
         module=_DepthEstimator(depth_estimator),
         example_inputs={"pixel_values": torch.randn(shapes.batch_size, depth_estimator.config.num_channels, *size)},
         output_names=["predicted_depth"],
         dynamic_axes={"pixel_values": _maybe(shapes.static, {0: "batch_size"}),
                       "predicted_depth": _maybe(shapes.static, {0: "batch_size"})},
         config_source=depth_estimator.config,
+        atol=atol,
         other_shapes=[] if shapes.static else [
             {"pixel_values": (shapes.batch_size + 1, depth_estimator.config.num_channels, *size)}],
     )
 
 
-def stable_diffusion_specs(pipe, shapes: ExportShapes) -> list[ComponentSpec]:
-    """The components a Stable Diffusion 1.x/2.x pipeline (text-to-image, image-to-image, inpainting or
-    depth-to-image: the UNet's in_channels say which) is exported as."""
-    scale = vae_scale_factor(pipe.vae.config.block_out_channels)
-    specs = [
-        text_encoder_spec(pipe.text_encoder, shapes),
-        unet_spec(pipe.unet, shapes, scale, pipe.unet.config.cross_attention_dim),
-        vae_encoder_spec(pipe.vae, shapes, scale),
-        vae_decoder_spec(pipe.vae, shapes, scale),
-    ]
-    if getattr(pipe, "depth_estimator", None) is not None:
-        specs.append(depth_estimator_spec(pipe.depth_estimator, shapes))
-    return specs
+def final_layer_norm_writer(text_encoder):
+    """write_extra for a CLIP text encoder whose family applies clip_skip with the final layer norm (SD 1.x/2.x):
+    the numpy pipeline needs its weights, and they are too small to be worth a graph of their own."""
+    import numpy as np
+
+    from diffship.layout import FINAL_LAYER_NORM_FILE
+
+    def write(folder: Path) -> None:
+        # transformers 4 nests it under text_model, transformers 5 does not.
+        norm = next(m for name, m in text_encoder.named_modules() if name.endswith("final_layer_norm"))
+        np.savez(folder / FINAL_LAYER_NORM_FILE, weight=norm.weight.detach().float().numpy(),
+                 bias=norm.bias.detach().float().numpy(), eps=np.float64(norm.eps))
+
+    return write

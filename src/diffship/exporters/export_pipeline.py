@@ -18,25 +18,29 @@ from tqdm.auto import tqdm
 
 from diffship.checks import check_image_size, check_int, check_number, read_json_object
 from diffship.errors import DiffshipError
-from diffship.exporters.components import ExportShapes, stable_diffusion_specs, vae_scale_factor
+from diffship.exporters.components import ExportShapes
 from diffship.exporters.loading import load_reference_pipeline, resolve_model_dir
 from diffship.exporters.component_export import export_component
 from diffship.exporters.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from diffship.exporters.optimize import ExportOptions
 from diffship.exporters.output_directory import EXPORTER, REPORT_FILE, ExportDirectory, check_output, list_files
-from diffship.exporters.validate import DEFAULT_ATOL
+from diffship.exporters.formats import EXPORT_FORMATS, format_name
+from diffship.families import family_for
 from diffship.graphs.external_data import TWO_GB
-from diffship.pipelines.base import FINAL_LAYER_NORM_FILE
+from diffship.layout import (
+    CONFIG,
+    FEATURE_EXTRACTOR,
+    GRAPH_COMPONENTS,
+    MODEL_INDEX,
+    SOURCE_VAE,
+    UNET,
+    vae_scale_factor,
+)
 
 logger = logging.getLogger(__name__)
 
 # Images per call a graph is traced at: past this, a batch is a typo (and the traced example alone would not fit).
 MAX_BATCH_SIZE = 256
-FORMATS = {"onnx": "onnx", "onnxruntime": "onnx", "ort": "onnx", "openvino": "openvino", "ov": "openvino"}
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
-                       "StableDiffusionDepth2ImgPipeline")
-# Plain files copied as they are: what the numpy pipelines read besides the graphs.
-_COPIED = ("tokenizer", "tokenizer_2", "scheduler")
 
 
 def check_arguments(*, backend="onnx", height=None, width=None, batch_size=1, opset=DEFAULT_OPSET, atol=None,
@@ -57,10 +61,10 @@ def check_arguments(*, backend="onnx", height=None, width=None, batch_size=1, op
 def _formats(backend, flag: str) -> list[str]:
     names = [backend] if isinstance(backend, str) else list(backend)
     names = [n.strip() for name in names for n in name.split(",") if n.strip()]
-    unknown = [n for n in names if n.lower() not in FORMATS]
-    if unknown or not names:
-        raise DiffshipError(f"{flag}: unknown export backend(s) {unknown or names}; choose from onnx, openvino")
-    return sorted({FORMATS[n.lower()] for n in names}, key=["onnx", "openvino"].index)
+    if not names:
+        raise DiffshipError(f"{flag}: no export backend given; choose from {', '.join(EXPORT_FORMATS)}")
+    chosen = {format_name(n, flag) for n in names}
+    return [name for name in EXPORT_FORMATS if name in chosen]  # the registry's order: ONNX first
 
 
 def _atols(atol, flag: str) -> dict[str, float] | None:
@@ -69,11 +73,11 @@ def _atols(atol, flag: str) -> dict[str, float] | None:
         return None
     if not isinstance(atol, dict):
         check_number(atol, flag, low=0)
-        return {k: float(atol) for k in DEFAULT_ATOL}
-    unknown = set(atol) - set(DEFAULT_ATOL)
+        return {k: float(atol) for k in GRAPH_COMPONENTS}
+    unknown = set(atol) - set(GRAPH_COMPONENTS)
     if unknown:
         raise DiffshipError(f"{flag} given for unknown components {sorted(unknown)}; components: "
-                            f"{sorted(DEFAULT_ATOL)}")
+                            f"{', '.join(GRAPH_COMPONENTS)}")
     for component, value in atol.items():
         check_number(value, f"{flag} for {component}", low=0)
     return {k: float(v) for k, v in atol.items()}
@@ -132,30 +136,29 @@ def export(
     source = resolve_model_dir(model, revision=revision)
     if source != local:  # a hub id: its snapshot in the cache must not be replaced either
         check_output(output, overwrite, source)
-    index = read_json_object(source / "model_index.json", {"_class_name": str})
-    if index.get("_class_name") not in SUPPORTED_PIPELINES:
-        raise DiffshipError(
-            f"{source} holds a {index.get('_class_name')}; diffship exports {', '.join(SUPPORTED_PIPELINES)}"
-        )
-    vae_config = read_json_object(source / "vae" / "config.json", {"block_out_channels": list})
+    index = read_json_object(source / MODEL_INDEX, {"_class_name": str})
+    family = family_for(index.get("_class_name"), source)
+    vae_config = read_json_object(source / SOURCE_VAE / CONFIG, {"block_out_channels": list})
     scale = vae_scale_factor(vae_config.get("block_out_channels", [0] * 4))
     check_image_size({"height": height, "width": width}, multiple=max(scale, 8))
 
     with ExportDirectory(output, overwrite) as target_dir:
         pipe = load_reference_pipeline(source)
         default_size = pipe.unet.config.sample_size * scale
+        tokenizer = getattr(pipe, "tokenizer", None) or pipe.tokenizer_2
         shapes = ExportShapes(
             batch_size=batch_size,
             height=height or default_size,
             width=width or default_size,
-            sequence_length=pipe.tokenizer.model_max_length,
+            sequence_length=tokenizer.model_max_length,
             static=static,
         )
         staging = target_dir.path
-        report = _export_components(pipe, shapes, staging, formats, atols, opset, external_data_threshold, progress,
-                                    options)
+        report = _export_components(family, pipe, shapes, staging, formats, atols, opset, external_data_threshold,
+                                    progress, options)
         report.update(
             exporter=EXPORTER,
+            family=family.name,
             source=str(model),
             formats=formats,
             opset=opset,
@@ -165,7 +168,7 @@ def export(
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             versions=_versions(),
         )
-        _write_pipeline_files(source, staging, index)
+        _write_pipeline_files(family, source, staging, index)
         # The list of every file the export wrote: what marks the directory as diffship's, and all that a later
         # export with overwrite=True may delete.
         report["files"] = sorted(set(list_files(staging)) | {REPORT_FILE})
@@ -173,7 +176,7 @@ def export(
         return target_dir.commit()
 
 
-def _export_components(pipe, shapes, staging, formats, atols, opset, threshold, progress, options) -> dict:
+def _export_components(family, pipe, shapes, staging, formats, atols, opset, threshold, progress, options) -> dict:
     calibration = None
     if options.quantize == "hybrid":
         from diffship.exporters.calibration import DEFAULT_PROMPTS, unet_calibration_feeds
@@ -181,16 +184,16 @@ def _export_components(pipe, shapes, staging, formats, atols, opset, threshold, 
         calibration = unet_calibration_feeds(pipe, shapes.height, shapes.width,
                                              options.calibration_prompts or DEFAULT_PROMPTS)
     components = {}
-    specs = stable_diffusion_specs(pipe, shapes)
+    specs = family.specs(pipe, shapes)
     bar = tqdm(specs, desc="export", unit="component", disable=not progress)
     for spec in bar:
         folder = staging / spec.name
         components[spec.name] = export_component(
-            spec, folder, formats, options, opset, threshold, atols, calibration if spec.name == "unet" else None,
+            spec, folder, formats, options, opset, threshold, atols, calibration if spec.name == UNET else None,
             status=lambda text, name=spec.name: bar.set_description(f"export {name}: {text}"))
         _save_config(spec, folder)
-        if spec.name == "text_encoder":
-            _save_final_layer_norm(pipe.text_encoder, folder)
+        if spec.write_extra is not None:
+            spec.write_extra(folder)
     return {"components": components}
 
 
@@ -198,40 +201,26 @@ def _save_config(spec, folder: Path) -> None:
     """The component's own config.json (diffusers or transformers), as Optimum writes it."""
     config = spec.config_source
     if hasattr(config, "to_json_string"):  # transformers PretrainedConfig
-        (folder / "config.json").write_text(config.to_json_string())
+        (folder / CONFIG).write_text(config.to_json_string())
     else:  # diffusers FrozenDict
         data = {k: v for k, v in dict(config).items()}
         data.setdefault("_class_name", type(spec.module).__name__)
-        (folder / "config.json").write_text(json.dumps(data, indent=2, default=list) + "\n")
+        (folder / CONFIG).write_text(json.dumps(data, indent=2, default=list) + "\n")
 
 
-def _save_final_layer_norm(text_encoder, folder: Path) -> None:
-    """clip_skip normalises an earlier hidden state with the final layer norm; the numpy pipeline needs its
-    weights, and they are too small to be worth a graph of their own."""
-    import numpy as np
-
-    # transformers 4 nests it under text_model, transformers 5 does not.
-    norm = next(m for name, m in text_encoder.named_modules() if name.endswith("final_layer_norm"))
-    np.savez(
-        folder / FINAL_LAYER_NORM_FILE,
-        weight=norm.weight.detach().float().numpy(),
-        bias=norm.bias.detach().float().numpy(),
-        eps=np.float64(norm.eps),
-    )
-
-
-def _write_pipeline_files(source: Path, staging: Path, index: dict) -> None:
-    for name in _COPIED:
+def _write_pipeline_files(family, source: Path, staging: Path, index: dict) -> None:
+    """The family's plain files (tokenizers, scheduler), and model_index.json without what was not exported."""
+    for name in family.copied:
         if (source / name).is_dir():
             shutil.copytree(source / name, staging / name)
     # The components that are not exported are removed from the index so that loaders do not look for them.
-    dropped = ("safety_checker", "feature_extractor", "image_encoder")
-    if "depth_estimator" in index and (source / "feature_extractor").is_dir():
+    dropped = ("safety_checker", FEATURE_EXTRACTOR, "image_encoder")
+    if "depth_estimator" in index and (source / FEATURE_EXTRACTOR).is_dir():
         # Depth-to-image keeps its DPT feature extractor: the numpy pipeline reads its preprocessor_config.json.
-        shutil.copytree(source / "feature_extractor", staging / "feature_extractor")
+        shutil.copytree(source / FEATURE_EXTRACTOR, staging / FEATURE_EXTRACTOR)
         dropped = ("safety_checker", "image_encoder")
     index = {k: v for k, v in index.items() if k not in dropped}
-    (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (staging / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _versions() -> dict[str, str]:

@@ -1,24 +1,43 @@
-"""numpy pipelines: tokenize, encode the prompt, denoise with a numpy scheduler, decode. No torch."""
+"""numpy pipelines: tokenize, encode the prompt, denoise with a numpy scheduler, decode. No torch.
 
+The pipeline classes live in their family's module (diffship.families); they are re-exported here, where diffusers
+users look for them.
+"""
+
+from diffship.families.stable_diffusion import (
+    LatentConsistencyModelPipeline,
+    StableDiffusionDepth2ImgPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionPipelineOutput,
+)
+from diffship.families.stable_diffusion_xl import (
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+    StableDiffusionXLPipelineOutput,
+)
 from diffship.pipelines.auto_pipeline import (
     AutoPipelineForImage2Image,
     AutoPipelineForInpainting,
     AutoPipelineForText2Image,
 )
 from diffship.pipelines.base import DiffusionPipeline
-from diffship.pipelines.stable_diffusion import StableDiffusionPipeline, StableDiffusionPipelineOutput
-from diffship.pipelines.stable_diffusion_depth2img import StableDiffusionDepth2ImgPipeline
-from diffship.pipelines.stable_diffusion_img2img import StableDiffusionImg2ImgPipeline
-from diffship.pipelines.stable_diffusion_inpaint import StableDiffusionInpaintPipeline
 
 __all__ = [
     "AutoPipelineForImage2Image",
     "AutoPipelineForInpainting",
     "AutoPipelineForText2Image",
     "DiffusionPipeline",
+    "LatentConsistencyModelPipeline",
     "StableDiffusionDepth2ImgPipeline",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
     "StableDiffusionPipeline",
     "StableDiffusionPipelineOutput",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
+    "StableDiffusionXLPipeline",
+    "StableDiffusionXLPipelineOutput",
 ]

@@ -11,51 +11,65 @@ import numpy as np
 # Imported with the module, not on the first denoising loop, so its import time is not billed to a generation.
 from tqdm.auto import tqdm
 
-from diffship.checks import IMAGE_SIZE_MULTIPLE, check_fields, check_image_size, check_int, read_json_object
+from diffship.checks import check_fields, check_image_size, check_int, read_json_object
 from diffship.errors import DiffshipError, MissingComponentError, NotAPipelineError
+from diffship.layout import (
+    FEATURE_EXTRACTOR,
+    FINAL_LAYER_NORM_FILE,
+    GRAPH_COMPONENTS,
+    GRAPH_FILES,
+    IMAGE_SIZE_MULTIPLE,
+    MODEL_INDEX,
+    PREPROCESSOR_CONFIG,
+    SCHEDULER,
+    SCHEDULER_CONFIG,
+    TEXT_ENCODER,
+    TOKENIZER,
+    TOKENIZER_2,
+    UNET,
+    VAE_DECODER,
+    VAE_ENCODER,
+    vae_scale_factor,
+)
+from diffship.pipelines.image_processing import postprocess
 from diffship.pipelines.tokenizer import CLIPTokenizer
 from diffship.runtimes import BACKENDS, backend_name, input_info, load_session
 from diffship.schedulers import scheduler_class
 from diffship.schedulers.noise import randn
 
-# Written at export beside the text encoder graph: clip_skip applies this norm to an earlier hidden state.
-FINAL_LAYER_NORM_FILE = "final_layer_norm.npz"
-GRAPH_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder", "depth_estimator")
 # Plain-file components read at load: the folder and the file holding their settings.
-SETTINGS_FILES = {"feature_extractor": "preprocessor_config.json"}
+SETTINGS_FILES = {FEATURE_EXTRACTOR: PREPROCESSOR_CONFIG}
 # The settings the pipelines read from each component's config (and model_index.json), with their JSON types:
 # checked at load, so that a hand-edited file is named instead of failing later inside numpy.
 _VAE_FIELDS = {"block_out_channels": list, "scaling_factor": float, "shift_factor": (float, None),
                "latent_channels": int, "in_channels": int}
 CONFIG_FIELDS = {
     "model_index": {"_class_name": str},
-    "unet": {"in_channels": int, "sample_size": int, "cross_attention_dim": int},
-    "vae_encoder": _VAE_FIELDS,
-    "vae_decoder": _VAE_FIELDS,
-    "feature_extractor": {"size": (int, dict), "image_mean": list, "image_std": list, "do_resize": bool,
+    UNET: {"in_channels": int, "sample_size": int, "cross_attention_dim": (int, list),
+           "time_cond_proj_dim": (int, None), "addition_time_embed_dim": (int, None)},
+    VAE_ENCODER: _VAE_FIELDS,
+    VAE_DECODER: _VAE_FIELDS,
+    FEATURE_EXTRACTOR: {"size": (int, dict), "image_mean": list, "image_std": list, "do_resize": bool,
                           "keep_aspect_ratio": bool, "ensure_multiple_of": int, "resample": int, "do_rescale": bool,
                           "rescale_factor": float, "do_normalize": bool, "do_pad": bool, "size_divisor": (int, None)},
 }
 # Python annotations of scheduler __init__ arguments -> the JSON types their config values may have.
 _ANNOTATION_KINDS = {"int": int, "float": float, "bool": bool, "str": str, "None": None}
-# What a Stable Diffusion UNet's input width says about the model, and the pipelines that run it.
-UNET_KINDS = {
-    4: ("text-to-image", "StableDiffusionPipeline, StableDiffusionImg2ImgPipeline or StableDiffusionInpaintPipeline"),
-    9: ("inpainting", "StableDiffusionInpaintPipeline (AutoPipelineForInpainting)"),
-    5: ("depth-to-image", "StableDiffusionDepth2ImgPipeline (AutoPipelineForImage2Image)"),
-}
 
 
 class DiffusionPipeline:
-    """Components are plain attributes: `text_encoder`, `unet`, `vae_decoder`, ... are Sessions."""
+    """The loading half every family's pipelines share. Components are plain attributes: `text_encoder`,
+    `unet`, `vae_decoder`, ... are Sessions; `tokenizer` / `tokenizer_2` the numpy CLIP tokenizers."""
 
     # Graph components this pipeline cannot run without, and those it uses when present.
     required_components: tuple[str, ...] = ()
     optional_components: tuple[str, ...] = ()
+    # Tokenizer folders it needs (SDXL's refiner has tokenizer_2 only).
+    required_tokenizers: tuple[str, ...] = (TOKENIZER,)
     # UNet input widths this pipeline runs: 4 latent channels, + mask and masked-image latents (9), + depth (5).
     unet_in_channels: tuple[int, ...] = (4,)
 
-    def __init__(self, sessions: dict, tokenizer: CLIPTokenizer, scheduler, configs: dict, model_dir: Path | None,
+    def __init__(self, sessions: dict, tokenizers: dict, scheduler, configs: dict, model_dir: Path | None,
                  backend: str, load_seconds: float = 0.0):
         where = f" {model_dir}" if model_dir is not None else " this pipeline"
         for name in self.required_components:
@@ -66,17 +80,19 @@ class DiffusionPipeline:
                     + ("loaded; load it with from_pretrained" if on_disk
                        else f"(no {name}/ folder with a graph); export the model again with `diffship export`")
                 )
-        in_channels = configs.get("unet", {}).get("in_channels", 4)
+        for name in self.required_tokenizers:
+            if tokenizers.get(name) is None:
+                raise MissingComponentError(f"{type(self).__name__} needs {name}/, which{where} does not have")
+        in_channels = configs.get(UNET, {}).get("in_channels", 4)
         if in_channels not in self.unet_in_channels:
-            kind, runs = UNET_KINDS.get(in_channels, (f"{in_channels}-channel", "no diffship pipeline"))
-            raise DiffshipError(
-                f"{type(self).__name__} cannot run{where}: its UNet takes {in_channels} input channels, a {kind} "
-                f"model; use {runs}"
-            )
+            raise DiffshipError(f"{type(self).__name__} cannot run{where}: its UNet takes {in_channels} input "
+                                f"channels; {_pipelines_for(in_channels)}")
         self.sessions = sessions
         for name in GRAPH_COMPONENTS:
             setattr(self, name, sessions.get(name))
-        self.tokenizer = tokenizer
+        self.tokenizers = tokenizers
+        self.tokenizer = tokenizers.get(TOKENIZER)
+        self.tokenizer_2 = tokenizers.get(TOKENIZER_2)
         self.scheduler = scheduler
         self.configs = configs
         self.model_dir = model_dir
@@ -95,35 +111,36 @@ class DiffusionPipeline:
         index = _read_index(model_dir)
         names = [n for n in cls.required_components + cls.optional_components]
         # Every settings file first: a malformed one fails before any graph is loaded.
-        tokenizer = CLIPTokenizer.from_pretrained(_required_dir(model_dir, "tokenizer"))
-        scheduler = read_scheduler(_required_dir(model_dir, "scheduler") / "scheduler_config.json")
+        tokenizers = {name: CLIPTokenizer.from_pretrained(_required_dir(model_dir, name))
+                      for name in cls.required_tokenizers}
+        tokenizers.update({name: CLIPTokenizer.from_pretrained(model_dir / name)
+                           for name in (TOKENIZER, TOKENIZER_2) if name not in tokenizers and (model_dir / name).is_dir()})
+        scheduler = read_scheduler(_required_dir(model_dir, SCHEDULER) / SCHEDULER_CONFIG)
         configs = {name: read_config(model_dir, name) for name in names if (model_dir / name).is_dir()}
         configs.update({name: read_config(model_dir, name, file) for name, file in SETTINGS_FILES.items()
                         if (model_dir / name / file).is_file()})
         configs["model_index"] = index
-        model_file = BACKENDS[backend][2]
         sessions = {}
         for name in names:
             folder = model_dir / name
-            present = folder.is_dir() and (any(folder.glob("*.onnx")) or any(folder.glob("*.xml")))
-            if not present:
+            if not (folder.is_dir() and any((folder / file).is_file() for file in GRAPH_FILES)):
                 if name in cls.required_components:
                     raise MissingComponentError(
-                        f"{folder} is missing: {cls.__name__} needs the {name} component ({model_file}). "
-                        f"Re-export with `diffship export`."
+                        f"{folder} is missing: {cls.__name__} needs the {name} component "
+                        f"({BACKENDS[backend].model_file}). Re-export with `diffship export`."
                     )
                 continue
             try:
                 sessions[name] = load_session(folder, backend, **backend_options)
             except TypeError as e:
                 raise DiffshipError(f"backend option not understood by {backend}: {e}") from e
-            if compile and hasattr(sessions[name], "compile"):
+            if compile:
                 sessions[name].compile()
-        return cls(sessions, tokenizer, scheduler, configs, model_dir, backend, time.perf_counter() - start)
+        return cls(sessions, tokenizers, scheduler, configs, model_dir, backend, time.perf_counter() - start)
 
     @classmethod
     def from_pipe(cls, pipe: "DiffusionPipeline", scheduler=None):
-        """This task's pipeline on `pipe`'s already-loaded sessions, tokenizer and configs: nothing is read from
+        """This task's pipeline on `pipe`'s already-loaded sessions, tokenizers and configs: nothing is read from
         disk, reloaded or recompiled. The scheduler is a new one of `pipe`'s scheduler class and config (stepping
         state is per pipeline), or `scheduler` when given."""
         start = time.perf_counter()
@@ -131,7 +148,7 @@ class DiffusionPipeline:
             raise TypeError(f"from_pipe takes a diffship pipeline, got {type(pipe).__name__}")
         if scheduler is None:
             scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-        new = cls(pipe.sessions, pipe.tokenizer, scheduler, pipe.configs, pipe.model_dir, pipe.backend)
+        new = cls(pipe.sessions, pipe.tokenizers, scheduler, pipe.configs, pipe.model_dir, pipe.backend)
         new._progress_bar_config = dict(pipe._progress_bar_config)
         if hasattr(pipe, "_final_layer_norm"):
             new._final_layer_norm = pipe._final_layer_norm
@@ -141,12 +158,11 @@ class DiffusionPipeline:
     # ---- facts read from configs and graphs ----------------------------------------------------------------
     @property
     def vae_config(self) -> dict:
-        return self.configs.get("vae_decoder") or self.configs.get("vae_encoder") or {}
+        return self.configs.get(VAE_DECODER) or self.configs.get(VAE_ENCODER) or {}
 
     @property
     def vae_scale_factor(self) -> int:
-        blocks = self.vae_config.get("block_out_channels", [0, 0, 0, 0])
-        return 2 ** (len(blocks) - 1)
+        return vae_scale_factor(self.vae_config.get("block_out_channels", [0, 0, 0, 0]))
 
     @property
     def vae_scaling_factor(self) -> float:
@@ -161,7 +177,7 @@ class DiffusionPipeline:
     def text_encoder_final_layer_norm(self):
         """(weight, bias, eps) of the text encoder's final layer norm, for clip_skip; None if not exported."""
         if not hasattr(self, "_final_layer_norm"):
-            path = self.model_dir / "text_encoder" / FINAL_LAYER_NORM_FILE if self.model_dir else None
+            path = self.model_dir / TEXT_ENCODER / FINAL_LAYER_NORM_FILE if self.model_dir else None
             if path is not None and path.is_file():
                 with np.load(path) as data:
                     self._final_layer_norm = (data["weight"], data["bias"], float(data["eps"]))
@@ -171,7 +187,7 @@ class DiffusionPipeline:
 
     @property
     def unet_config(self) -> dict:
-        return self.configs.get("unet", {})
+        return self.configs.get(UNET, {})
 
     def set_progress_bar_config(self, **kwargs) -> None:
         """tqdm options for the denoising progress bar, e.g. `disable=True`."""
@@ -182,9 +198,13 @@ class DiffusionPipeline:
 
     def reshape(self, batch_size: int = 1, height: int | None = None, width: int | None = None,
                 num_images_per_prompt: int = 1, guidance: bool = True) -> None:
-        """Fix OpenVINO graphs to static shapes (faster on CPU); a later call with other sizes must reshape again."""
-        if self.backend != "openvino":
-            raise DiffshipError("reshape() is for the openvino backend; ONNX Runtime handles dynamic shapes as they come")
+        """Fix the graphs to static shapes where the backend can (OpenVINO: faster on CPU); a later call with other
+        sizes must reshape again. Every dynamic input of every graph gets its size from the request: batch axes
+        the images (text encoders: the prompts; the UNet: twice the images with guidance), image axes the size,
+        the sequence axis the tokenizer's length; fixed axes keep their size."""
+        if not all(session.can_reshape for session in self.sessions.values()):
+            raise DiffshipError(f"reshape() needs a backend that can fix shapes (openvino); {self.backend} takes "
+                                "dynamic shapes as they come")
         height = self.default_height if height is None else height
         width = self.default_width if width is None else width
         check_image_size({"height": height, "width": width}, max(IMAGE_SIZE_MULTIPLE, self.vae_scale_factor))
@@ -192,21 +212,24 @@ class DiffusionPipeline:
         check_int(num_images_per_prompt, "num_images_per_prompt", 1)
         images = batch_size * num_images_per_prompt
         latent = (height // self.vae_scale_factor, width // self.vae_scale_factor)
-        seq = self.tokenizer.model_max_length
-        unet_batch = images * (2 if guidance else 1)
-        plans = {
-            "text_encoder": {"input_ids": (batch_size, seq)},
-            "unet": {"sample": (unet_batch, self.unet_config.get("in_channels", 4), *latent),
-                     "encoder_hidden_states": (unet_batch, seq, self.unet_config.get("cross_attention_dim", 768))},
-            "vae_decoder": {"latent_sample": (images, self.vae_config.get("latent_channels", 4), *latent)},
-            "vae_encoder": {"sample": (images, self.vae_config.get("in_channels", 3), height, width)},
-        }
-        for name, shapes in plans.items():
-            session = self.sessions.get(name)
-            if session is not None:
-                # Only reshape the inputs the graph has (timestep etc. keep their shape).
-                session.reshape({k: v for k, v in shapes.items() if input_info(session, k) is not None})
-                session.compile()
+        sequence = max(t.model_max_length for t in self.tokenizers.values())
+        batches = {UNET: images * (2 if guidance else 1), VAE_DECODER: images, VAE_ENCODER: images}
+        sizes = {UNET: latent, VAE_DECODER: latent, VAE_ENCODER: (height, width)}
+        for name, session in self.sessions.items():
+            shapes = {}
+            for info in session.inputs:
+                if info.rank == 0 or all(isinstance(d, int) for d in info.shape):
+                    continue  # timestep, and inputs already static
+                shape = list(info.shape)
+                shape[0] = batches.get(name, batch_size)
+                if info.rank == 4 and name in sizes:
+                    shape[2:] = sizes[name]
+                elif info.rank >= 2 and not isinstance(shape[1], int):
+                    shape[1] = sequence
+                shapes[info.name] = tuple(shape)
+            if shapes:
+                session.reshape(shapes)
+            session.compile()
 
     @property
     def default_height(self) -> int:
@@ -232,6 +255,18 @@ class DiffusionPipeline:
         latents = retrieve_latents(parameters, generator)
         return (latents - np.float32(self.vae_shift_factor)) * np.float32(self.vae_scaling_factor)
 
+    def decode_latents(self, latents: np.ndarray) -> np.ndarray:
+        latents = latents / np.float32(self.vae_scaling_factor) + np.float32(self.vae_shift_factor)
+        return self.vae_decoder.run({"latent_sample": latents})["sample"]
+
+    def decode_images(self, latents: np.ndarray, output_type: str, timer) -> list | np.ndarray:
+        """The generation's result: the latents themselves (output_type "latent"), or decoded and postprocessed."""
+        if output_type == "latent":
+            return latents
+        with timer.stage("vae_decode"):
+            image = self.decode_latents(latents)
+        return postprocess(image, output_type)
+
     def timestep_feed(self, t, batch: int) -> np.ndarray:
         """The timestep in the form this UNet graph takes: float rank-0 (Optimum's ONNX) or [B] of its dtype."""
         info = input_info(self.unet, "timestep")
@@ -245,6 +280,14 @@ class DiffusionPipeline:
     def __repr__(self) -> str:
         parts = ", ".join(f"{k}={v!r}" for k, v in self.sessions.items())
         return f"{type(self).__name__}(backend={self.backend!r}, {parts}, scheduler={type(self.scheduler).__name__})"
+
+
+def _pipelines_for(in_channels: int) -> str:
+    """Which pipelines run a UNet of `in_channels` input channels, for errors."""
+    from diffship.families import all_pipelines
+
+    names = [cls.__name__ for cls in all_pipelines() if in_channels in cls.unet_in_channels]
+    return f"use {' or '.join(names)}" if names else "no diffship pipeline runs such a model"
 
 
 def retrieve_latents(latent_parameters: np.ndarray, generator=None, sample_mode: str = "sample") -> np.ndarray:
@@ -264,7 +307,7 @@ def _read_index(model_dir: Path) -> dict:
         raise NotAPipelineError(f"{model_dir} does not exist")
     if not model_dir.is_dir():
         raise NotAPipelineError(f"{model_dir} is a file; give the exported pipeline's directory")
-    index_path = model_dir / "model_index.json"
+    index_path = model_dir / MODEL_INDEX
     if not index_path.is_file():
         raise NotAPipelineError(
             f"{model_dir} is not an exported pipeline: it has no model_index.json "

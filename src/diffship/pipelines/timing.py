@@ -6,6 +6,19 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 
+from diffship.layout import DEPTH_ESTIMATOR, TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER, VAE_ENCODER
+
+# The stage a component's calls count to: both text encoders are "text_encoder" (encoding the prompt), the
+# denoiser's calls are the steps.
+STEP_STAGE = "unet"
+COMPONENT_STAGES = {TEXT_ENCODER: "text_encoder", TEXT_ENCODER_2: "text_encoder", UNET: STEP_STAGE,
+                    VAE_ENCODER: "vae_encode", VAE_DECODER: "vae_decode", DEPTH_ESTIMATOR: "depth_estimator"}
+
+
+def stage_of(component: str) -> str:
+    """The stage a component's graph runs in (a component of a new family: its own name)."""
+    return COMPONENT_STAGES.get(component, component)
+
 
 class StageTimer:
     """Accumulates seconds per named stage; `unet` steps are also kept one by one."""
@@ -22,7 +35,7 @@ class StageTimer:
         finally:
             elapsed = time.perf_counter() - start
             self.seconds[name] += elapsed
-            if name == "unet":
+            if name == STEP_STAGE:
                 self.unet_steps.append(elapsed)
 
     def summary(self, total: float, load: float | None = None) -> dict[str, float]:

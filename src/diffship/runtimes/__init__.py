@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 
 from diffship.errors import BackendError
+from diffship.layout import ONNX_MODEL, OPENVINO_MODEL
 from diffship.runtimes.base import Session, TensorInfo, input_info
 
-# name -> (module, class, the file a component folder holds for it)
+
+@dataclass(frozen=True)
+class Backend:
+    """A runtime: where its Session class lives (imported on first use) and the graph file it reads."""
+
+    module: str
+    session_class: str
+    model_file: str
+
+
+# The backend registry: adding a backend is a module in runtimes/ and a line here.
 BACKENDS = {
-    "onnxruntime": ("diffship.runtimes.onnxruntime", "OnnxRuntimeSession", "model.onnx"),
-    "openvino": ("diffship.runtimes.openvino", "OpenVINOSession", "openvino_model.xml"),
+    "onnxruntime": Backend("diffship.runtimes.onnxruntime", "OnnxRuntimeSession", ONNX_MODEL),
+    "openvino": Backend("diffship.runtimes.openvino", "OpenVINOSession", OPENVINO_MODEL),
 }
 ALIASES = {"ort": "onnxruntime", "onnx": "onnxruntime", "ov": "openvino"}
 
@@ -23,8 +35,8 @@ def backend_name(name: str) -> str:
 
 
 def session_class(backend: str):
-    module, cls, _ = BACKENDS[backend_name(backend)]
-    return getattr(importlib.import_module(module), cls)
+    entry = BACKENDS[backend_name(backend)]
+    return getattr(importlib.import_module(entry.module), entry.session_class)
 
 
 def load_session(path, backend: str = "onnxruntime", **options) -> Session:
@@ -32,4 +44,4 @@ def load_session(path, backend: str = "onnxruntime", **options) -> Session:
     return session_class(backend)(path, **options)
 
 
-__all__ = ["BACKENDS", "Session", "TensorInfo", "backend_name", "input_info", "load_session", "session_class"]
+__all__ = ["BACKENDS", "Backend", "Session", "TensorInfo", "backend_name", "input_info", "load_session", "session_class"]

@@ -26,13 +26,27 @@ class TensorInfo:
 
 @runtime_checkable
 class Session(Protocol):
-    """A compiled component graph. `run` takes and returns numpy arrays keyed by tensor name."""
+    """A compiled component graph. `run` takes and returns numpy arrays keyed by tensor name.
 
+    Capabilities a backend may lack are part of the interface, so that no caller probes with hasattr or compares
+    backend names: `can_reshape` says whether `reshape` fixes input shapes (OpenVINO compiles faster code for
+    static shapes; ONNX Runtime takes any shape as it comes), `compile` does what a first run would do ahead of
+    time (a no-op where loading compiled already), and `settings` reports what the runtime chose (precision,
+    threads, providers), for benchmarks and the timing table."""
+
+    backend: str
     inputs: list[TensorInfo]
     outputs: list[TensorInfo]
     path: str
+    can_reshape: bool
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def reshape(self, shapes: dict[str, tuple[int, ...]]) -> None: ...
+
+    def compile(self) -> None: ...
+
+    def settings(self) -> dict: ...
 
 
 def input_info(session: Session, name: str) -> TensorInfo | None:

@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from diffship.errors import BackendError
+from diffship.layout import ONNX_MODEL
 from diffship.runtimes.base import TensorInfo, check_feeds, run_error
-
-MODEL_FILE = "model.onnx"
 
 _ORT_TYPES = {
     "tensor(float)": np.float32,
@@ -41,6 +40,7 @@ class OnnxRuntimeSession:
     """An onnxruntime.InferenceSession behind the Session protocol."""
 
     backend = "onnxruntime"
+    can_reshape = False  # every dynamic dimension is taken as it comes
 
     def __init__(
         self,
@@ -53,7 +53,7 @@ class OnnxRuntimeSession:
         ort = _ort()
         path = Path(path)
         if path.is_dir():
-            path = path / MODEL_FILE
+            path = path / ONNX_MODEL
         if not path.is_file():
             raise BackendError(f"no ONNX model at {path}: export the component first (diffship export)")
         self.path = str(path)
@@ -85,6 +85,18 @@ class OnnxRuntimeSession:
             return dict(zip(names, self._session.run(names, feeds)))
         except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidArgument, ...)
             raise run_error(self, feeds, e) from e
+
+    def reshape(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        raise BackendError(f"{self.path}: onnxruntime sessions take any input shape the graph allows; reshape is "
+                           "for the openvino backend")
+
+    def compile(self) -> None:
+        """Nothing to do: the session was compiled when it was created."""
+
+    def settings(self) -> dict:
+        options = self._session.get_session_options()
+        return {"providers": self._session.get_providers(), "intra_op_num_threads": options.intra_op_num_threads,
+                "graph_optimization_level": str(options.graph_optimization_level)}
 
     def __repr__(self) -> str:
         return f"OnnxRuntimeSession({self.path!r}, providers={self.providers})"

@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from diffship.errors import BackendError
+from diffship.layout import ONNX_MODEL, OPENVINO_MODEL
 from diffship.runtimes.base import TensorInfo, check_feeds, run_error
-
-MODEL_FILE = "openvino_model.xml"
 
 
 def _ov():
@@ -51,6 +50,7 @@ class OpenVINOSession:
     """An OpenVINO model behind the Session protocol. Compiled on first run, after any `reshape`."""
 
     backend = "openvino"
+    can_reshape = True
 
     def __init__(
         self,
@@ -64,7 +64,7 @@ class OpenVINOSession:
         ov = _ov()
         path = Path(path)
         if path.is_dir():
-            candidates = [path / MODEL_FILE, path / "model.onnx"]
+            candidates = [path / OPENVINO_MODEL, path / ONNX_MODEL]
             path = next((c for c in candidates if c.is_file()), candidates[0])
         if not path.is_file():
             raise BackendError(f"no OpenVINO model at {path}: export with --backend openvino (or give model.onnx)")
@@ -114,6 +114,17 @@ class OpenVINOSession:
         except Exception as e:  # OpenVINO raises RuntimeError (or its own types) with the plugin's message
             raise run_error(self, feeds, e) from e
         return {info.name: np.asarray(results[port]) for info, port in zip(self.outputs, self._compiled.outputs)}
+
+    def settings(self) -> dict:
+        """The compiled model's precision, performance hint, streams and threads (compiles it if need be)."""
+        self.compile()
+        out = {}
+        for key in ("INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT", "NUM_STREAMS", "INFERENCE_NUM_THREADS"):
+            try:
+                out[key] = str(self._compiled.get_property(key))
+            except Exception:  # a property this device does not report
+                pass
+        return out
 
     def __repr__(self) -> str:
         return f"OpenVINOSession({self.path!r}, device={self.device!r})"

@@ -1,0 +1,130 @@
+"""The export format registry: each format writes a component's graph into its folder and validates it on the
+runtime that will run it. Adding a format is a function here and its line in EXPORT_FORMATS; the component export
+(component_export.py) runs whichever formats were asked for, in the registry's order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from diffship.errors import DiffshipError
+from diffship.exporters.optimize import onnx_passes, openvino_converts_traced_graph, openvino_source
+from diffship.graphs.external_data import save_model
+from diffship.graphs.model_io import on_disk
+from diffship.layout import ONNX_MODEL
+
+
+@dataclass
+class Traced:
+    """What the formats share for one component: its PyTorch reference and traced fp32 graph. `fp32` is dropped
+    (None) once no later format needs it in memory; `traced_file` is the traced graph as a format wrote it, when
+    a later format can read it from there."""
+
+    spec: object
+    reference: object
+    fp32: object
+    options: object
+    opset: int
+    external_data_threshold: int
+    calibration: list | None
+    status: Callable[[str], None]
+    traced_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    name: str
+    backend: str  # the runtime (diffship.runtimes) its graphs are validated and run on
+    export: Callable  # (Traced, folder, bounds: (precision) -> dict, entry) -> None; fills the report entry
+
+
+def _measure_onnx(model, reference) -> dict:
+    from diffship.runtimes.onnxruntime import OnnxRuntimeSession
+
+    with on_disk(model) as path:
+        figures = reference.measure(OnnxRuntimeSession(path), "onnxruntime", traced_only=True)
+    return {"max_abs": figures["max_abs"], "max_rel": figures["max_rel"], "nan": figures["nan"]}
+
+
+def export_onnx(traced: Traced, folder: Path, bounds, entry: dict) -> None:
+    """The graph passes the options ask for, each measured, then model.onnx (+ external data), validated on ONNX
+    Runtime."""
+    from diffship.runtimes.onnxruntime import OnnxRuntimeSession
+
+    spec, options, status = traced.spec, traced.options, traced.status
+    model = traced.fp32
+    for name, apply in onnx_passes(options, spec.name, traced.reference.feeds):
+        status(f"{name} pass")
+        model = apply(model)
+        record = {"format": "onnx", "pass": name}
+        if name != "ort_fusions_cuda":  # CUDA-only fused ops cannot run on the CPU provider
+            record.update(_measure_onnx(model, traced.reference))
+        entry["passes"].append(record)
+    status("writing ONNX")
+    files = save_model(model, folder / ONNX_MODEL, traced.external_data_threshold)
+    precision = options.precision(spec.name, "onnx")
+    entry["precision"]["onnxruntime"] = precision
+    if not (options.optimize and options.target == "cuda"):
+        status("validating on onnxruntime")
+        entry["validation"]["onnxruntime"] = traced.reference.check(
+            OnnxRuntimeSession(folder), "onnxruntime", precision=precision, **bounds(precision))
+    entry["files"] += [f.name for f in files]
+    if model is traced.fp32 and openvino_converts_traced_graph(options):
+        # The file just written is the graph OpenVINO converts: it reads it from there, and the 3.4 GB of a
+        # full-size UNet's weights need not stay in memory meanwhile.
+        traced.traced_file, traced.fp32 = folder / ONNX_MODEL, None
+
+
+def export_openvino(traced: Traced, folder: Path, bounds, entry: dict) -> None:
+    """OpenVINO IR converted from the traced graph (or the ONNX file holding it), weight compression or hybrid
+    quantization as the options ask, validated on OpenVINO."""
+    from diffship.exporters import openvino as ov_export
+    from diffship.runtimes.openvino import OpenVINOSession
+
+    spec, options, status = traced.spec, traced.options, traced.status
+    status("converting to OpenVINO")
+    if traced.traced_file is not None:
+        ov_model, source_passes = ov_export.convert_file(traced.traced_file), []
+    else:
+        source, source_passes = openvino_source(options, spec.name, traced.fp32, traced.reference.feeds)
+        ov_model = ov_export.convert(source)
+        source = None
+    traced.fp32 = None  # OpenVINO holds its own copy of the weights now
+    precision = options.precision(spec.name, "openvino")
+    applied = list(source_passes)
+    if precision == "hybrid":
+        if not traced.calibration:
+            raise ValueError(f"hybrid quantization needs calibration feeds for the {spec.name}")
+        ov_model = ov_export.hybrid_quantize(ov_model, traced.calibration)
+        applied.append("nncf_hybrid_int8")
+    elif precision in ("int8", "int4"):
+        ov_model = ov_export.compress_weights(ov_model, precision)
+        applied.append(f"nncf_{precision}_weights")
+    status("writing OpenVINO IR")
+    files = ov_export.save(ov_model, folder, compress_to_fp16=precision == "fp16")
+    ov_model = None  # validation compiles the saved IR: not two copies of the weights at once
+    if precision == "fp16":
+        applied.append("fp16_ir")
+    entry["passes"] += [{"format": "openvino", "pass": p} for p in applied]
+    entry["precision"]["openvino"] = precision
+    status("validating on openvino")
+    entry["validation"]["openvino"] = traced.reference.check(
+        OpenVINOSession(files[0]), "openvino", precision=precision, **bounds(precision))
+    entry["files"] += [f.name for f in files]
+
+
+# The registry, in the order formats are written (OpenVINO can convert the ONNX file just written).
+EXPORT_FORMATS = {
+    "onnx": ExportFormat("onnx", "onnxruntime", export_onnx),
+    "openvino": ExportFormat("openvino", "openvino", export_openvino),
+}
+# Other names users give a format: its runtime's name and the short forms.
+FORMAT_ALIASES = {"onnxruntime": "onnx", "ort": "onnx", "ov": "openvino"}
+
+
+def format_name(name: str, flag: str = "backend") -> str:
+    canonical = FORMAT_ALIASES.get(name.lower(), name.lower())
+    if canonical not in EXPORT_FORMATS:
+        raise DiffshipError(f"{flag}: unknown export backend {name!r}; choose from {', '.join(EXPORT_FORMATS)}")
+    return canonical

@@ -1,0 +1,42 @@
+"""What a model family declares: the diffusers pipelines it covers, its graph components by role with the bounds
+their validation is judged by, how its components are exported, and its numpy pipeline per task."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family. Its module (diffship.families.<name>) holds both halves: `export_specs` (imported only at
+    export, with torch) and the numpy pipelines in `tasks`."""
+
+    name: str
+    # diffusers pipeline class names (model_index.json `_class_name`) whose models this family exports and runs.
+    class_names: tuple[str, ...]
+    # Graph components by role -> the fp32 max-abs bound each is validated at (overridable with --atol).
+    components: dict[str, float]
+    # "module:function": (diffusers pipeline, ExportShapes) -> [ComponentSpec]; needs torch.
+    export_specs: str
+    # task -> the UNet's input channels -> the numpy pipeline class that runs it.
+    tasks: dict[str, dict[int, type]] = field(default_factory=dict)
+    # Pipelines a model_index class name asks for in place of `tasks`' (LCM's own text-to-image pipeline).
+    by_class: dict[str, dict[str, type]] = field(default_factory=dict)
+    # Plain files the export copies from the source model (tokenizers, scheduler, preprocessors).
+    copied: tuple[str, ...] = ()
+
+    def specs(self, pipe, shapes) -> list:
+        module, function = self.export_specs.split(":")
+        return getattr(importlib.import_module(module), function)(pipe, shapes)
+
+    def pipelines(self) -> list[type]:
+        """Every pipeline class of the family, once each."""
+        classes = [c for by_channels in self.tasks.values() for c in by_channels.values()]
+        classes += [c for by_task in self.by_class.values() for c in by_task.values()]
+        return list(dict.fromkeys(classes))
+
+    def pipeline_for(self, task: str, class_name: str, in_channels: int) -> type | None:
+        """The pipeline that runs `task` on a model of `class_name` whose UNet takes `in_channels`; None if none."""
+        override = self.by_class.get(class_name, {}).get(task)
+        return override or self.tasks.get(task, {}).get(in_channels)

@@ -1,0 +1,51 @@
+"""The names and files of an exported pipeline directory, defined once.
+
+The layout is Optimum's, so that its exports load in diffship and diffship's in Optimum: `model_index.json`, one
+folder per component named by its role, each with its `config.json` and its graph (`model.onnx`, plus
+`model.onnx_data` past 2 GB, or `openvino_model.xml/.bin`). Exporters, runtimes, pipelines, benchmarks and the CLI
+read these names from here; a family module (diffship.families) says which roles it has.
+"""
+
+from __future__ import annotations
+
+MODEL_INDEX = "model_index.json"
+CONFIG = "config.json"
+REPORT_FILE = "export_report.json"
+
+# Graph components, by role.
+TEXT_ENCODER = "text_encoder"
+TEXT_ENCODER_2 = "text_encoder_2"
+UNET = "unet"
+VAE_ENCODER = "vae_encoder"
+VAE_DECODER = "vae_decoder"
+DEPTH_ESTIMATOR = "depth_estimator"
+GRAPH_COMPONENTS = (TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_ENCODER, VAE_DECODER, DEPTH_ESTIMATOR)
+
+# Plain-file components, copied from the source model as they are.
+TOKENIZER = "tokenizer"
+TOKENIZER_2 = "tokenizer_2"
+SCHEDULER = "scheduler"
+SCHEDULER_CONFIG = "scheduler_config.json"
+FEATURE_EXTRACTOR = "feature_extractor"
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+# The diffusers folder the VAE's two graphs come from.
+SOURCE_VAE = "vae"
+
+# Graph files, per format.
+ONNX_MODEL = "model.onnx"
+ONNX_DATA = "model.onnx_data"
+OPENVINO_MODEL = "openvino_model.xml"
+OPENVINO_WEIGHTS = "openvino_model.bin"
+GRAPH_FILES = (ONNX_MODEL, OPENVINO_MODEL)
+
+# Written at export beside a CLIP text encoder graph: clip_skip applies this norm to an earlier hidden state.
+FINAL_LAYER_NORM_FILE = "final_layer_norm.npz"
+
+# Image sides are multiples of 8 (diffusers' rule for Stable Diffusion, whose VAE scales by 8; a VAE with a larger
+# factor asks for multiples of its own).
+IMAGE_SIZE_MULTIPLE = 8
+
+
+def vae_scale_factor(block_out_channels) -> int:
+    """Image pixels per latent pixel: the VAE halves the size at every block but the last (8 for SD's four)."""
+    return 2 ** (len(block_out_channels) - 1)
