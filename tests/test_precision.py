@@ -18,7 +18,7 @@ import pytest
 
 from diffship.errors import ValidationError
 from diffship.exporters import export
-from diffship.pipelines import StableDiffusionPipeline
+from diffship.pipelines import AutoPipelineForText2Image, StableDiffusionPipeline
 
 PROMPTS = ["a red circle on the left", "a photo of a cat"]
 
@@ -98,7 +98,8 @@ def test_pass_bounds_report_and_images(setting, precision_exports, exported_dirs
 def overflow_model(tiny_model_dirs, tmp_path_factory):
     from diffship.testing.fp16_overflow import make_vae_overflow_fp16
 
-    model = shutil.copytree(tiny_model_dirs("sd2"), tmp_path_factory.mktemp("overflow") / "sd2-overflow")
+    # SDXL's VAE is the one that overflows fp16 in practice (SD 2's too): the tiny SDXL pipeline, made to overflow.
+    model = shutil.copytree(tiny_model_dirs("sdxl"), tmp_path_factory.mktemp("overflow") / "sdxl-overflow")
     return make_vae_overflow_fp16(model)
 
 
@@ -120,7 +121,8 @@ def test_vae_fp16_protection(protection, overflow_model, tmp_path):
         assert any(p["pass"] == "fp16_mixed" for p in decoder["passes"])
     else:
         assert decoder["precision"]["onnxruntime"] == "fp32"
-    pipe = StableDiffusionPipeline.from_pretrained(out)
+    pipe = AutoPipelineForText2Image.from_pretrained(out)
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a red circle", num_inference_steps=2, generator=0, output_type="np").images
     assert np.isfinite(image).all() and image.std() > 1e-3  # not NaN, not a flat (black) image

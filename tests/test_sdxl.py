@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from diffship.pipelines import (
+    AutoPipelineForInpainting,
     AutoPipelineForText2Image,
     LatentConsistencyModelPipeline,
     StableDiffusionPipeline,
@@ -28,15 +29,30 @@ PROMPTS = ["a red circle on the left", "an oil painting of a castle at sunset"]
 TURBO_SCHEDULER = {"_class_name": "EulerAncestralDiscreteScheduler", "timestep_spacing": "trailing"}
 
 
+_PIPES: dict = {}  # diffusers pipelines per (model, class): kept, so that their images can be cached by id
+
+
 def _reference(tiny_model_dirs, kind, cls_name, **overrides):
     import diffusers
 
-    pipe = getattr(diffusers, cls_name).from_pretrained(tiny_model_dirs(kind), **overrides)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    if (kind, cls_name) not in _PIPES:
+        pipe = getattr(diffusers, cls_name).from_pretrained(tiny_model_dirs(kind), **overrides)
+        pipe.set_progress_bar_config(disable=True)
+        _PIPES[kind, cls_name] = pipe
+    return _PIPES[kind, cls_name]
+
+
+_REFERENCES: dict = {}  # diffusers' images per case, computed once for both backends
 
 
 def _run_reference(pipe, seed=0, **kwargs):
+    key = (id(pipe), type(pipe).__name__, seed, repr(sorted((k, repr(v)) for k, v in kwargs.items())))
+    if key not in _REFERENCES:
+        _REFERENCES[key] = _diffusers_images(pipe, seed, **kwargs)
+    return _REFERENCES[key]
+
+
+def _diffusers_images(pipe, seed=0, **kwargs):
     import torch
 
     if kwargs.get("latents") is not None:
@@ -57,7 +73,7 @@ def _check(case, expected, got):
     assert diff < ATOL, f"{case}: max abs {diff:.2e} >= {ATOL}"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def sdxl(tiny_model_dirs):
     return _reference(tiny_model_dirs, "sdxl", "StableDiffusionXLPipeline", add_watermarker=False)
 
@@ -201,3 +217,17 @@ def test_sdxl_export_layout_is_optimums(exported_dirs):
     assert components["unet"]["inputs"] == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
     for name in ("tokenizer", "tokenizer_2", "scheduler"):
         assert (out / name).is_dir()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sdxl_inpainting_9_channels(backend, tiny_model_dirs, exported_dirs):
+    """A dedicated SDXL inpainting UNet (latents + mask + masked-image latents), at a size its up factor does not
+    divide."""
+    reference = _reference(tiny_model_dirs, "sdxl-inpaint", "StableDiffusionXLInpaintPipeline",
+                           add_watermarker=False)
+    kwargs = dict(prompt=PROMPTS[0], image=rgb_image(72, 48), mask_image=mask_image(72, 48), height=72, width=48,
+                  num_inference_steps=3, guidance_scale=6.0)
+    expected = _run_reference(reference, **kwargs)
+    pipe = AutoPipelineForInpainting.from_pretrained(exported_dirs("sdxl-inpaint"), backend=backend)
+    assert isinstance(pipe, StableDiffusionXLInpaintPipeline) and pipe.unet_config["in_channels"] == 9
+    _check(f"sdxl inpainting 9-channel {backend} 72x48", expected, _run(pipe, **kwargs))

@@ -28,6 +28,7 @@ from diffship.checks import (
     software_exif,
 )
 from diffship.errors import DiffshipError
+from diffship.layout import REPORT_FILE
 from diffship.testing.tiny_models import KINDS as TINY_KINDS
 
 
@@ -253,7 +254,7 @@ def cmd_export(args) -> None:
                  overwrite=args.overwrite, revision=args.revision, dtype=args.dtype, optimize=args.optimize,
                  target=args.target, weight_format=args.weight_format, quantize=args.quantize,
                  vae_fp16=args.vae_fp16)
-    report = json.loads((out / "export_report.json").read_text())
+    report = json.loads((out / REPORT_FILE).read_text())
     print(f"exported to {out}")
     for name, entry in report["components"].items():
         figures = ", ".join(

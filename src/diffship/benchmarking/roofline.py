@@ -13,6 +13,8 @@ import os
 import time
 from pathlib import Path
 
+from diffship.layout import ONNX_MODEL, UNET
+
 COUNTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 
@@ -115,10 +117,10 @@ def unet_flops(model_dir: str | os.PathLike, batch: int, height: int, width: int
     """FLOPs of one call of an exported directory's unet/model.onnx; None if it has no ONNX graph."""
     from diffship.benchmarking import _config, vae_scale_factor
 
-    graph = Path(model_dir) / "unet" / "model.onnx"
+    graph = Path(model_dir) / UNET / ONNX_MODEL
     if not graph.is_file():
         return None
-    config = _config(model_dir, "unet")
+    config = _config(model_dir, UNET)
     shapes = unet_input_shapes(batch, height, width, config.get("in_channels", 4), 77,
                                config.get("cross_attention_dim", 768), vae_scale_factor(model_dir))
     counted = count_flops(graph, shapes)

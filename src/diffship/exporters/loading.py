@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from diffship.errors import DiffshipError, NotAPipelineError
+from diffship.layout import MODEL_INDEX, TEXT_ENCODER, TEXT_ENCODER_2
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # Weights diffship does not read: other frameworks' files, fp16 variants, single-file checkpoints.
@@ -20,7 +21,7 @@ def resolve_model_dir(model: str | Path, revision: str | None = None, cache_dir:
     if path.exists():
         if not path.is_dir():
             raise NotAPipelineError(f"{path} is a file; give a diffusers pipeline directory (with model_index.json)")
-        if not (path / "model_index.json").is_file():
+        if not (path / MODEL_INDEX).is_file():
             raise NotAPipelineError(
                 f"{path} is not a diffusers pipeline: it has no model_index.json. Give the pipeline's root folder."
             )
@@ -37,7 +38,7 @@ def _download(repo_id: str, revision: str | None, cache_dir: str | None) -> Path
         files = HfApi().list_repo_files(repo_id, revision=revision)
     except Exception as e:
         raise DiffshipError(f"could not reach hub repo {repo_id!r}: {e}. Download it and pass the directory.") from e
-    if "model_index.json" not in files:
+    if MODEL_INDEX not in files:
         raise NotAPipelineError(f"hub repo {repo_id!r} is not a diffusers pipeline (no model_index.json)")
     ignore = list(_IGNORE)
     if any(f.endswith(".safetensors") for f in files):
@@ -46,7 +47,7 @@ def _download(repo_id: str, revision: str | None, cache_dir: str | None) -> Path
 
 
 def read_model_index(model_dir: Path) -> dict:
-    return json.loads((model_dir / "model_index.json").read_text())
+    return json.loads((model_dir / MODEL_INDEX).read_text())
 
 
 def load_reference_pipeline(model_dir: Path):
@@ -61,7 +62,7 @@ def load_reference_pipeline(model_dir: Path):
         pipe = DiffusionPipeline.from_pretrained(model_dir, torch_dtype=torch.float32, **skipped)
     except Exception as e:
         raise NotAPipelineError(f"diffusers could not load the pipeline in {model_dir}: {e}") from e
-    for name in ("text_encoder", "text_encoder_2"):
+    for name in (TEXT_ENCODER, TEXT_ENCODER_2):
         encoder = getattr(pipe, name, None)
         if encoder is not None and hasattr(encoder, "set_attn_implementation"):
             # The eager attention path traces to plain ONNX ops; sdpa's mask helpers do not trace cleanly.

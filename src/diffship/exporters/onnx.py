@@ -10,6 +10,7 @@ import onnx
 import torch
 
 from diffship.exporters.components import ComponentSpec
+from diffship.layout import ONNX_MODEL
 
 DEFAULT_OPSET = 17
 # The opsets these graphs export at: scaled_dot_product_attention needs 14; torch.onnx's TorchScript exporter
@@ -22,7 +23,7 @@ def trace_onnx(spec: ComponentSpec, opset: int = DEFAULT_OPSET) -> onnx.ModelPro
     with tempfile.TemporaryDirectory() as scratch, torch.no_grad(), warnings.catch_warnings():
         # Tracer warnings about Python control flow on shapes are expected for these models.
         warnings.simplefilter("ignore")
-        traced = Path(scratch) / "model.onnx"
+        traced = Path(scratch) / ONNX_MODEL
         torch.onnx.export(
             spec.module.eval(),
             tuple(spec.example_inputs.values()),

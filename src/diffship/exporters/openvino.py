@@ -9,7 +9,7 @@ from pathlib import Path
 
 import onnx
 
-OV_MODEL_FILE = "openvino_model.xml"
+from diffship.layout import ONNX_MODEL, OPENVINO_MODEL
 
 
 def convert(onnx_model: onnx.ModelProto):
@@ -17,7 +17,7 @@ def convert(onnx_model: onnx.ModelProto):
     from diffship.graphs.external_data import save_model
 
     with tempfile.TemporaryDirectory(prefix="diffship-ov-") as scratch:
-        path = Path(scratch) / "model.onnx"
+        path = Path(scratch) / ONNX_MODEL
         save_model(onnx_model, path, external_data_threshold=2**30)
         return convert_file(path)
 
@@ -89,6 +89,6 @@ def save(model, out_dir: str | Path, compress_to_fp16: bool = False) -> list[Pat
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    xml = out_dir / OV_MODEL_FILE
+    xml = out_dir / OPENVINO_MODEL
     ov.save_model(model, str(xml), compress_to_fp16=compress_to_fp16)
     return [xml, xml.with_suffix(".bin")]

@@ -16,12 +16,13 @@ import numpy as np
 import onnx
 
 from diffship.errors import DiffshipError
+from diffship.layout import UNET, VAE_DECODER, VAE_ENCODER
 
 DTYPES = ("fp32", "fp16")
 WEIGHT_FORMATS = (None, "int8", "int4")
 QUANTIZE = (None, "hybrid")
 VAE_FP16 = ("fp32", "mixed", "none")
-VAE_COMPONENTS = ("vae_encoder", "vae_decoder")
+VAE_COMPONENTS = (VAE_ENCODER, VAE_DECODER)
 
 
 @dataclass(frozen=True)
@@ -53,10 +54,10 @@ class ExportOptions:
 
     def precision(self, component: str, fmt: str) -> str:
         """The precision the component ends up in, which picks its validation tolerance."""
-        if self.quantize == "hybrid" and component == "unet":
+        if self.quantize == "hybrid" and component == UNET:
             return "hybrid"
         if self.weight_format and component not in VAE_COMPONENTS:
-            if self.weight_format == "int4" and component != "unet":
+            if self.weight_format == "int4" and component != UNET:
                 return "int8"  # int4 is for the UNet's large matmuls; the others get int8
             return self.weight_format
         if self.dtype == "fp16" and not (component in VAE_COMPONENTS and self.vae_fp16 == "fp32"):

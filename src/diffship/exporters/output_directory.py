@@ -29,8 +29,8 @@ from pathlib import Path
 
 from diffship.checks import check_writable
 from diffship.errors import DiffshipError
+from diffship.layout import REPORT_FILE
 
-REPORT_FILE = "export_report.json"
 EXPORTER = "diffship"  # export_report.json's "exporter": what marks a directory as a diffship export
 _PARTIAL = ".diffship-partial-"  # .OUT.diffship-partial-XXXX: a staging directory
 _OLD = ".diffship-old-"  # .OUT.diffship-old-XXXX: the previous export, between the two renames of a replace

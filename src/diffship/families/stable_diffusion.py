@@ -52,7 +52,7 @@ from diffship.pipelines.steps import (
     tile_to_batch,
 )
 from diffship.pipelines.tasks import ImageToImage, Inpaint, Task
-from diffship.pipelines.timing import StageTimer
+from diffship.pipelines.timing import STEP_STAGE, StageTimer, stage_of
 from diffship.runtimes import input_info
 
 logger = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ class StableDiffusionFamilyPipeline(DiffusionPipeline):
         do_classifier_free_guidance = guidance_scale > 1.0 and time_cond_proj_dim is None
 
         # 2. Encode the prompt (and the negative prompt, for guidance).
-        with timer.stage("text_encoder"):
+        with timer.stage(stage_of(TEXT_ENCODER)):
             prompt_embeds, negative_prompt_embeds = encode_prompt(
                 self.text_encoder, self.tokenizer, prompt, num_images_per_prompt, do_classifier_free_guidance,
                 negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip, self.text_encoder_final_layer_norm,
@@ -227,7 +227,7 @@ class StableDiffusionFamilyPipeline(DiffusionPipeline):
             latent_model_input = np.concatenate([latents] * 2) if do_classifier_free_guidance else latents
             latent_model_input = task.model_input(self.scheduler.scale_model_input(latent_model_input, t))
 
-            with timer.stage("unet"):
+            with timer.stage(STEP_STAGE):
                 noise_pred = self.unet.run({
                     "sample": latent_model_input.astype(np.float32, copy=False),
                     "timestep": self.timestep_feed(t, latent_model_input.shape[0]),
@@ -521,7 +521,7 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionFamilyPipeline):
 
         if depth_map is None:
             timer = timer or StageTimer()
-            with timer.stage("depth_estimator"):
+            with timer.stage(stage_of(DEPTH_ESTIMATOR)):
                 depth_map = self.estimate_depth(images)
         else:
             depth_map = depth_map_array(depth_map)

@@ -52,7 +52,7 @@ from diffship.pipelines.steps import (
     valid_fraction,
 )
 from diffship.pipelines.tasks import ImageToImage, Inpaint, Task
-from diffship.pipelines.timing import StageTimer
+from diffship.pipelines.timing import STEP_STAGE, StageTimer, stage_of
 
 logger = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ class StableDiffusionXLFamilyPipeline(DiffusionPipeline):
         do_classifier_free_guidance = guidance_scale > 1.0 and time_cond_proj_dim is None
 
         # 2. Encode the prompt with both encoders.
-        with timer.stage("text_encoder"):
+        with timer.stage(stage_of(TEXT_ENCODER)):
             prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = \
                 self.encode_prompt(prompt, prompt_2, num_images_per_prompt, do_classifier_free_guidance,
                                    negative_prompt, negative_prompt_2, prompt_embeds, negative_prompt_embeds,
@@ -343,7 +343,7 @@ class StableDiffusionXLFamilyPipeline(DiffusionPipeline):
             latent_model_input = np.concatenate([latents] * 2) if do_classifier_free_guidance else latents
             latent_model_input = task.model_input(self.scheduler.scale_model_input(latent_model_input, t))
 
-            with timer.stage("unet"):
+            with timer.stage(STEP_STAGE):
                 noise_pred = self.unet.run({
                     "sample": latent_model_input.astype(np.float32, copy=False),
                     "timestep": self.timestep_feed(t, latent_model_input.shape[0]),

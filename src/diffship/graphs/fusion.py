@@ -12,8 +12,10 @@ import contextlib
 import numpy as np
 import onnx
 
-MODEL_TYPES = {"text_encoder": "clip", "text_encoder_2": "clip", "unet": "unet", "vae_encoder": "vae",
-               "vae_decoder": "vae"}
+from diffship.layout import TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER, VAE_ENCODER
+
+# onnxruntime's transformer optimizer model type of each component.
+MODEL_TYPES = {TEXT_ENCODER: "clip", TEXT_ENCODER_2: "clip", UNET: "unet", VAE_ENCODER: "vae", VAE_DECODER: "vae"}
 TARGETS = ("cpu", "cuda")
 
 

@@ -12,8 +12,8 @@ import numpy as np
 
 from diffship.checks import check_fields, read_json_object
 from diffship.errors import DiffshipError, NotAPipelineError
+from diffship.layout import GRAPH_FILES, REPORT_FILE
 
-GRAPH_FILES = ("model.onnx", "openvino_model.xml")
 
 
 def _size_on_disk(path: Path) -> int:
@@ -104,7 +104,7 @@ def inspect_path(path: str | Path) -> dict:
         raise NotAPipelineError(f"{path} does not exist")
     if path.is_file():
         return {"graphs": [inspect_file(path)]}
-    report_path = path / "export_report.json"
+    report_path = path / REPORT_FILE
     report = read_report(report_path) if report_path.is_file() else {}
     graphs = [inspect_file(f) for folder in sorted(p for p in path.iterdir() if p.is_dir())
               for f in (folder / name for name in GRAPH_FILES) if f.is_file()]

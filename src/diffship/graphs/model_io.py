@@ -10,6 +10,7 @@ from pathlib import Path
 import onnx
 
 from diffship.graphs.external_data import TWO_GB, save_model, tensor_bytes
+from diffship.layout import ONNX_MODEL
 
 
 def is_large(model: onnx.ModelProto) -> bool:
@@ -20,7 +21,7 @@ def is_large(model: onnx.ModelProto) -> bool:
 def on_disk(model: onnx.ModelProto):
     """Yield a path holding `model` (with external data when large), removed afterwards."""
     with tempfile.TemporaryDirectory(prefix="diffship-graph-") as scratch:
-        path = Path(scratch) / "model.onnx"
+        path = Path(scratch) / ONNX_MODEL
         save_model(model, path, external_data_threshold=TWO_GB // 2)
         yield path
 

@@ -31,7 +31,7 @@ from diffship.layout import (
     VAE_ENCODER,
     vae_scale_factor,
 )
-from diffship.pipelines.image_processing import postprocess
+from diffship.pipelines.image_processing import VaeImageProcessor, postprocess
 from diffship.pipelines.tokenizer import CLIPTokenizer
 from diffship.runtimes import BACKENDS, backend_name, input_info, load_session
 from diffship.schedulers import scheduler_class
@@ -188,6 +188,17 @@ class DiffusionPipeline:
     @property
     def unet_config(self) -> dict:
         return self.configs.get(UNET, {})
+
+    @property
+    def image_processor(self) -> VaeImageProcessor:
+        """Images to the VAE's [-1, 1] NCHW at multiples of its scale factor, and back (diffusers' attribute)."""
+        return VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @property
+    def mask_processor(self) -> VaeImageProcessor:
+        """Masks to binarized grayscale [0, 1] at multiples of the VAE's scale factor."""
+        return VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True,
+                                 do_convert_grayscale=True)
 
     def set_progress_bar_config(self, **kwargs) -> None:
         """tqdm options for the denoising progress bar, e.g. `disable=True`."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffship.pipelines.image_processing import VaeImageProcessor, interpolate_nearest
+from diffship.pipelines.image_processing import interpolate_nearest
 from diffship.pipelines.steps import check_generators, check_image_channels, get_timesteps, tile_to_batch
 from diffship.schedulers.noise import randn
 
@@ -91,7 +91,7 @@ class ImageToImage(Task):
         if latents is not None:
             self.image = latents
             return
-        self.image = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor).preprocess(self.image, name="image")
+        self.image = pipe.image_processor.preprocess(self.image, name="image")
         check_image_channels(self.image, pipe.vae_config.get("in_channels", 3))
 
     def schedule(self, pipe, timesteps, num_inference_steps):
@@ -127,9 +127,7 @@ class Inpaint(Task):
 
     def preprocess(self, pipe, height, width, batch_size, do_classifier_free_guidance, timer):
         # With padding_mask_crop, image and mask are cropped to the mask's region first.
-        image_processor = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor)
-        mask_processor = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor, do_normalize=False,
-                                           do_binarize=True, do_convert_grayscale=True)
+        image_processor, mask_processor = pipe.image_processor, pipe.mask_processor
         self.image_processor = image_processor
         if self.padding_mask_crop is not None:
             self.crops_coords = mask_processor.get_crop_region(self.mask_image, width, height,

@@ -26,10 +26,11 @@ import numpy as np
 
 from diffship.checks import read_json_object
 from diffship.errors import DiffshipError
+from diffship.layout import SCHEDULER, SCHEDULER_CONFIG
 
 logger = logging.getLogger(__name__)
 
-SCHEDULER_CONFIG_NAME = "scheduler_config.json"
+SCHEDULER_CONFIG_NAME = SCHEDULER_CONFIG  # diffusers' name for it
 # The diffusers release whose scheduler numerics and config format these schedulers mirror; written into
 # saved configs as `_diffusers_version` because diffusers reads that key (it is informational there).
 DIFFUSERS_REFERENCE_VERSION = "0.42.1"
@@ -141,7 +142,7 @@ def find_config_file(path: str | os.PathLike, subfolder: str | None = None) -> P
         path = path / subfolder
     if path.is_file():
         return path
-    for candidate in (path / SCHEDULER_CONFIG_NAME, path / "scheduler" / SCHEDULER_CONFIG_NAME):
+    for candidate in (path / SCHEDULER_CONFIG_NAME, path / SCHEDULER / SCHEDULER_CONFIG_NAME):
         if candidate.is_file():
             return candidate
     raise DiffshipError(

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from diffship.layout import MODEL_INDEX
+
 SIZE = 64
 # Reference colours (sRGB). Renders jitter them a little; the scorer picks the nearest one.
 COLOURS = {"red": (214, 38, 38), "green": (36, 158, 60), "blue": (38, 76, 214), "yellow": (238, 198, 22)}
@@ -173,7 +175,7 @@ def save_trained_pipeline(out: str | Path) -> Path:
     from diffship.errors import DiffshipError
 
     out = Path(out)
-    if not (TRAINED_MODEL / "model_index.json").is_file():
+    if not (TRAINED_MODEL / MODEL_INDEX).is_file():
         raise DiffshipError(f"the trained shapes model is missing from {TRAINED_MODEL}; reinstall diffship, or "
                                 "train one with `python -m diffship.testing.shapes_training OUT`")
     if out.exists() and any(out.iterdir()):
