@@ -46,13 +46,11 @@ from diffship.pipelines.steps import (
     check_strength,
     extra_step_kwargs,
     guidance_scale_embedding,
-    guide,
     retrieve_timesteps,
-    run_callback,
     tile_to_batch,
 )
 from diffship.pipelines.tasks import ImageToImage, Inpaint, Task
-from diffship.pipelines.timing import STEP_STAGE, StageTimer, stage_of
+from diffship.pipelines.timing import StageTimer, stage_of
 from diffship.runtimes import input_info
 
 logger = logging.getLogger(__name__)
@@ -175,12 +173,16 @@ class StableDiffusionFamilyPipeline(DiffusionPipeline):
         if prompt is not None:  # diffusers applies clip_skip when it encodes a prompt, not to prompt_embeds
             check_clip_skip(self.text_encoder, clip_skip, self.text_encoder_final_layer_norm)
 
+    def denoiser_inputs(self, tensors: dict) -> dict:
+        """The UNet's conditioning at each step: the prompt's embeddings ([negative, positive] with guidance)."""
+        return {"encoder_hidden_states": tensors["prompt_embeds"]}
+
     def generate(self, task: Task, prompt=None, height=None, width=None, num_inference_steps=50, timesteps=None,
                  sigmas=None, guidance_scale=7.5, negative_prompt=None, num_images_per_prompt=1, eta=0.0,
                  generator=None, latents=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil",
                  return_dict=True, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
                  clip_skip=None, guidance_rescale=0.0, set_timesteps_kwargs=None):
-        """The denoising loop, for every task (see the module's docstring); inputs are checked by the caller."""
+        """One generation, for every task (see the module's docstring); inputs are checked by the caller."""
         start = time.perf_counter()
         timer = StageTimer()
         height, width = task.size(self, height, width)
@@ -219,32 +221,14 @@ class StableDiffusionFamilyPipeline(DiffusionPipeline):
                                        do_classifier_free_guidance, timer)
         step_kwargs = extra_step_kwargs(self.scheduler, generator, eta)
 
-        # 6. Denoising loop.
-        tensors = {"latents": latents, "prompt_embeds": prompt_embeds,
-                   "negative_prompt_embeds": negative_prompt_embeds, **task.tensors}
-        for i, t in enumerate(self.progress_bar(timesteps)):
-            latents = tensors["latents"]
-            latent_model_input = np.concatenate([latents] * 2) if do_classifier_free_guidance else latents
-            latent_model_input = task.model_input(self.scheduler.scale_model_input(latent_model_input, t))
-
-            with timer.stage(STEP_STAGE):
-                noise_pred = self.unet.run({
-                    "sample": latent_model_input.astype(np.float32, copy=False),
-                    "timestep": self.timestep_feed(t, latent_model_input.shape[0]),
-                    "encoder_hidden_states": tensors["prompt_embeds"],
-                    **conditioning,
-                })["out_sample"]
-
-            if do_classifier_free_guidance:
-                noise_pred = guide(noise_pred, guidance_scale, guidance_rescale)
-
-            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
-            tensors["latents"] = task.after_step(self, i, timesteps, latents)
-            tensors = run_callback(self, callback_on_step_end, i, t, tensors, callback_on_step_end_tensor_inputs)
-            task.tensors = {k: tensors[k] for k in task.tensors}
+        # 6. Denoising loop (DiffusionPipeline.denoise), the UNet fed by denoiser_inputs.
+        latents = self.denoise(task, timesteps, {"latents": latents, "prompt_embeds": prompt_embeds,
+                                                 "negative_prompt_embeds": negative_prompt_embeds},
+                               conditioning, do_classifier_free_guidance, guidance_scale, guidance_rescale,
+                               step_kwargs, timer, callback_on_step_end, callback_on_step_end_tensor_inputs)
 
         # 7. Decode.
-        images = task.finish(self, self.decode_images(tensors["latents"], output_type, timer))
+        images = task.finish(self, self.decode_images(latents, output_type, timer))
 
         timings = timer.summary(time.perf_counter() - start, load=self.load_seconds)
         if not return_dict:

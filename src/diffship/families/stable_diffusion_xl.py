@@ -46,13 +46,11 @@ from diffship.pipelines.steps import (
     end_timesteps,
     extra_step_kwargs,
     guidance_scale_embedding,
-    guide,
     retrieve_timesteps,
-    run_callback,
     valid_fraction,
 )
 from diffship.pipelines.tasks import ImageToImage, Inpaint, Task
-from diffship.pipelines.timing import STEP_STAGE, StageTimer, stage_of
+from diffship.pipelines.timing import StageTimer, stage_of
 
 logger = logging.getLogger(__name__)
 
@@ -252,7 +250,13 @@ class StableDiffusionXLFamilyPipeline(DiffusionPipeline):
                                 f"a {pooled_dim}-wide pooled embedding make {passed}{hint}")
         return ids
 
-    # ---- the loop ----------------------------------------------------------------------------------------------
+    # ---- one generation ----------------------------------------------------------------------------------------
+    def denoiser_inputs(self, tensors: dict) -> dict:
+        """The UNet's conditioning at each step: the prompts' embeddings, and SDXL's added conditions (the pooled
+        embedding and the time ids), each [negative, positive] with guidance."""
+        return {"encoder_hidden_states": tensors["prompt_embeds"], "text_embeds": tensors["add_text_embeds"],
+                "time_ids": tensors["add_time_ids"].astype(self._time_ids_dtype(), copy=False)}
+
     def generate(self, task: Task, prompt=None, prompt_2=None, height=None, width=None, num_inference_steps=50,
                  timesteps=None, sigmas=None, denoising_end=None, guidance_scale=5.0, negative_prompt=None,
                  negative_prompt_2=None, num_images_per_prompt=1, eta=0.0, generator=None, latents=None,
@@ -262,7 +266,7 @@ class StableDiffusionXLFamilyPipeline(DiffusionPipeline):
                  negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score=6.0,
                  negative_aesthetic_score=2.5, clip_skip=None, callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs=("latents",)):
-        """The denoising loop, for every task; inputs are checked by the caller."""
+        """One generation, for every task; inputs are checked by the caller."""
         start = time.perf_counter()
         timer = StageTimer()
         height, width = task.size(self, height, width)
@@ -333,36 +337,17 @@ class StableDiffusionXLFamilyPipeline(DiffusionPipeline):
             w = np.full((images,), guidance_scale - 1, dtype=np.float32)
             conditioning["timestep_cond"] = guidance_scale_embedding(w, time_cond_proj_dim)
 
-        # 7. Denoising loop.
+        # 7. Denoising loop (DiffusionPipeline.denoise), the UNet fed by denoiser_inputs.
         tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds,
                    "add_text_embeds": add_text_embeds, "add_time_ids": add_time_ids,
                    "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds,
-                   "negative_add_time_ids": negative_add_time_ids, **task.tensors}
-        for i, t in enumerate(self.progress_bar(timesteps)):
-            latents = tensors["latents"]
-            latent_model_input = np.concatenate([latents] * 2) if do_classifier_free_guidance else latents
-            latent_model_input = task.model_input(self.scheduler.scale_model_input(latent_model_input, t))
-
-            with timer.stage(STEP_STAGE):
-                noise_pred = self.unet.run({
-                    "sample": latent_model_input.astype(np.float32, copy=False),
-                    "timestep": self.timestep_feed(t, latent_model_input.shape[0]),
-                    "encoder_hidden_states": tensors["prompt_embeds"],
-                    "text_embeds": tensors["add_text_embeds"],
-                    "time_ids": tensors["add_time_ids"].astype(self._time_ids_dtype(), copy=False),
-                    **conditioning,
-                })["out_sample"]
-
-            if do_classifier_free_guidance:
-                noise_pred = guide(noise_pred, guidance_scale, guidance_rescale)
-
-            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
-            tensors["latents"] = task.after_step(self, i, timesteps, latents)
-            tensors = run_callback(self, callback_on_step_end, i, t, tensors, callback_on_step_end_tensor_inputs)
-            task.tensors = {k: tensors[k] for k in task.tensors}
+                   "negative_add_time_ids": negative_add_time_ids}
+        latents = self.denoise(task, timesteps, tensors, conditioning, do_classifier_free_guidance, guidance_scale,
+                               guidance_rescale, step_kwargs, timer, callback_on_step_end,
+                               callback_on_step_end_tensor_inputs)
 
         # 8. Decode.
-        images = task.finish(self, self.decode_images(tensors["latents"], output_type, timer))
+        images = task.finish(self, self.decode_images(latents, output_type, timer))
 
         timings = timer.summary(time.perf_counter() - start, load=self.load_seconds)
         if not return_dict:

@@ -32,6 +32,8 @@ from diffship.layout import (
     vae_scale_factor,
 )
 from diffship.pipelines.image_processing import VaeImageProcessor, postprocess
+from diffship.pipelines.steps import guide, run_callback
+from diffship.pipelines.timing import STEP_STAGE
 from diffship.pipelines.tokenizer import CLIPTokenizer
 from diffship.runtimes import BACKENDS, backend_name, input_info, load_session
 from diffship.schedulers import scheduler_class
@@ -269,6 +271,41 @@ class DiffusionPipeline:
     def decode_latents(self, latents: np.ndarray) -> np.ndarray:
         latents = latents / np.float32(self.vae_scaling_factor) + np.float32(self.vae_shift_factor)
         return self.vae_decoder.run({"latent_sample": latents})["sample"]
+
+    def denoiser_inputs(self, tensors: dict) -> dict:
+        """The UNet's conditioning inputs at a step, from the loop's tensors (which callbacks may replace): how a
+        family feeds its denoiser. Every family defines it."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how its denoiser is fed")
+
+    def denoise(self, task, timesteps, tensors: dict, conditioning: dict, do_classifier_free_guidance: bool,
+                guidance_scale: float, guidance_rescale: float, step_kwargs: dict, timer, callback_on_step_end=None,
+                callback_on_step_end_tensor_inputs=("latents",)) -> np.ndarray:
+        """The denoising loop, written once for every family and task. `tensors`: "latents" and what the family's
+        denoiser_inputs reads, all replaceable by callback_on_step_end; `conditioning`: UNet inputs that stay the
+        same over the steps (LCM's timestep_cond). The task adds what rides along the latents into the UNet, and
+        what happens after each step. Returns the final latents."""
+        tensors = {**tensors, **task.tensors}
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            latents = tensors["latents"]
+            latent_model_input = np.concatenate([latents] * 2) if do_classifier_free_guidance else latents
+            latent_model_input = task.model_input(self.scheduler.scale_model_input(latent_model_input, t))
+
+            with timer.stage(STEP_STAGE):
+                noise_pred = self.unet.run({
+                    "sample": latent_model_input.astype(np.float32, copy=False),
+                    "timestep": self.timestep_feed(t, latent_model_input.shape[0]),
+                    **self.denoiser_inputs(tensors),
+                    **conditioning,
+                })["out_sample"]
+
+            if do_classifier_free_guidance:
+                noise_pred = guide(noise_pred, guidance_scale, guidance_rescale)
+
+            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+            tensors["latents"] = task.after_step(self, i, timesteps, latents)
+            tensors = run_callback(self, callback_on_step_end, i, t, tensors, callback_on_step_end_tensor_inputs)
+            task.tensors = {k: tensors[k] for k in task.tensors}
+        return tensors["latents"]
 
     def decode_images(self, latents: np.ndarray, output_type: str, timer) -> list | np.ndarray:
         """The generation's result: the latents themselves (output_type "latent"), or decoded and postprocessed."""
