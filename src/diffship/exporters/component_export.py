@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 
@@ -35,6 +36,9 @@ def export_component(spec: ComponentSpec, folder: Path, formats: list[str], opti
     status("tracing")
     traced = Traced(spec, reference, trace_onnx(spec, opset), options, opset, external_data_threshold, calibration,
                     status)
+    if spec.release_after_trace:
+        spec.module = None
+        gc.collect()
     entry = {"files": [], "inputs": list(spec.example_inputs), "outputs": spec.output_names, "precision": {},
              "passes": [], "validation": {}}
     for name in formats:

@@ -26,6 +26,9 @@ class ComponentSpec:
     atol: float = 1e-3  # the fp32 max-abs bound its validation is judged by (the family states it, and why)
     # Files the runtime needs beside the graph, written into the component's folder: (folder) -> None.
     write_extra: Callable[[Path], None] | None = None
+    # Whether the export may drop `module` once it is traced (nothing else holds it: the reference outputs are
+    # computed by then), so that its weights are not in memory while the runtimes load the graph.
+    release_after_trace: bool = False
     # Input shapes the graph is validated at besides the traced ones (dynamic exports): other batch sizes and
     # sizes, so that a size baked into the graph cannot pass validation.
     other_shapes: list[dict[str, tuple[int, ...]]] = field(default_factory=list)

@@ -186,8 +186,9 @@ def _export_components(family, pipe, shapes, staging, formats, atols, opset, thr
     components = {}
     specs = family.specs(pipe, shapes)
     bar = tqdm(specs, desc="export", unit="component", disable=not progress)
-    for spec in bar:
+    for i, spec in enumerate(bar):
         folder = staging / spec.name
+        _hand_over(pipe, spec, specs[i + 1:])
         components[spec.name] = export_component(
             spec, folder, formats, options, opset, threshold, atols, calibration if spec.name == UNET else None,
             status=lambda text, name=spec.name: bar.set_description(f"export {name}: {text}"))
@@ -197,6 +198,19 @@ def _export_components(family, pipe, shapes, staging, formats, atols, opset, thr
     return {"components": components}
 
 
+def _hand_over(pipe, spec, later_specs) -> None:
+    """Leave `spec` the only holder of its PyTorch module when no later component is exported from it, so that
+    export_component can free it once traced: a full-size SDXL UNet is 10 GB of weights, and validating its graph
+    needs that memory for the runtime's copy (the shared VAE stays until its decoder is exported)."""
+    module = next(spec.module.children(), None)
+    if module is None or any(next(s.module.children(), None) is module for s in later_specs):
+        return
+    for name, component in list(pipe.components.items()):
+        if component is module:
+            setattr(pipe, name, None)
+    spec.release_after_trace = True
+
+
 def _save_config(spec, folder: Path) -> None:
     """The component's own config.json (diffusers or transformers), as Optimum writes it."""
     config = spec.config_source
@@ -204,7 +218,6 @@ def _save_config(spec, folder: Path) -> None:
         (folder / CONFIG).write_text(config.to_json_string())
     else:  # diffusers FrozenDict
         data = {k: v for k, v in dict(config).items()}
-        data.setdefault("_class_name", type(spec.module).__name__)
         (folder / CONFIG).write_text(json.dumps(data, indent=2, default=list) + "\n")
 
 

@@ -63,6 +63,11 @@ def export_onnx(traced: Traced, folder: Path, bounds, entry: dict) -> None:
         entry["passes"].append(record)
     status("writing ONNX")
     files = save_model(model, folder / ONNX_MODEL, traced.external_data_threshold)
+    if model is traced.fp32 and openvino_converts_traced_graph(options):
+        # The file just written is the graph OpenVINO converts: it reads it from there, and the weights (10 GB
+        # for a full-size SDXL UNet) need not stay in memory while ONNX Runtime loads its own copy.
+        traced.traced_file, traced.fp32 = folder / ONNX_MODEL, None
+    model = None
     precision = options.precision(spec.name, "onnx")
     entry["precision"]["onnxruntime"] = precision
     if not (options.optimize and options.target == "cuda"):
@@ -70,10 +75,6 @@ def export_onnx(traced: Traced, folder: Path, bounds, entry: dict) -> None:
         entry["validation"]["onnxruntime"] = traced.reference.check(
             OnnxRuntimeSession(folder), "onnxruntime", precision=precision, **bounds(precision))
     entry["files"] += [f.name for f in files]
-    if model is traced.fp32 and openvino_converts_traced_graph(options):
-        # The file just written is the graph OpenVINO converts: it reads it from there, and the 3.4 GB of a
-        # full-size UNet's weights need not stay in memory meanwhile.
-        traced.traced_file, traced.fp32 = folder / ONNX_MODEL, None
 
 
 def export_openvino(traced: Traced, folder: Path, bounds, entry: dict) -> None:
