@@ -151,10 +151,14 @@ def test_a_graph_baked_at_one_latent_size_fails_validation_naming_component_and_
 
 # ---- other processes: concurrent exports, signals -----------------------------------------------------------------
 
-def _start_export(model: Path, out: Path, tmpdir: Path) -> subprocess.Popen:
+def _start_export(model: Path, out: Path, tmpdir: Path, ignore_sigint: bool = False) -> subprocess.Popen:
+    """`diffship export` in a child process. `ignore_sigint`: started with SIGINT ignored, as a non-interactive
+    shell starts background jobs (`cmd &` in a script, CI runners): Python then installs no KeyboardInterrupt."""
     env = {**os.environ, "TMPDIR": str(tmpdir), "PYTHONUNBUFFERED": "1"}
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
     return subprocess.Popen([sys.executable, "-m", "diffship", "export", str(model), str(out), "--backend",
-                             "onnx,openvino"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "onnx,openvino"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ignore)
 
 
 def _wait_for(condition, proc: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -180,7 +184,8 @@ def test_signal_mid_export_leaves_nothing(tiny_model_dirs, tmp_path, signum):
     parent, tmpdir = tmp_path / "exports", tmp_path / "tmp"
     parent.mkdir()
     tmpdir.mkdir()
-    proc = _start_export(tiny_model_dirs("sd1"), parent / "out", tmpdir)
+    # SIGINT with SIGINT ignored at start: the export must still honour it (see output_directory.py).
+    proc = _start_export(tiny_model_dirs("sd1"), parent / "out", tmpdir, ignore_sigint=signum == signal.SIGINT)
     _wait_for(_mid_export(parent), proc)
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)

@@ -6,9 +6,11 @@
   under the same staging directory, not under /tmp, so one removal cleans everything.
 - One export per OUT at a time: an advisory lock (`.OUT.diffship-lock`, flock) held for the whole export. The
   kernel drops it when the process dies, however it dies.
-- SIGTERM and SIGHUP (what `timeout`, CI cancellation and `docker stop` send) become an exception, so the
-  cleanup runs; SIGINT already does. After a `kill -9` nothing runs: the next export beside OUT finds the
-  staging directories whose lock nobody holds and removes them.
+- SIGINT, SIGTERM and SIGHUP (Ctrl-C; what `timeout`, CI cancellation and `docker stop` send) become an
+  exception, so the cleanup runs. SIGINT too, because a process started in the background by a non-interactive
+  shell (`cmd &` in a script, CI runners) inherits SIGINT ignored and Python then installs no KeyboardInterrupt
+  for it: a `kill -INT` would be ignored, and the export finish. After a `kill -9` nothing runs: the next export
+  beside OUT finds the staging directories whose lock nobody holds and removes them.
 - `overwrite` replaces only a previous diffship export: a directory whose export_report.json lists every file in
   it (`files`). Never the current directory or one above it, never the model being exported or a folder
   holding it, never a file, never a directory with files diffship did not write.
@@ -254,7 +256,7 @@ class ExportDirectory:
         def interrupt(signum, frame):
             raise Interrupted(signum)
 
-        for signum in (signal.SIGTERM, signal.SIGHUP):
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             self._saved_handlers[signum] = signal.signal(signum, interrupt)
 
     def _restore_signal_handlers(self) -> None:
