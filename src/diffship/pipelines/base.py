@@ -226,7 +226,9 @@ class DiffusionPipeline:
         images = batch_size * num_images_per_prompt
         latent = (height // self.vae_scale_factor, width // self.vae_scale_factor)
         sequence = max(t.model_max_length for t in self.tokenizers.values())
-        batches = {UNET: images * (2 if guidance else 1), VAE_DECODER: images, VAE_ENCODER: images}
+        # LCM UNets (time_cond_proj_dim) run no unconditional batch, whatever the guidance scale.
+        guided = guidance and self.unet_config.get("time_cond_proj_dim") is None
+        batches = {UNET: images * (2 if guided else 1), VAE_DECODER: images, VAE_ENCODER: images}
         sizes = {UNET: latent, VAE_DECODER: latent, VAE_ENCODER: (height, width)}
         for name, session in self.sessions.items():
             shapes = {}
