@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from diffship.checks import IMAGE_SIZE_MULTIPLE, check_image_size, check_int, check_number
+from diffship.checks import IMAGE_SIZE_MULTIPLE, check_image_size, check_int
 from diffship.errors import DiffshipError, MissingComponentError
 from diffship.families.base import Family
 from diffship.layout import (
@@ -37,19 +37,17 @@ from diffship.layout import (
     vae_scale_factor,
 )
 from diffship.pipelines.base import DiffusionPipeline
-from diffship.pipelines.image_processing import OUTPUT_TYPES, dpt_preprocess, interpolate_bicubic
+from diffship.pipelines.image_processing import dpt_preprocess, interpolate_bicubic
 from diffship.pipelines.prompts import check_clip_skip, check_negative_prompt, encode_prompt
 from diffship.pipelines.steps import (
     as_generator,
-    check_callback_inputs,
-    check_schedule,
-    check_strength,
+    check_generation_options,
     extra_step_kwargs,
     guidance_scale_embedding,
     retrieve_timesteps,
     tile_to_batch,
 )
-from diffship.pipelines.tasks import ImageToImage, Inpaint, Task
+from diffship.pipelines.tasks import ImageToImage, Inpaint, Task, check_image_task, check_inpaint_inputs
 from diffship.pipelines.timing import StageTimer, stage_of
 from diffship.runtimes import input_info
 
@@ -156,17 +154,8 @@ class StableDiffusionFamilyPipeline(DiffusionPipeline):
                     f"prompt_embeds {prompt_embeds.shape} and negative_prompt_embeds "
                     f"{negative_prompt_embeds.shape} must have the same shape"
                 )
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        check_callback_inputs(callback_on_step_end_tensor_inputs, self.callback_tensor_inputs)
-        check_int(num_images_per_prompt, "num_images_per_prompt", 1)
-        check_schedule(self.scheduler, num_inference_steps, timesteps, sigmas)
-        # A non-finite guidance_scale or eta turns every latent into NaN: a black image, not an error, without this.
-        check_number(guidance_scale, "guidance_scale")
-        # eta weighs DDIM's noise, in [0, 1] (the paper's eta): past 1 its variance can exceed what the schedule
-        # leaves, and the step takes the square root of a negative number.
-        check_number(eta, "eta", 0.0, 1.0)
-        check_number(guidance_rescale, "guidance_rescale", 0.0, 1.0)
+        check_generation_options(self, output_type, callback_on_step_end_tensor_inputs, num_images_per_prompt,
+                                 num_inference_steps, timesteps, sigmas, guidance_scale, eta, guidance_rescale)
         if guidance_scale <= 1 and (negative_prompt is not None or negative_prompt_embeds is not None):
             logger.warning("the negative prompt is ignored: guidance_scale %g (<= 1) turns classifier-free guidance "
                            "off", guidance_scale)
@@ -318,13 +307,6 @@ class LatentConsistencyModelPipeline(StableDiffusionFamilyPipeline):
                              set_timesteps_kwargs=extra)
 
 
-def check_image_task(pipe, image, strength, num_inference_steps, timesteps=None, sigmas=None) -> None:
-    """The checks image-to-image and depth-to-image add to check_inputs."""
-    check_strength(strength, num_inference_steps, timesteps, sigmas)
-    if image is None:
-        raise ValueError(f"{type(pipe).__name__} needs image (PIL images or numpy arrays in [0, 1])")
-
-
 class StableDiffusionImg2ImgPipeline(StableDiffusionFamilyPipeline):
     """Image-to-image, as diffusers' StableDiffusionImg2ImgPipeline: encode the image, noise it to the timestep
     `strength` starts at, denoise from there."""
@@ -418,25 +400,6 @@ class StableDiffusionInpaintPipeline(StableDiffusionFamilyPipeline):
                              negative_prompt, num_images_per_prompt, eta, generator, latents, prompt_embeds,
                              negative_prompt_embeds, output_type, return_dict, callback_on_step_end,
                              callback_on_step_end_tensor_inputs, clip_skip, guidance_rescale)
-
-
-def check_inpaint_inputs(image, mask_image, strength, output_type, padding_mask_crop, num_inference_steps,
-                         timesteps=None, sigmas=None) -> None:
-    """strength, image, mask and padding_mask_crop, as every family's inpainting pipeline takes them."""
-    check_strength(strength, num_inference_steps, timesteps, sigmas)
-    if image is None:
-        raise ValueError("inpainting needs image, the picture to paint into" +
-                         (" (mask_image was given without it)" if mask_image is not None else ""))
-    if mask_image is None:
-        raise ValueError("inpainting needs mask_image: white (1) where to paint, black (0) where to keep")
-    if padding_mask_crop is not None:
-        check_int(padding_mask_crop, "padding_mask_crop", 0)
-        if not isinstance(image, Image.Image):
-            raise ValueError(f"padding_mask_crop needs image as a PIL image, got {type(image).__name__}")
-        if not isinstance(mask_image, Image.Image):
-            raise ValueError(f"padding_mask_crop needs mask_image as a PIL image, got {type(mask_image).__name__}")
-        if output_type != "pil":
-            raise ValueError(f"padding_mask_crop needs output_type='pil', got {output_type!r}")
 
 
 def depth_map_array(depth_map) -> np.ndarray:

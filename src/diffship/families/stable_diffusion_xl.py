@@ -24,7 +24,6 @@ import numpy as np
 from diffship.checks import IMAGE_SIZE_MULTIPLE, check_image_size, check_int, check_number
 from diffship.errors import DiffshipError
 from diffship.families.base import Family
-from diffship.families.stable_diffusion import check_image_task, check_inpaint_inputs
 from diffship.layout import (
     SCHEDULER,
     TEXT_ENCODER,
@@ -37,19 +36,17 @@ from diffship.layout import (
     vae_scale_factor,
 )
 from diffship.pipelines.base import DiffusionPipeline
-from diffship.pipelines.image_processing import OUTPUT_TYPES
 from diffship.pipelines.prompts import check_negative_prompt, hidden_state_outputs, run_text_encoder, warn_truncated
 from diffship.pipelines.steps import (
     as_generator,
-    check_callback_inputs,
-    check_schedule,
+    check_generation_options,
     end_timesteps,
     extra_step_kwargs,
     guidance_scale_embedding,
     retrieve_timesteps,
     valid_fraction,
 )
-from diffship.pipelines.tasks import ImageToImage, Inpaint, Task
+from diffship.pipelines.tasks import ImageToImage, Inpaint, Task, check_image_task, check_inpaint_inputs
 from diffship.pipelines.timing import StageTimer, stage_of
 
 logger = logging.getLogger(__name__)
@@ -157,14 +154,8 @@ class StableDiffusionXLFamilyPipeline(DiffusionPipeline):
                 and prompt_embeds.shape != negative_prompt_embeds.shape:
             raise ValueError(f"prompt_embeds {prompt_embeds.shape} and negative_prompt_embeds "
                              f"{negative_prompt_embeds.shape} must have the same shape")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        check_callback_inputs(callback_on_step_end_tensor_inputs, self.callback_tensor_inputs)
-        check_int(num_images_per_prompt, "num_images_per_prompt", 1)
-        check_schedule(self.scheduler, num_inference_steps, timesteps, sigmas)
-        check_number(guidance_scale, "guidance_scale")
-        check_number(eta, "eta", 0.0, 1.0)
-        check_number(guidance_rescale, "guidance_rescale", 0.0, 1.0)
+        check_generation_options(self, output_type, callback_on_step_end_tensor_inputs, num_images_per_prompt,
+                                 num_inference_steps, timesteps, sigmas, guidance_scale, eta, guidance_rescale)
         for name, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
             if value is not None:
                 check_number(value, name, 0.0, 1.0)
@@ -176,8 +167,6 @@ class StableDiffusionXLFamilyPipeline(DiffusionPipeline):
                 raise DiffshipError("clip_skip needs text encoders with hidden_states.N outputs; export the model "
                                     "with `diffship export`")
             check_int(clip_skip, "clip_skip", 0, layers - 2)
-        if not self.encoders() or any(e is None for _, e in self.encoders()):
-            raise DiffshipError("this SDXL export has no text encoder to encode the prompt")
 
     # ---- SDXL's own steps --------------------------------------------------------------------------------------
     def encode_prompt(self, prompt, prompt_2, num_images_per_prompt, do_classifier_free_guidance,

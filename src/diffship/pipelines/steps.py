@@ -9,6 +9,7 @@ import logging
 import numpy as np
 
 from diffship.checks import check_int, check_number
+from diffship.pipelines.image_processing import OUTPUT_TYPES
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,23 @@ def check_schedule(scheduler, num_inference_steps, timesteps, sigmas) -> None:
         # More steps than the noise levels the model was trained on have no meaning (and DDIM, DDPM, PNDM
         # and LCM refuse them in set_timesteps).
         check_int(num_inference_steps, "num_inference_steps", 1, scheduler.config.get("num_train_timesteps"))
+
+
+def check_generation_options(pipe, output_type, callback_on_step_end_tensor_inputs, num_images_per_prompt,
+                             num_inference_steps, timesteps, sigmas, guidance_scale, eta, guidance_rescale) -> None:
+    """The options every family's check_inputs checks alike: output type, callback tensors, counts, schedule and
+    the guidance numbers."""
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+    check_callback_inputs(callback_on_step_end_tensor_inputs, pipe.callback_tensor_inputs)
+    check_int(num_images_per_prompt, "num_images_per_prompt", 1)
+    check_schedule(pipe.scheduler, num_inference_steps, timesteps, sigmas)
+    # A non-finite guidance_scale or eta turns every latent into NaN: a black image, not an error, without this.
+    check_number(guidance_scale, "guidance_scale")
+    # eta weighs DDIM's noise, in [0, 1] (the paper's eta): past 1 its variance can exceed what the schedule
+    # leaves, and the step takes the square root of a negative number.
+    check_number(eta, "eta", 0.0, 1.0)
+    check_number(guidance_rescale, "guidance_rescale", 0.0, 1.0)
 
 
 def strength_steps(num_inference_steps: int, strength: float) -> int:

@@ -13,9 +13,17 @@ scheduler, so every family's loop takes them as they are.
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 
+from diffship.checks import check_int
 from diffship.pipelines.image_processing import interpolate_nearest
-from diffship.pipelines.steps import check_generators, check_image_channels, get_timesteps, tile_to_batch
+from diffship.pipelines.steps import (
+    check_generators,
+    check_image_channels,
+    check_strength,
+    get_timesteps,
+    tile_to_batch,
+)
 from diffship.schedulers.noise import randn
 
 
@@ -229,3 +237,31 @@ class Inpaint(Task):
             return images
         return [self.image_processor.apply_overlay(self.mask_image, self.image, i, self.crops_coords)
                 for i in images]
+
+
+# ---- the checks each task adds to its family's check_inputs ----------------------------------------------------
+
+def check_image_task(pipe, image, strength, num_inference_steps, timesteps=None, sigmas=None) -> None:
+    """The checks image-to-image and depth-to-image add to check_inputs."""
+    check_strength(strength, num_inference_steps, timesteps, sigmas)
+    if image is None:
+        raise ValueError(f"{type(pipe).__name__} needs image (PIL images or numpy arrays in [0, 1])")
+
+
+def check_inpaint_inputs(image, mask_image, strength, output_type, padding_mask_crop, num_inference_steps,
+                         timesteps=None, sigmas=None) -> None:
+    """strength, image, mask and padding_mask_crop, as every family's inpainting pipeline takes them."""
+    check_strength(strength, num_inference_steps, timesteps, sigmas)
+    if image is None:
+        raise ValueError("inpainting needs image, the picture to paint into" +
+                         (" (mask_image was given without it)" if mask_image is not None else ""))
+    if mask_image is None:
+        raise ValueError("inpainting needs mask_image: white (1) where to paint, black (0) where to keep")
+    if padding_mask_crop is not None:
+        check_int(padding_mask_crop, "padding_mask_crop", 0)
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"padding_mask_crop needs image as a PIL image, got {type(image).__name__}")
+        if not isinstance(mask_image, Image.Image):
+            raise ValueError(f"padding_mask_crop needs mask_image as a PIL image, got {type(mask_image).__name__}")
+        if output_type != "pil":
+            raise ValueError(f"padding_mask_crop needs output_type='pil', got {output_type!r}")
