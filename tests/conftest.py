@@ -10,6 +10,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache(tmp_path_factory):
+    """The runtimes' compile cache (runtimes/cache.py) for this run: a fresh folder, not the user's ~/.cache."""
+    path = tmp_path_factory.mktemp("compile-cache")
+    previous = os.environ.get("DIFFSHIP_CACHE_DIR")
+    os.environ["DIFFSHIP_CACHE_DIR"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("DIFFSHIP_CACHE_DIR", None)
+    else:
+        os.environ["DIFFSHIP_CACHE_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory):
     """kind -> a diffusers directory of the tiny sd1 / sd2 pipeline (built on first use)."""
@@ -30,17 +43,20 @@ def tiny_model_dirs(tmp_path_factory):
 def exported_dirs(tiny_model_dirs, tmp_path_factory):
     """kind -> an export of the tiny pipeline holding both ONNX and OpenVINO graphs (built on first use).
     `formats=("onnx",)`: ONNX only, for model variants whose OpenVINO conversion is the one another kind's export
-    already checks; the openvino backend then runs model.onnx (a shorter suite)."""
+    already checks; the openvino backend then runs model.onnx (a shorter suite). `deepcache=True`: exported with
+    DeepCache's graphs (a separate export: the plain one stays as users get it)."""
     from diffship.exporters import export
 
     root = tmp_path_factory.mktemp("exports")
     cache = {}
 
-    def get(kind: str, formats: tuple[str, ...] = ("onnx", "openvino")):
-        if (kind, formats) not in cache:
-            cache[kind, formats] = export(tiny_model_dirs(kind), root / "-".join((kind, *formats)), list(formats),
-                                          progress=False)
-        return cache[kind, formats]
+    def get(kind: str, formats: tuple[str, ...] = ("onnx", "openvino"), deepcache: bool = False):
+        key = (kind, formats, deepcache)
+        if key not in cache:
+            name = "-".join((kind, *formats, *(["deepcache"] if deepcache else [])))
+            cache[key] = export(tiny_model_dirs(kind), root / name, list(formats), progress=False,
+                                deepcache=deepcache)
+        return cache[key]
 
     return get
 

@@ -84,12 +84,12 @@ def test_from_pipe_reuses_sessions(backend, exported_dirs, tmp_path, capsys):
     directory is gone when it runs), and generates what a pipeline loaded from the directory generates."""
     model_dir = shutil.copytree(exported_dirs("sd1"), tmp_path / "model")
     start = time.perf_counter()
-    text2img = AutoPipelineForText2Image.from_pretrained(model_dir, backend=backend)
+    text2img = AutoPipelineForText2Image.from_pretrained(model_dir, backend=backend, inference_precision="f32")
     load_seconds = time.perf_counter() - start
     text2img.set_progress_bar_config(disable=True)
     image = rgb_image()
     kwargs = dict(image=image, strength=0.6, num_inference_steps=3, generator=1, output_type="np")
-    expected_img2img = StableDiffusionImg2ImgPipeline.from_pretrained(model_dir, backend=backend)(
+    expected_img2img = StableDiffusionImg2ImgPipeline.from_pretrained(model_dir, backend=backend, inference_precision="f32")(
         "a cat", **kwargs).images
     shutil.rmtree(model_dir)
 

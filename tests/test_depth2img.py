@@ -51,7 +51,7 @@ def pipelines(exported_dirs):
     def get(backend):
         if backend not in cache:
             cache[backend] = StableDiffusionDepth2ImgPipeline.from_pretrained(exported_dirs("sd2-depth"),
-                                                                              backend=backend)
+                                                                              backend=backend, inference_precision="f32")
             cache[backend].set_progress_bar_config(disable=True)
         return cache[backend]
 

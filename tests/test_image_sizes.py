@@ -85,7 +85,7 @@ def _compare(case, height, width, model_dir, backend, references, label):
     expected = REFERENCES.get((case, height, width),
                               lambda: run_reference(references(kind, class_name), SCHEDULER, seed=3, **kwargs))
     pipe = PIPELINES.get((model_dir, class_name, backend),
-                         lambda: getattr(diffship.pipelines, class_name).from_pretrained(model_dir, backend=backend))
+                         lambda: getattr(diffship.pipelines, class_name).from_pretrained(model_dir, backend=backend, inference_precision="f32"))
     pipe.set_progress_bar_config(disable=True)
     got = run_diffship(pipe, SCHEDULER, seed=3, **kwargs)
     assert got.shape == expected.shape == (1, height, width, 3)

@@ -45,7 +45,7 @@ def pipelines(exported_dirs):
 
     def get(backend):
         if backend not in cache:
-            cache[backend] = StableDiffusionImg2ImgPipeline.from_pretrained(exported_dirs("sd1"), backend=backend)
+            cache[backend] = StableDiffusionImg2ImgPipeline.from_pretrained(exported_dirs("sd1"), backend=backend, inference_precision="f32")
             cache[backend].set_progress_bar_config(disable=True)
         return cache[backend]
 

@@ -54,7 +54,7 @@ def pipelines(exported_dirs):
 
     def get(kind, backend):
         if (kind, backend) not in cache:
-            pipe = StableDiffusionInpaintPipeline.from_pretrained(exported_dirs(kind), backend=backend)
+            pipe = StableDiffusionInpaintPipeline.from_pretrained(exported_dirs(kind), backend=backend, inference_precision="f32")
             pipe.set_progress_bar_config(disable=True)
             cache[kind, backend] = pipe
         return cache[kind, backend]

@@ -149,7 +149,7 @@ def optimum_pipelines():
     def get(load: str) -> StableDiffusionPipeline:
         if load not in cache:
             folder, backend = LOADS[load]
-            pipe = StableDiffusionPipeline.from_pretrained(folder, backend=backend)
+            pipe = StableDiffusionPipeline.from_pretrained(folder, backend=backend, inference_precision="f32")
             pipe.set_progress_bar_config(disable=True)
             cache[load] = pipe
         return cache[load]
@@ -185,7 +185,7 @@ def test_openvino_unet_with_static_timestep_shape_1(reference):
     The fixed form is emulated on the CLI fixture, so one fixture covers both."""
     from diffship.schedulers import PNDMScheduler
 
-    pipe = StableDiffusionPipeline.from_pretrained(OPENVINO_DIR, backend="openvino")
+    pipe = StableDiffusionPipeline.from_pretrained(OPENVINO_DIR, backend="openvino", inference_precision="f32")
     pipe.set_progress_bar_config(disable=True)
     pipe.unet.reshape({"timestep": (1,)})
     assert next(i for i in pipe.unet.inputs if i.name == "timestep").shape == (1,)

@@ -45,7 +45,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def images(model_dir, backend):
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, backend=backend)
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, backend=backend, inference_precision="f32")
     pipe.set_progress_bar_config(disable=True)
     latents = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
     return pipe(PROMPTS, num_inference_steps=4, latents=latents, output_type="np").images

@@ -91,7 +91,7 @@ def test_sdxl_text_to_image(backend, height, width, sdxl, exported_dirs):
                   guidance_scale=6.0, guidance_rescale=0.3, height=height, width=width,
                   latents=latents(2, height, width))
     expected = _run_reference(sdxl, **kwargs)
-    pipe = StableDiffusionXLPipeline.from_pretrained(exported_dirs("sdxl"), backend=backend)
+    pipe = StableDiffusionXLPipeline.from_pretrained(exported_dirs("sdxl"), backend=backend, inference_precision="f32")
     _check(f"sdxl text-to-image {backend} {height}x{width}", expected, _run(pipe, **kwargs))
 
 
@@ -102,7 +102,7 @@ def test_sdxl_empty_negative_is_zeros_and_sizes_condition(backend, sdxl, exporte
                   clip_skip=1, original_size=(128, 96), crops_coords_top_left=(8, 4), target_size=(64, 64),
                   negative_original_size=(32, 32), negative_target_size=(64, 64), latents=latents(1))
     expected = _run_reference(sdxl, **kwargs)
-    pipe = AutoPipelineForText2Image.from_pretrained(exported_dirs("sdxl"), backend=backend)
+    pipe = AutoPipelineForText2Image.from_pretrained(exported_dirs("sdxl"), backend=backend, inference_precision="f32")
     assert isinstance(pipe, StableDiffusionXLPipeline)
     _check(f"sdxl text-to-image options {backend}", expected, _run(pipe, **kwargs))
 
@@ -113,7 +113,7 @@ def test_sdxl_image_to_image(backend, tiny_model_dirs, exported_dirs):
     kwargs = dict(prompt=PROMPTS[0], image=rgb_image(40, 64), strength=0.6, num_inference_steps=5,
                   guidance_scale=5.0, negative_prompt="dark")
     expected = _run_reference(reference, **kwargs)
-    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(exported_dirs("sdxl"), backend=backend)
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(exported_dirs("sdxl"), backend=backend, inference_precision="f32")
     _check(f"sdxl image-to-image {backend} 40x64", expected, _run(pipe, **kwargs))
 
 
@@ -124,7 +124,7 @@ def test_sdxl_inpainting(backend, height, width, tiny_model_dirs, exported_dirs)
     kwargs = dict(prompt=PROMPTS[1], image=rgb_image(height, width), mask_image=mask_image(height, width),
                   height=height, width=width, strength=0.8, num_inference_steps=4, guidance_scale=6.0)
     expected = _run_reference(reference, **kwargs)
-    pipe = StableDiffusionXLInpaintPipeline.from_pretrained(exported_dirs("sdxl"), backend=backend)
+    pipe = StableDiffusionXLInpaintPipeline.from_pretrained(exported_dirs("sdxl"), backend=backend, inference_precision="f32")
     _check(f"sdxl inpainting {backend} {height}x{width}", expected, _run(pipe, **kwargs))
 
 
@@ -142,11 +142,11 @@ def test_sdxl_base_to_refiner(backend, sdxl, tiny_model_dirs, exported_dirs):
                       **base_kwargs).images
         expected = refiner(image=handed, generator=torch.Generator().manual_seed(1), output_type="np",
                            **refiner_kwargs).images
-    base = StableDiffusionXLPipeline.from_pretrained(exported_dirs("sdxl"), backend=backend)
+    base = StableDiffusionXLPipeline.from_pretrained(exported_dirs("sdxl"), backend=backend, inference_precision="f32")
     base.set_progress_bar_config(disable=True)
     ours_handed = base(generator=TorchNoise(0), latents=latents(1), **base_kwargs).images
     _check(f"sdxl base latents at denoising_end {backend}", handed.numpy(), ours_handed)
-    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(exported_dirs("sdxl-refiner", VARIANT), backend=backend)
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(exported_dirs("sdxl-refiner", VARIANT), backend=backend, inference_precision="f32")
     assert pipe.text_encoder is None and pipe.requires_aesthetics_score
     _check(f"sdxl refiner from denoising_start {backend}", expected,
            _run(pipe, seed=1, image=ours_handed, **refiner_kwargs))
@@ -158,7 +158,7 @@ def test_lcm_on_sd_unet(backend, tiny_model_dirs, exported_dirs):
     kwargs = dict(prompt=PROMPTS, num_inference_steps=4, guidance_scale=8.5, height=40, width=64,
                   latents=latents(2, 40, 64))
     expected = _run_reference(reference, **kwargs)
-    pipe = AutoPipelineForText2Image.from_pretrained(exported_dirs("sd1-lcm", VARIANT), backend=backend)
+    pipe = AutoPipelineForText2Image.from_pretrained(exported_dirs("sd1-lcm", VARIANT), backend=backend, inference_precision="f32")
     assert isinstance(pipe, LatentConsistencyModelPipeline)
     _check(f"lcm sd1 {backend} 40x64", expected, _run(pipe, **kwargs))
     # The same LCM UNet in the regular text-to-image pipeline, as diffusers runs it (guidance as an embedding).
@@ -174,7 +174,7 @@ def test_lcm_on_sdxl_unet(backend, tiny_model_dirs, exported_dirs):
     kwargs = dict(prompt=PROMPTS, num_inference_steps=4, guidance_scale=8.0, height=40, width=64,
                   latents=latents(2, 40, 64))
     expected = _run_reference(reference, **kwargs)
-    pipe = StableDiffusionXLPipeline.from_pretrained(exported_dirs("sdxl-lcm", VARIANT), backend=backend)
+    pipe = StableDiffusionXLPipeline.from_pretrained(exported_dirs("sdxl-lcm", VARIANT), backend=backend, inference_precision="f32")
     _check(f"lcm sdxl {backend} 40x64", expected, _run(pipe, **kwargs))
 
 
@@ -195,7 +195,7 @@ def test_turbo(backend, family, steps, tiny_model_dirs, exported_dirs):
     expected = _run_reference(reference, **kwargs)
     assert type(reference.scheduler).__name__ == TURBO_SCHEDULER["_class_name"]
     assert reference.scheduler.config.timestep_spacing == "trailing"
-    pipe = AutoPipelineForText2Image.from_pretrained(exported_dirs(base), backend=backend)
+    pipe = AutoPipelineForText2Image.from_pretrained(exported_dirs(base), backend=backend, inference_precision="f32")
     pipe.scheduler = diffship.schedulers.EulerAncestralDiscreteScheduler.from_config(
         dict(reference.scheduler.config))
     assert isinstance(reference, getattr(diffusers, type(pipe).__name__))
@@ -233,6 +233,6 @@ def test_sdxl_inpainting_9_channels(backend, tiny_model_dirs, exported_dirs):
     kwargs = dict(prompt=PROMPTS[0], image=rgb_image(72, 48), mask_image=mask_image(72, 48), height=72, width=48,
                   num_inference_steps=3, guidance_scale=6.0)
     expected = _run_reference(reference, **kwargs)
-    pipe = AutoPipelineForInpainting.from_pretrained(exported_dirs("sdxl-inpaint", VARIANT), backend=backend)
+    pipe = AutoPipelineForInpainting.from_pretrained(exported_dirs("sdxl-inpaint", VARIANT), backend=backend, inference_precision="f32")
     assert isinstance(pipe, StableDiffusionXLInpaintPipeline) and pipe.unet_config["in_channels"] == 9
     _check(f"sdxl inpainting 9-channel {backend} 72x48", expected, _run(pipe, **kwargs))

@@ -84,7 +84,7 @@ def test_shipped_weights_load_in_diffusers_and_draw_the_right_colour(trained_exp
 def test_shipped_model_draws_the_right_colour_in_5_steps(trained_export, backend):
     from diffship.pipelines import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(trained_export[1], backend=backend)
+    pipe = StableDiffusionPipeline.from_pretrained(trained_export[1], backend=backend, inference_precision="f32")
     pipe.set_progress_bar_config(disable=True)
     images = pipe(COLOUR_PROMPTS, num_inference_steps=5, guidance_scale=6.0, output_type="np",
                   generator=np.random.default_rng(0)).images

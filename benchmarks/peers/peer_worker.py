@@ -5,8 +5,8 @@ loaded by file path: the Optimum venv has no diffship):
     .venv-optimum/bin/python benchmarks/peers/peer_worker.py    # Optimum's ORT / OpenVINO pipelines
 
 The spec's `kind` picks the pipeline: "diffusers" (StableDiffusionPipeline on the diffusers source directory),
-"optimum-ort" (ORTStableDiffusionPipeline) or "optimum-ov" (OVStableDiffusionPipeline, with `ov_config`, optionally
-reshaped to static shapes) on the exported directory. Each gets the same prompt, latents (a .npy file), scheduler
+"optimum-ort" (ORTStableDiffusionPipeline) or "optimum-ov" (OVStableDiffusionPipeline, with `ov_config` or, where it
+is None, Optimum Intel's defaults; optionally reshaped to static shapes) on the exported directory. Each gets the same prompt, latents (a .npy file), scheduler
 (a diffusers class name) and steps as diffship. Stages are timed by wrapping the pipeline's component calls
 (text encoder, UNet, VAE decode/encode) as diffship's worker wraps its Sessions; the rest is scheduler and glue.
 """
@@ -66,9 +66,11 @@ def load_optimum_ov(spec: dict, recorder):
     import openvino
     from optimum.intel import OVStableDiffusionPipeline
 
-    pipe = OVStableDiffusionPipeline.from_pretrained(spec["model_dir"], ov_config=spec.get("ov_config") or {},
-                                                     compile=False)
-    if spec.get("static"):
+    # ov_config None: Optimum Intel's defaults (its performance hint; the plugin's inference precision, bf16 on CPUs
+    # that have it). compile=False then compile() is what from_pretrained does by itself, with a reshape between.
+    config = {} if spec.get("ov_config") is None else {"ov_config": spec["ov_config"]}
+    pipe = OVStableDiffusionPipeline.from_pretrained(spec["model_dir"], compile=False, **config)
+    if spec.get("static"):  # static shapes, as Optimum Intel's documentation recommends on CPU
         pipe.reshape(batch_size=1, height=spec["height"], width=spec["width"], num_images_per_prompt=1)
     pipe.compile()
     for attr, stage in (("text_encoder", "text_encoder"), ("unet", "unet"), ("vae_decoder", "vae_decode"),
@@ -76,8 +78,9 @@ def load_optimum_ov(spec: dict, recorder):
         if getattr(pipe, attr, None) is not None:
             _wrap_method(getattr(pipe, attr), "forward", recorder, stage)
     compiled = pipe.unet.request
+    used = {k: str(v) for k, v in (getattr(pipe, "ov_config", None) or {}).items()}
     info = {"pipeline": type(pipe).__name__, "openvino": openvino.__version__, "static": bool(spec.get("static")),
-            "ov_config": spec.get("ov_config") or {},
+            "ov_config": spec.get("ov_config"), "ov_config_used": used,
             "unet_inference_precision": str(compiled.get_property("INFERENCE_PRECISION_HINT")),
             "unet_performance_hint": str(compiled.get_property("PERFORMANCE_HINT"))}
     return pipe, info
@@ -105,7 +108,7 @@ def load(spec: dict):
         start = time.perf_counter()
         pipe(spec["prompt"], negative_prompt=spec.get("negative_prompt"), height=spec["height"],
              width=spec["width"], num_inference_steps=spec["steps"], guidance_scale=spec["guidance_scale"],
-             latents=latents.clone(), output_type="pil")
+             latents=latents.clone(), output_type="pil", **(spec.get("call_kwargs") or {}))
         timings = recorder.timings(time.perf_counter() - start)
         if not timings["unet_steps"] or timings["vae_decode"] is None:
             raise RuntimeError(f"the component timers saw no UNet or VAE decoder call: {timings}")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
+from diffship.benchmarking.report import gflops_cell
+
 
 def _ms(seconds):
     return "-" if seconds is None else (f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1e3:.0f} ms")
@@ -14,6 +18,59 @@ def _x(value):
 def _stage(result, stage, stat="median"):
     figures = (result.get("stages") or {}).get(stage)
     return figures[stat] if figures else None
+
+
+def _cold_and_memory(r) -> str:
+    """The load + compile, first image and peak RSS cells of a row."""
+    cold, memory = r.get("cold_start") or {}, r.get("memory") or {}
+    return (f"{_ms(cold.get('load_and_compile_s'))} | {_ms(cold.get('time_to_first_image_s'))} | "
+            f"{memory.get('peak_rss_mb', 0) / 1024:.1f} GiB")
+
+
+def own_exports_section(report: dict) -> list[str]:
+    """The own-export groups: each side on its own export with its own defaults, and the exports' cost."""
+    ratios = report["ratios"]
+    rows = [r for r in report["results"] if (r.get("config") or {}).get("model_dir") and
+            r.get("group", "").startswith("own-")]
+    if not rows:
+        return []
+    lines = ["", "## Each side on its own export, with its own defaults", "",
+             "Optimum's pipelines load `optimum-cli export onnx` / `optimum-cli export openvino` exports, diffship "
+             "its own `diffship export`, each with nothing passed but the directory (and diffship's backend); "
+             "Optimum Intel static is reshaped to the request and compiled, as its documentation recommends. "
+             "UNet precision: what the UNet ran in, as the runtime reported it (int8: the graph quantizes "
+             "activations); its % of peak is of that precision's peak.", "",
+             "| pipeline | export | UNet precision | end to end | UNet per step | vs PyTorch | vs Optimum defaults, "
+             "same backend | UNet GFLOP/s (% of peak) | load + compile | first image | peak RSS |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        config = r["config"]
+        export = config["model_dir"].rstrip("/").split("/")[-1]
+        extra = {k: v for k, v in {"options": config.get("options"), "call": config.get("call_kwargs")}.items() if v}
+        if extra:
+            export += " " + ", ".join(f"{k} `{json.dumps(v)}`" for k, v in extra.items())
+        if r.get("error"):
+            lines.append(f"| {r['name']} | {export} | failed: {r['error'].splitlines()[0][:120]} |" + " |" * 8)
+            continue
+        own = ratios.get(r["name"], {})
+        lines.append(f"| {r['name']} | {export} | {r.get('unet_precision') or r.get('precision')} | "
+                     f"{_ms(_stage(r, 'total'))} | {_ms(_stage(r, 'unet_per_step'))} | "
+                     f"{_x(own.get('vs_torch_total'))} | {_x(own.get('vs_optimum_defaults_total'))} | {gflops_cell(r)} | "
+                     f"{_cold_and_memory(r)} |")
+    memory = report.get("export_memory")
+    if memory:
+        unet_gb = (memory["source"].get("fp32_bytes") or 0) / 2**30
+        lines += ["", f"The exports (benchmarks/peers/export_peers.py, {memory['date']}; the UNet's fp32 weights: "
+                  f"{unet_gb:.2f} GiB, target peak RSS ≤ {memory['target_x_unet_fp32']:g}x that):", "",
+                  "| exporter | wall time | peak RSS | x UNet fp32 weights | output |", "| --- | ---: | ---: | ---: | ---: |"]
+        for name, e in memory["exports"].items():
+            if "wall_s" not in e:
+                continue
+            x_unet, output = e.get("peak_rss_x_unet_fp32"), e.get("output_mb")
+            lines.append(f"| {name} | {e['wall_s'] / 60:.1f} min | {e['peak_rss_mb'] / 1024:.2f} GiB | "
+                         f"{'-' if x_unet is None else f'{x_unet:.2f}x'} | "
+                         f"{'-' if output is None else f'{output / 1024:.2f} GiB'} |")
+    return lines
 
 
 def format_peers_markdown(report: dict, plot_name: str | None = None) -> str:
@@ -46,17 +103,15 @@ def format_peers_markdown(report: dict, plot_name: str | None = None) -> str:
         own = ratios.get(r["name"], {})
         vs_torch = 1.0 if r["runtime"] == "diffusers" else own.get("vs_torch_total")
         glue, total = _stage(r, "scheduler_and_glue"), _stage(r, "total")
-        gflops = (f"{r['unet_gflops']:.0f} ({r['unet_percent_of_peak']:.0f} %)" if r.get("unet_gflops") else "-")
-        cold, memory = r.get("cold_start") or {}, r.get("memory") or {}
         lines.append(
             f"| {r['name']} | {_ms(total)} | {_ms(_stage(r, 'unet_per_step'))} / "
             f"{_ms(_stage(r, 'unet_per_step', 'p90'))} | {_ms(_stage(r, 'text_encoder'))} | "
             f"{_ms(_stage(r, 'vae_decode'))} | {_ms(glue)} ({100 * glue / total:.2f} %) | {_x(vs_torch)} | "
-            f"{_x((pairs.get(r['name']) or {}).get('total'))} | {gflops} | {_ms(cold.get('load_and_compile_s'))} | "
-            f"{_ms(cold.get('time_to_first_image_s'))} | {memory.get('peak_rss_mb', 0) / 1024:.1f} GiB |")
+            f"{_x((pairs.get(r['name']) or {}).get('total'))} | {gflops_cell(r)} | {_cold_and_memory(r)} |")
     if plot_name:
         lines += ["", f"![median latency per stage]({plot_name})"]
 
+    lines += own_exports_section(report)
     lines += ["", "## Against the issue's targets", "", "| what | measured | target | met |", "| --- | ---: | ---: | --- |"]
     for name, t in report["targets"].items():
         value = t.get("value")
@@ -67,7 +122,7 @@ def format_peers_markdown(report: dict, plot_name: str | None = None) -> str:
         lines.append(f"| {label} | {shown} | {goal} | {met} |")
 
     lines += ["", "Per-stage ratios of diffship to its Optimum counterpart (ratios of medians; the same graphs on the "
-              "same runtime). The last column pairs the runs made in the same round, seconds apart: its spread is "
+              "same runtime in the shared groups, each side's own export in the own-export ones). The last column pairs the runs made in the same round, seconds apart: its spread is "
               "what the machine's noise alone does to a ratio.", "",
               "| pair | end to end | UNet per step | text encoder | VAE decode | scheduler + glue | "
               "end to end, run by run |",
@@ -99,11 +154,23 @@ def format_peers_markdown(report: dict, plot_name: str | None = None) -> str:
                   f"({rl['uncounted_nodes']} Conv/MatMul/Gemm nodes left uncounted); normalisations, softmax and "
                   "elementwise ops are not counted.",
                   f"- measured fp32 peak: **{rl['peak_gflops']:.0f} GFLOP/s**, the best of numpy "
-                  f"({peak['numpy_gflops']:.0f}) and ONNX Runtime ({peak.get('onnxruntime_gflops') or 0:.0f}) on a "
-                  f"{peak['n']}x{peak['n']}x{peak['n']} matmul with {peak['threads']} threads, the better of its "
-                  "measurements at the start and the end of the benchmark (other jobs on the machine lower it). The "
-                  "percentages of the bf16 rows are of this fp32 "
-                  "peak: bf16 (AVX512-BF16) has a higher roof, which they pass."]
+                  f"({peak['numpy_gflops']:.0f}), ONNX Runtime ({peak.get('onnxruntime_gflops') or 0:.0f})"
+                  + (f" and OpenVINO ({peak['openvino_gflops']:.0f})" if peak.get("openvino_gflops") else "")
+                  + f" on a {peak['n']}x{peak['n']}x{peak['n']} matmul with {peak['threads']} threads, the better of "
+                  "its measurements at the start and the end of the benchmark (other jobs on the machine lower it)."]
+        peaks = rl.get("peaks")
+        if peaks:
+            lines += ["- Each row's % of peak is of the peak of the precision its UNet ran in:", "",
+                      "| precision | peak GFLOP/s | measured with | kernel | instructions on this CPU |",
+                      "| --- | ---: | --- | --- | --- |"]
+            for precision, p in peaks.items():
+                how = ", ".join(f"{k.removesuffix('_gflops')} {v:.0f}" for k, v in p.items()
+                                if k.endswith("_gflops") and k != "peak_gflops" and v)
+                lines.append(f"| {precision} | {p['gflops']:.0f} | {how} | {p.get('openvino_kernel') or '-'} | "
+                             f"{p['label']} |")
+        else:
+            lines.append("- The percentages of the bf16 rows are of this fp32 peak: bf16 (AVX512-BF16) has a higher "
+                         "roof, which they pass.")
 
     busy = [(r["name"], [run["cpu_s"] / run["total"] for run in r["runs"] if run.get("cpu_s")],
              [run.get("loadavg_1m") for run in r["runs"]]) for r in report["results"] if r.get("runs")]
@@ -133,8 +200,9 @@ def format_peers_markdown(report: dict, plot_name: str | None = None) -> str:
         "- Stages are timed the same way on every side, by wrapping the component calls (diffship's Sessions; "
         "the Optimum and diffusers model objects' `forward` and `vae.decode`); scheduler + glue is the pipeline "
         "call's wall time less its component calls (tokenizing, guidance, scheduler steps, postprocessing to PIL).",
-        "- Optimum loads diffship's export directory, so both run the very same graphs with the same runtime "
-        "versions; OpenVINO in fp32 on both sides (`INFERENCE_PRECISION_HINT: f32`), bf16 rows are extra.",
+        "- Shared-graph groups: Optimum loads diffship's export directory, so both run the very same graphs with "
+        "the same runtime versions; OpenVINO in fp32 on both sides (`INFERENCE_PRECISION_HINT: f32`), bf16 rows "
+        "are extra. Own-export groups: each side its own export and defaults (see that section).",
         "- Groups, in order: " + "; ".join(
             f"{g}: {v['seconds']:.0f} s, {v['runs']} runs, {v['mem_available_gb_at_start']:.1f} GiB free at start, "
             f"load average {(v.get('loadavg_start') or ['?'])[0]} at start and {(v['loadavg_end'] or ['?'])[0]} "

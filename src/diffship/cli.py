@@ -29,9 +29,13 @@ from diffship.checks import (
 )
 from diffship.errors import DiffshipError
 from diffship.layout import REPORT_FILE
+from diffship.pipelines.precision import INFERENCE_PRECISIONS
 from diffship.testing.tiny_models import KINDS as TINY_KINDS
 
 
+INFERENCE_PRECISION_HELP = ("how OpenVINO computes: auto (default: bf16 for the components whose bf16 error the "
+                            "export measured within bound, on a CPU with bf16; f32 elsewhere), f32 (exact, as "
+                            "PyTorch), bf16, f16, or default (the CPU plugin's own choice)")
 SIZE_HELP = f"a multiple of 8 from 8 to {MAX_IMAGE_SIDE} pixels (default: the model's)"
 
 
@@ -104,6 +108,13 @@ def _add_export(sub) -> None:
                    help="compress weights: onnxruntime dynamic int8 / int4 MatMulNBits; NNCF for OpenVINO")
     p.add_argument("--quantize", choices=["hybrid"],
                    help="OpenVINO: int8 activations for the UNet too, calibrated on real prompts (as Optimum Intel)")
+    p.add_argument("--deepcache", action="store_true",
+                   help="DeepCache step caching: the UNet also outputs its deep feature (deep_features) and a small "
+                        "unet_shallow graph is added; generate with cache='deepcache' (--cache deepcache) to run it "
+                        "between full UNet steps")
+    p.add_argument("--deepcache-branch", type=int, default=0,
+                   help="with --deepcache: where the shallow UNet joins the cached feature, 0 (the shallowest and "
+                        "fastest, the default) to the UNet's layers per block")
 
 
 def _add_generate(sub) -> None:
@@ -132,6 +143,7 @@ def _add_generate(sub) -> None:
                    help="onnxruntime execution provider(s), e.g. CUDAExecutionProvider (--backend onnxruntime)")
     p.add_argument("--device", default=None, help="OpenVINO device (CPU, GPU, ...; --backend openvino)")
     p.add_argument("--static", action="store_true", help="OpenVINO: reshape the graphs to static shapes first")
+    p.add_argument("--inference-precision", choices=INFERENCE_PRECISIONS, default="auto", help=INFERENCE_PRECISION_HELP)
     p.add_argument("--out", type=Path, default=Path("image.png"),
                    help="output image (an extension PIL writes: .png, .jpg, ...); with several images, OUT_0.png, "
                         "OUT_1.png, ...")
@@ -150,6 +162,7 @@ def _add_generate(sub) -> None:
                    help="how far to move from --image, 0..1 (default: the pipeline's, 0.8 or 1.0 for inpainting)")
     p.add_argument("--depth-map", type=Path,
                    help="depth-to-image: a depth image (8/16-bit grayscale) instead of the model's estimator")
+    _add_step_cache_flags(p)
 
 
 def _add_inspect(sub) -> None:
@@ -176,8 +189,9 @@ def _add_bench(sub) -> None:
                    help="timed runs per backend, at least 1 (the figures are their medians)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per backend first, 0 or more")
     p.add_argument("--static", action="store_true", help="OpenVINO: reshape the graphs to static shapes first")
-    p.add_argument("--inference-precision", choices=["f32", "bf16", "f16", "default"], default=None,
-                   help="OpenVINO's inference precision (default f32; 'default': the CPU plugin's own choice)")
+    p.add_argument("--inference-precision", choices=INFERENCE_PRECISIONS, default=None,
+                   help=INFERENCE_PRECISION_HELP)
+    _add_step_cache_flags(p)
     p.add_argument("--prompt", default="a photo of an astronaut riding a horse on mars")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--guidance", type=float, default=7.5,
@@ -241,19 +255,29 @@ def cmd_tiny_model(args) -> None:
     print(f"wrote {kind} pipeline to {path}")
 
 
+def _add_step_cache_flags(p) -> None:
+    p.add_argument("--cache", choices=["deepcache"],
+                   help="step caching: deepcache runs the shallow UNet on the last full step's deep feature between "
+                        "full steps (an export made with --deepcache)")
+    p.add_argument("--cache-interval", type=int, default=3,
+                   help="with --cache: a full UNet step every N steps, at least 1 (default 3)")
+    p.add_argument("--cache-start", type=int, default=0,
+                   help="with --cache: the steps before this index all run in full (default 0)")
+
+
 def cmd_export(args) -> None:
     from diffship.exporters import export
     from diffship.exporters.export_pipeline import check_arguments
 
     # The checks export() makes, first under the flags' names.
     check_arguments(backend=args.backend or ["onnx"], height=args.height, width=args.width,
-                    batch_size=args.batch_size, opset=args.opset, atol=args.atol,
-                    name=lambda argument: "--" + argument.replace("_", "-"))
+                    batch_size=args.batch_size, opset=args.opset, atol=args.atol, deepcache=args.deepcache,
+                    deepcache_branch=args.deepcache_branch, name=lambda argument: "--" + argument.replace("_", "-"))
     out = export(args.model, args.out, backend=args.backend or ["onnx"], height=args.height, width=args.width,
                  batch_size=args.batch_size, static=args.static, opset=args.opset, atol=args.atol,
                  overwrite=args.overwrite, revision=args.revision, dtype=args.dtype, optimize=args.optimize,
                  target=args.target, weight_format=args.weight_format, quantize=args.quantize,
-                 vae_fp16=args.vae_fp16)
+                 vae_fp16=args.vae_fp16, deepcache=args.deepcache, deepcache_branch=args.deepcache_branch)
     report = json.loads((out / REPORT_FILE).read_text())
     print(f"exported to {out}")
     for name, entry in report["components"].items():
@@ -262,6 +286,10 @@ def cmd_export(args) -> None:
                                                                  else f"max rel {v['max_rel']:.2e} (rtol {v['rtol']:g})")
             for b, v in entry["validation"].items()
         )
+        bf16 = (entry.get("inference_precision") or {}).get("openvino")
+        if bf16 and bf16.get("bf16"):
+            figures += (f"; bf16 inference max rel {bf16['bf16']['max_rel']:.2e} (rtol {bf16['bf16']['rtol']:g}): "
+                        f"runs {bf16['choice']}")
         print(f"  {name:<13} {figures}")
 
 
@@ -305,6 +333,9 @@ def _check_generate(args) -> None:
         backend = backend_name(args.backend)
     if args.provider and backend != "onnxruntime":
         raise ValueError(f"--provider chooses onnxruntime execution providers; --backend is {backend}")
+    if args.inference_precision not in ("auto", "f32") and backend != "openvino":
+        raise ValueError(f"--inference-precision {args.inference_precision} is OpenVINO's; --backend {backend} "
+                         "computes fp32 graphs in fp32")
     if args.device and backend != "openvino":
         raise ValueError(f"--device chooses an OpenVINO device; --backend is {backend} (use --provider for "
                          "onnxruntime)")
@@ -327,6 +358,8 @@ def _check_generate(args) -> None:
         check_scheduler_name(args.scheduler, "--scheduler")
     if args.strength is not None:
         check_strength(args.strength, args.steps, names=("--strength", "--steps"))
+    check_int(args.cache_interval, "--cache-interval", 1)
+    check_int(args.cache_start, "--cache-start", 0)
     paths = _image_paths(args.out, len(args.prompt) * args.num_images)
     for path in paths:
         check_output_file(path, "--out", image=True, overwrite=args.overwrite)
@@ -378,7 +411,8 @@ def cmd_generate(args) -> None:
     if args.device:
         options["device"] = args.device
     auto_pipeline, task_kwargs = _generate_task(args)
-    pipe = auto_pipeline.from_pretrained(args.model_dir, backend=args.backend, **options)
+    pipe = auto_pipeline.from_pretrained(args.model_dir, backend=args.backend,
+                                         inference_precision=args.inference_precision, **options)
     if "depth_map" in task_kwargs and not hasattr(pipe, "estimate_depth"):
         raise ValueError(f"--depth-map needs a depth-to-image model; {args.model_dir} runs {type(pipe).__name__}")
     if args.scheduler:
@@ -398,7 +432,7 @@ def cmd_generate(args) -> None:
         negative = negatives[0] if isinstance(prompt, str) else negatives
     result = pipe(prompt, negative_prompt=negative, num_inference_steps=args.steps, guidance_scale=args.guidance,
                   num_images_per_prompt=args.num_images, eta=args.eta, generator=args.seed, clip_skip=args.clip_skip,
-                  **task_kwargs)
+                  cache=args.cache, cache_interval=args.cache_interval, cache_start=args.cache_start, **task_kwargs)
     paths = _image_paths(args.out, len(result.images))
     for image, path in zip(result.images, paths):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -410,6 +444,8 @@ def cmd_generate(args) -> None:
     print(f"saved {', '.join(str(p) for p in paths)}  ({type(pipe).__name__}, {pipe.backend}, "
           f"{type(pipe.scheduler).__name__}, {args.steps} steps)")
     print(format_timings(result.timings))
+    print("inference precision: " + ", ".join(f"{name} {precision}"
+                                              for name, precision in pipe.inference_precisions.items()))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result.timings, indent=2) + "\n")
@@ -450,6 +486,14 @@ def _check_bench(args, backends: list[str] | None) -> None:
             check_output_file(path, flag, image=image, overwrite=args.overwrite)
 
 
+def _step_cache_kwargs(args) -> dict:
+    check_int(args.cache_interval, "--cache-interval", 1)
+    check_int(args.cache_start, "--cache-start", 0)
+    if args.cache is None:
+        return {}
+    return {"cache": args.cache, "cache_interval": args.cache_interval, "cache_start": args.cache_start}
+
+
 def cmd_bench(args) -> None:
     from diffship.benchmarking import bench, write_outputs
     from diffship.benchmarking.report import format_table, settings_line
@@ -462,7 +506,8 @@ def cmd_bench(args) -> None:
                    batch_size=args.batch_size, runs=args.runs, warmup=args.warmup, static=args.static,
                    prompt=args.prompt, negative_prompt=args.negative_prompt, scheduler=args.scheduler,
                    guidance_scale=args.guidance, task=args.task, seed=args.seed,
-                   inference_precision=args.inference_precision, roofline=args.roofline, log=log, **strength)
+                   inference_precision=args.inference_precision, roofline=args.roofline, log=log,
+                   call_kwargs=_step_cache_kwargs(args), **strength)
     print(settings_line(report))
     print(format_table(report))
     write_outputs(report, args.json, args.markdown, args.plot)

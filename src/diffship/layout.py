@@ -19,7 +19,12 @@ UNET = "unet"
 VAE_ENCODER = "vae_encoder"
 VAE_DECODER = "vae_decoder"
 DEPTH_ESTIMATOR = "depth_estimator"
-GRAPH_COMPONENTS = (TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_ENCODER, VAE_DECODER, DEPTH_ESTIMATOR)
+# DeepCache's shallow UNet (`export --deepcache`): the steps between two full UNet steps run it on the deep feature
+# the last full step output beside out_sample. Not in model_index.json: Optimum's loaders know no such component.
+UNET_SHALLOW = "unet_shallow"
+GRAPH_COMPONENTS = (TEXT_ENCODER, TEXT_ENCODER_2, UNET, UNET_SHALLOW, VAE_ENCODER, VAE_DECODER, DEPTH_ESTIMATOR)
+# The tensor a DeepCache export's UNet outputs second (after out_sample) and its unet_shallow takes.
+DEEP_FEATURES = "deep_features"
 
 # Plain-file components, copied from the source model as they are.
 TOKENIZER = "tokenizer"

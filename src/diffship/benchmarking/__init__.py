@@ -104,7 +104,7 @@ def bench(model_dir, backends: list[str] | None = None, *, height: int | None = 
           prompt: str = "a photo of an astronaut riding a horse on mars", negative_prompt: str | None = None,
           scheduler: str | None = None, guidance_scale: float = 7.5, task: str = "text-to-image",
           strength: float = 0.75, seed: int = 0, inference_precision: str | None = None, roofline: bool = False,
-          log=None) -> dict:
+          log=None, call_kwargs: dict | None = None) -> dict:
     """Benchmark an exported directory on each backend; returns the report (schema in summary.py)."""
     from diffship.pipelines.base import _read_index
 
@@ -124,18 +124,19 @@ def bench(model_dir, backends: list[str] | None = None, *, height: int | None = 
     settings = {"model": given, "task": task, "height": height, "width": width, "steps": steps,
                 "batch_size": batch_size, "guidance_scale": guidance_scale, "scheduler": scheduler, "prompt": prompt,
                 "negative_prompt": negative_prompt, "runs": runs, "warmup": warmup, "seed": seed,
-                "strength": strength if task != "text-to-image" else None}
+                "strength": strength if task != "text-to-image" else None, "call_kwargs": dict(call_kwargs or {})}
     machine = machine_info()
     contestants = []
     for backend in dict.fromkeys(backends):
         is_static = static and backend == "openvino"
         options = {}
         if inference_precision is not None and backend == "openvino":
-            options["inference_precision"] = None if inference_precision == "default" else inference_precision
+            options["inference_precision"] = inference_precision
         spec = {"model_dir": str(model_dir), "backend": backend, "static": is_static, "options": options,
+                "call_kwargs": dict(call_kwargs or {}),
                 **{k: v for k, v in settings.items() if k not in ("model", "runs", "warmup")}}
-        precision = (inference_precision or "f32") if backend == "openvino" else "f32"
-        name = backend + (" static" if is_static else "") + (f" {precision}" if precision != "f32" else "")
+        precision = (inference_precision or "auto") if backend == "openvino" else "f32"
+        name = backend + (" static" if is_static else "") + (f" {precision}" if precision not in ("f32", "auto") else "")
         contestants.append(Contestant(name, spec, runtime="diffship", backend=backend, static=is_static,
                                       precision=precision))
 
@@ -153,14 +154,15 @@ def bench(model_dir, backends: list[str] | None = None, *, height: int | None = 
                                               width, log)
     for result in report["results"]:
         rl = report["roofline"] or {}
-        attach_roofline(result, rl.get("unet_flops_per_call"), rl.get("peak_gflops"))
+        attach_roofline(result, rl.get("unet_flops_per_call"), rl.get("peak_gflops"), rl.get("peaks"), model_dir)
     report["duration_s"] = time.perf_counter() - started
     return report
 
 
 def measure_roofline(model_dir: Path, unet_batch: int, height: int, width: int, log=None) -> dict | None:
-    """FLOPs per UNet call (from unet/model.onnx) and the measured matmul peak; None where a part is missing."""
-    from diffship.benchmarking.roofline import matmul_peak, unet_flops
+    """FLOPs per UNet call (from unet/model.onnx) and the measured matmul peaks (fp32 as "peak", every precision
+    in "peaks"); None where a part is missing."""
+    from diffship.benchmarking.roofline import precision_peaks, unet_flops
 
     try:
         counted = unet_flops(model_dir, unet_batch, height, width)
@@ -175,10 +177,11 @@ def measure_roofline(model_dir: Path, unet_batch: int, height: int, width: int, 
     if counted["uncounted_nodes"] and log is not None:
         log(f"  roofline: {counted['uncounted_nodes']} Conv/MatMul nodes had no inferred shapes and are not counted "
             f"({counted['shape_inference']} shape inference; onnxruntime's symbolic one needs sympy)")
-    peak = matmul_peak()
+    peaks = precision_peaks()
     return {"unet_flops_per_call": counted["flops"], "unet_flops_by_op": counted["by_op"],
             "unet_input_shapes": counted["input_shapes"], "shape_inference": counted["shape_inference"],
-            "uncounted_nodes": counted["uncounted_nodes"], "peak_gflops": peak["peak_gflops"], "peak": peak}
+            "uncounted_nodes": counted["uncounted_nodes"], "peak_gflops": peaks["f32"]["gflops"],
+            "peak": peaks["f32"], "peaks": peaks}
 
 
 def write_outputs(report: dict, json_path=None, markdown_path=None, plot_path=None, title: str = "diffship bench"):

@@ -10,6 +10,7 @@ LATENCY_ROWS = [
     ("UNet x {steps}", "unet", "median"),
     ("  UNet per step (median)", "unet_per_step", "median"),
     ("  UNet per step (p90)", "unet_per_step", "p90"),
+    ("UNet shallow steps (DeepCache)", "unet_shallow", "median"),
     ("scheduler and glue", "scheduler_and_glue", "median"),
     ("VAE encode", "vae_encode", "median"),
     ("VAE decode", "vae_decode", "median"),
@@ -33,15 +34,22 @@ def _mb(mib: float | None) -> str:
     return "-" if mib is None else f"{mib:,.0f} MiB"
 
 
+def gflops_cell(result: dict) -> str:
+    """"324 (89 %)": achieved GFLOP/s and share of the peak; "... % of bf16" where the peak is of that precision."""
+    if not result.get("unet_gflops"):
+        return "-"
+    of = f" of {result['unet_precision']}" if result.get("unet_precision") else ""
+    return f"{result['unet_gflops']:.0f} ({result['unet_percent_of_peak']:.0f} %{of})"
+
+
 def rows(report: dict) -> list[tuple[str, list[str]] | None]:
     """(label, one cell per result) rows; None marks a separator."""
     results = report["results"]
-    has_encode = any(_stage(r, "vae_encode") is not None for r in results)
     steps = next((r["unet_calls_per_run"] for r in results if r.get("unet_calls_per_run")), "?")
     out: list = []
     for label, stage, stat in LATENCY_ROWS:
-        if stage == "vae_encode" and not has_encode:
-            continue
+        if stage in ("vae_encode", "unet_shallow") and all(_stage(r, stage) is None for r in results):
+            continue  # no image to encode, no step cache
         out.append((label.format(steps=steps), [_ms(_stage(r, stage, stat)) for r in results]))
     out.append(None)
     out.append(("pipeline (median)", [_ms(_stage(r, "total")) for r in results]))
@@ -56,11 +64,20 @@ def rows(report: dict) -> list[tuple[str, list[str]] | None]:
     out.append(("time to first image", [_s(c.get("time_to_first_image_s")) for c in cold]))
     memory = [r.get("memory") or {} for r in results]
     out.append(("peak RSS", [_mb(m.get("peak_rss_mb")) for m in memory]))
+    out.append(("inference precision", [_precisions(r) for r in results]))
     if report.get("roofline"):
-        out.append(("UNet GFLOP/s (% of peak)",
-                    [f"{r['unet_gflops']:.0f} ({r['unet_percent_of_peak']:.0f} %)" if r.get("unet_gflops") else "-"
-                     for r in results]))
+        out.append(("UNet GFLOP/s (% of peak)", [gflops_cell(r) for r in results]))
     return out
+
+
+def _precisions(result: dict) -> str:
+    """"unet bf16, vae_decoder f32": what each graph computed in (the worker reports the pipeline's choice)."""
+    chosen = ((result.get("info") or {}).get("inference_precisions")) or {}
+    if not chosen:
+        return "-"
+    if len(set(chosen.values())) == 1:
+        return f"all {next(iter(chosen.values()))}"
+    return ", ".join(f"{name} {precision}" for name, precision in chosen.items())
 
 
 def format_table(report: dict) -> str:

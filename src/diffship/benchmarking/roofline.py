@@ -1,19 +1,22 @@
 """How far a UNet call is from what the CPU can do: its FLOPs, counted from the ONNX graph, against the machine's
-measured fp32 matrix-multiply peak.
+measured matrix-multiply peak in the precision the UNet ran in (fp32, bf16 or int8; `precision_peaks`), each peak
+with the instruction sets that give it (AMX, AVX512-BF16, VNNI: `isa_support`).
 
 FLOPs are the multiply-adds (2 FLOPs each) of Conv, ConvTranspose, MatMul and Gemm nodes, from the shapes that ONNX
 shape inference gives for the concrete input sizes; normalisations, softmax and elementwise ops are left out (a few
-percent). Needs the `onnx` package (diffship's export extra); the peak needs numpy, and onnxruntime if installed.
+percent). Needs the `onnx` package (diffship's export extra); the peaks need numpy, and use onnxruntime and openvino
+where installed (the bf16 peak is OpenVINO's: without it there is none).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import time
 from pathlib import Path
 
-from diffship.layout import ONNX_MODEL, UNET
+from diffship.layout import ONNX_MODEL, OPENVINO_MODEL, UNET
 
 COUNTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
@@ -141,7 +144,8 @@ def _best_rate(fn, flops: float, seconds: float) -> float:
 
 
 def matmul_peak(n: int = 2048, seconds: float = 3.0, threads: int | None = None) -> dict:
-    """The machine's fp32 peak as the best of numpy's BLAS and ONNX Runtime's MatMul on an n x n x n product."""
+    """The machine's fp32 peak as the best of numpy's BLAS, ONNX Runtime's MatMul and OpenVINO's (f32 inference
+    precision), those installed, on an n x n x n product."""
     import numpy as np
 
     threads = threads or os.cpu_count() or 1
@@ -156,27 +160,193 @@ def matmul_peak(n: int = 2048, seconds: float = 3.0, threads: int | None = None)
         out["onnxruntime_gflops"] = _best_rate(_ort_matmul(ort, a, b, threads), flops, seconds)
     except ImportError:
         out["onnxruntime_gflops"] = None
+    try:
+        run, out["openvino_kernel"], _ = _ov_matmul(a, b, threads, "f32")
+        out["openvino_gflops"] = _best_rate(run, flops, seconds)
+    except ImportError:
+        out["openvino_gflops"] = None
     out["peak_gflops"] = max(v for k, v in out.items() if k.endswith("_gflops") and v)
     return out
 
 
 def _ort_matmul(ort, a, b, threads: int):
-    """A one-node MatMul graph run by ONNX Runtime's CPU provider (MLAS, the kernels its Conv and MatMul use)."""
-    graph = _matmul_model_bytes(a.shape[0], a.shape[1], b.shape[1])
+    """A one-node graph run by ONNX Runtime's CPU provider (MLAS, the kernels its Conv and MatMul use): MatMul for
+    float inputs, MatMulInteger (u8 x i8, int32 out) for integer ones."""
+    graph = _matmul_model_bytes(a.shape[0], a.shape[1], b.shape[1], integer=a.dtype.kind in "iu")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
     return lambda: session.run(None, {"A": a, "B": b})
 
 
-def _matmul_model_bytes(m: int, k: int, n: int) -> bytes:
-    import onnx
+def _matmul_model_bytes(m: int, k: int, n: int, integer: bool = False) -> bytes:
     from onnx import TensorProto, helper
 
+    op, a_type, b_type, c_type = (("MatMulInteger", TensorProto.UINT8, TensorProto.INT8, TensorProto.INT32)
+                                  if integer else ("MatMul", TensorProto.FLOAT, TensorProto.FLOAT, TensorProto.FLOAT))
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["A", "B"], ["C"])], "matmul",
-        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [m, k]),
-         helper.make_tensor_value_info("B", TensorProto.FLOAT, [k, n])],
-        [helper.make_tensor_value_info("C", TensorProto.FLOAT, [m, n])],
+        [helper.make_node(op, ["A", "B"], ["C"])], "matmul",
+        [helper.make_tensor_value_info("A", a_type, [m, k]), helper.make_tensor_value_info("B", b_type, [k, n])],
+        [helper.make_tensor_value_info("C", c_type, [m, n])],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
+
+
+# ---- the peaks of each precision ----------------------------------------------------------------------------------
+
+# The instructions that make each precision fast, as /proc/cpuinfo names them, best first. Where none is present the
+# runtimes still run that precision (converting to f32, or with plain AVX-512 / AVX2 arithmetic): the peak measured
+# then is what the fallback gives, and is labelled so.
+PRECISION_ISA = {
+    "f32": ("avx512f", "avx2", "fma"),
+    "bf16": ("amx_bf16", "avx512_bf16"),
+    "int8": ("amx_int8", "avx512_vnni", "avx_vnni"),
+}
+ISA_NAMES = {"avx512f": "AVX-512", "avx2": "AVX2", "fma": "FMA", "amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16",
+             "amx_int8": "AMX-INT8", "avx512_vnni": "AVX512-VNNI", "avx_vnni": "AVX-VNNI"}
+# OpenVINO's INFERENCE_PRECISION_HINT and the other ways a worker names a precision -> the peak it is held against.
+_PRECISION_NAMES = {"bf16": "bf16", "bfloat16": "bf16", "f16": "f16", "fp16": "f16", "float16": "f16",
+                    "f32": "f32", "fp32": "f32", "float32": "f32", "int8": "int8", "i8": "int8", "u8": "int8"}
+# ONNX ops that compute on int8 activations (weight-only formats, DequantizeLinear and MatMulNBits, compute in f32).
+_ONNX_INT8_OPS = ("DynamicQuantizeLinear", "QuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearMatMul",
+                  "QLinearConv")
+
+
+def isa_support(flags=None) -> dict:
+    """{precision: {"features": present ISA flags, best first, "native": any present, "label": what computes it}}.
+    `flags`: the CPU's flags (default: /proc/cpuinfo's, as diffship.benchmarking.machine reads them)."""
+    from diffship.benchmarking.machine import cpu_flags
+
+    flags = set(cpu_flags() if flags is None else flags)
+    out = {}
+    for precision, wanted in PRECISION_ISA.items():
+        present = [f for f in wanted if f in flags]
+        label = (" + ".join(ISA_NAMES[f] for f in present) if present else
+                 f"no {precision} instructions ({', '.join(ISA_NAMES[f] for f in wanted)} absent): the runtime falls "
+                 "back, and this peak is the fallback's")
+        out[precision] = {"features": present, "native": bool(present), "label": label}
+    return out
+
+
+def precision_peaks(n: int = 2048, seconds: float = 3.0, threads: int | None = None, flags=None) -> dict:
+    """The machine's matmul peak per precision, measured on an n x n x n product, each with the ISA features that
+    give it: {"f32": matmul_peak(...) + features, "bf16": {...} (OpenVINO only, absent without it), "int8": {...}}.
+
+    bf16: an OpenVINO MatMul compiled with INFERENCE_PRECISION_HINT bf16 (AMX or AVX512-BF16 where present).
+    int8: the best of an OpenVINO MatMul with FakeQuantize on both inputs (the CPU plugin's low-precision
+    transformations run it as a u8 x i8 GEMM: AMX-INT8 or VNNI) and ONNX Runtime's MatMulInteger (MLAS's u8 x i8
+    GEMM). Each entry names the kernel OpenVINO picked ("brgemm_avx512_amx_bf16": what really ran)."""
+    import numpy as np
+
+    threads = threads or os.cpu_count() or 1
+    support = isa_support(flags)
+    f32 = matmul_peak(n, seconds, threads)
+    peaks = {"f32": {**f32, **support["f32"], "gflops": f32["peak_gflops"]}}
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    flops = 2.0 * n**3
+    int8 = {"n": n, "threads": threads, **support["int8"], "openvino_gflops": None}
+    if importlib.util.find_spec("openvino") is not None:
+        run, kernel, compiled = _ov_matmul(a, b, threads, "bf16")
+        rate = _best_rate(run, flops, seconds)
+        bf16 = {"n": n, "threads": threads, **support["bf16"], "gflops": rate, "openvino_gflops": rate,
+                "openvino_kernel": kernel, "compiled_precision": compiled}
+        if compiled != "bf16":  # the plugin has no bf16 here: it compiled the hint as f32
+            bf16["label"] += f"; OpenVINO compiled the bf16 hint as {compiled}"
+        peaks["bf16"] = bf16
+        run, kernel, _ = _ov_matmul(np.abs(a), b, threads, None, quantized=True)
+        int8["openvino_gflops"], int8["openvino_kernel"] = _best_rate(run, flops, seconds), kernel
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        int8["onnxruntime_gflops"] = None
+    else:
+        a8 = rng.integers(0, 256, (n, n), dtype=np.uint8)
+        b8 = rng.integers(-128, 128, (n, n), dtype=np.int8)
+        int8["onnxruntime_gflops"] = _best_rate(_ort_matmul(ort, a8, b8, threads), flops, seconds)
+    rates = [v for k, v in int8.items() if k.endswith("_gflops") and v]
+    if rates:
+        int8["gflops"] = max(rates)
+        peaks["int8"] = int8
+    return peaks
+
+
+def _ov_matmul(a, b, threads: int, hint: str | None, quantized: bool = False):
+    """(run, kernel, compiled precision) of a one-MatMul OpenVINO model built in memory: A a parameter, B a constant
+    (as a layer's weight is); with `quantized`, FakeQuantize (256 levels) on both, u8 for A (given >= 0), i8 for B,
+    which the CPU plugin's low-precision transformations turn into an int8 GEMM. `kernel`: the primitive the plugin
+    picked for the MatMul (e.g. "brgemm_avx512_amx_bf16")."""
+    import numpy as np
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    param = ops.parameter(list(a.shape), ov.Type.f32, name="A")
+    x, w = param, ops.constant(b)
+    if quantized:
+        def fake_quantize(node, low, high):
+            low, high = (ops.constant(np.array(v, np.float32)) for v in (low, high))
+            return ops.fake_quantize(node, low, high, low, high, 256)
+
+        scale = float(np.abs(b).max()) / 127
+        x, w = fake_quantize(x, 0.0, float(a.max())), fake_quantize(w, -128 * scale, 127 * scale)
+    model = ov.Model([ops.matmul(x, w, False, False)], [param], "matmul")
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    if hint:
+        config["INFERENCE_PRECISION_HINT"] = hint
+    compiled = ov.Core().compile_model(model, "CPU", config)
+    kernel = None
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if "layerType" in info and info["layerType"].astype(str) in ("MatMul", "FullyConnected"):
+            kernel = info["primitiveType"].astype(str) if "primitiveType" in info else None
+    request = compiled.create_infer_request()
+    return (lambda: request.infer({0: a})), kernel, _precision_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
+
+
+def _precision_name(value) -> str | None:
+    """"bf16", "f32", ... from what a runtime or a worker says ("<Type: 'bfloat16'>", "bf16", "f32")."""
+    text = str(value).lower()
+    for token in text.replace("'", " ").replace("<", " ").replace(">", " ").replace(":", " ").split():
+        if token in _PRECISION_NAMES:
+            return _PRECISION_NAMES[token]
+    return None
+
+
+def unet_precision(result: dict, model_dir: str | os.PathLike | None = None) -> str:
+    """The precision a benchmark result's UNet ran in: "int8" where its graph quantizes activations (the UNet file
+    of `model_dir` on the result's backend), else the inference precision the worker reported (OpenVINO's
+    INFERENCE_PRECISION_HINT, from diffship's session settings or Optimum Intel's compiled model), else the
+    precision the contestant was declared with, else f32 (ONNX Runtime and PyTorch compute fp32 graphs in f32)."""
+    if model_dir is not None and unet_quantizes_activations(model_dir, result.get("backend")):
+        return "int8"
+    info = result.get("info") or {}
+    reported = ((info.get("unet_session") or {}).get("INFERENCE_PRECISION_HINT")
+                or info.get("unet_inference_precision") or (info.get("inference_precisions") or {}).get(UNET))
+    return _precision_name(reported) or _precision_name(result.get("precision")) or "f32"
+
+
+def unet_quantizes_activations(model_dir: str | os.PathLike, backend: str | None) -> bool:
+    """Whether the UNet graph that `backend` runs from `model_dir` computes on int8 activations: FakeQuantize in
+    OpenVINO's IR (NNCF's hybrid/full quantization; weight-only compression has none), or an int8-activation op in
+    the ONNX graph. Read as bytes (op names are length-prefixed strings in the ONNX protobuf), without loading."""
+    folder = Path(model_dir) / UNET
+    if backend == "openvino":
+        return _file_contains(folder / OPENVINO_MODEL, [b'type="FakeQuantize"'])
+    if backend == "onnxruntime":
+        return _file_contains(folder / ONNX_MODEL, [b'"' + bytes([len(op)]) + op.encode() for op in _ONNX_INT8_OPS])
+    return False
+
+
+def _file_contains(path: Path, needles: list[bytes], chunk: int = 1 << 24) -> bool:
+    if not path.is_file():
+        return False
+    overlap = max(len(n) for n in needles) - 1
+    tail = b""
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            window = tail + block
+            if any(n in window for n in needles):
+                return True
+            tail = window[-overlap:]
+    return False

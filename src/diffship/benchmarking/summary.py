@@ -12,7 +12,8 @@ Every time is in seconds, every memory figure in MiB; a stage a pipeline does no
       "versions": {"python", "diffship", "numpy", "onnxruntime", "openvino", ...},
       "settings": {"model", "task", "height", "width", "steps", "batch_size", "guidance_scale", "scheduler",
                    "prompt", "negative_prompt", "runs", "warmup", "seed", "strength"},
-      "roofline": null | {"unet_flops_per_call", "peak_gflops", "peak": {...how it was measured}},
+      "roofline": null | {"unet_flops_per_call", "peak_gflops", "peak": {...how it was measured},   # fp32
+                          "peaks": {"f32" | "bf16" | "int8": {"gflops", "features", "native", "label", ...}}},
       "results": [
         {
           "name": "openvino static",                     # unique label in this benchmark
@@ -32,7 +33,9 @@ Every time is in seconds, every memory figure in MiB; a stage a pipeline does no
                 null | {"median", "p90", "min", "max", "mean"}
           },
           "unet_gflops": null | float,                   # with a roofline: FLOPs per UNet call / median step
-          "unet_percent_of_peak": null | float,
+          "unet_percent_of_peak": null | float,          # of the peak of the precision the UNet ran in:
+          "unet_precision": "f32" | "bf16" | "int8",     # (with "peaks") that precision, and
+          "unet_peak_gflops": float,                     # that peak (reports without "peaks": the fp32 one)
           "runs": [{"text_encoder", "unet", "unet_steps": [...], "scheduler_and_glue", "vae_encode",
                     "vae_decode", "total", "cpu_s", "loadavg_1m"}]   # cpu_s: CPU seconds of all the worker's
                                                                      # threads (cpu_s / total / cores: its share)
@@ -51,9 +54,11 @@ import math
 import statistics
 
 SCHEMA = "diffship-bench/1"
-STAGES = ("text_encoder", "unet", "unet_per_step", "scheduler_and_glue", "vae_encode", "vae_decode", "total")
-# The stages that make up a run's total (unet_per_step is a view of unet).
-ADDITIVE_STAGES = ("text_encoder", "unet", "scheduler_and_glue", "vae_encode", "vae_decode")
+STAGES = ("text_encoder", "unet", "unet_per_step", "unet_shallow", "scheduler_and_glue", "vae_encode", "vae_decode",
+          "total")
+# The stages that make up a run's total (unet_per_step is a view of unet; unet_shallow: the steps a step cache,
+# DeepCache, serves with the shallow UNet).
+ADDITIVE_STAGES = ("text_encoder", "unet", "unet_shallow", "scheduler_and_glue", "vae_encode", "vae_decode")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -77,7 +82,8 @@ def complete_run(timings: dict, loadavg_1m: float | None = None) -> dict:
     """A worker's record of one run, with `unet` (sum of its steps) and `scheduler_and_glue` filled in."""
     run = dict(timings)
     run["unet"] = sum(run["unet_steps"])
-    covered = sum(run.get(k) or 0.0 for k in ("text_encoder", "unet", "vae_encode", "vae_decode"))
+    # unet_shallow: the shallow UNet of steps a step cache (DeepCache) serves; a graph's time, not glue
+    covered = sum(run.get(k) or 0.0 for k in ADDITIVE_STAGES if k != "scheduler_and_glue")
     run["scheduler_and_glue"] = max(run["total"] - covered, 0.0)
     run["loadavg_1m"] = loadavg_1m
     return run
@@ -99,9 +105,19 @@ def stages_sum(stages: dict) -> float:
     return sum(stages[s]["median"] for s in ADDITIVE_STAGES if stages.get(s))
 
 
-def attach_roofline(result: dict, unet_flops: float | None, peak_gflops: float | None) -> None:
-    """Achieved GFLOP/s of the median UNet call and its share of the measured peak."""
+def attach_roofline(result: dict, unet_flops: float | None, peak_gflops: float | None, peaks: dict | None = None,
+                    model_dir=None) -> None:
+    """Achieved GFLOP/s of the median UNet call and its share of the measured peak: with `peaks` (the roofline's
+    per-precision peaks), the peak of the precision the UNet ran in (roofline.unet_precision: int8 where the UNet
+    graph in `model_dir` quantizes activations, else what the worker reported), which the result then records as
+    unet_precision and unet_peak_gflops."""
     step = (result.get("stages") or {}).get("unet_per_step")
+    if peaks:
+        from diffship.benchmarking.roofline import unet_precision
+
+        result["unet_precision"] = unet_precision(result, model_dir)
+        peak_gflops = (peaks.get(result["unet_precision"]) or {}).get("gflops") or peak_gflops
+        result["unet_peak_gflops"] = peak_gflops
     if not unet_flops or not step:
         result["unet_gflops"] = result["unet_percent_of_peak"] = None
         return

@@ -52,12 +52,13 @@ def load(spec: dict):
     task = spec.get("task", "text-to-image")
     auto = AutoPipelineForText2Image if task == "text-to-image" else AutoPipelineForImage2Image
     static = bool(spec.get("static"))
-    pipe = auto.from_pretrained(spec["model_dir"], backend=spec["backend"], compile=not static,
-                                **spec.get("options", {}))
+    pipe = auto.from_pretrained(spec["model_dir"], backend=spec["backend"], compile=False, **spec.get("options", {}))
     guidance = spec.get("guidance_scale", 7.5)
     batch = spec.get("batch_size", 1)
     if static:
         pipe.reshape(batch, spec["height"], spec["width"], 1, guidance=guidance > 1)
+    else:  # compiled for the request timed, as a server compiles for the size it serves
+        pipe.compile(batch, spec["height"], spec["width"], 1, guidance=guidance > 1)
     if spec.get("scheduler"):
         pipe.scheduler = scheduler_by_name(spec["scheduler"], pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -76,6 +77,7 @@ def load(spec: dict):
         kwargs.update(height=spec["height"], width=spec["width"])
     else:
         kwargs.update(image=test_image(spec["height"], spec["width"]), strength=spec.get("strength", 0.75))
+    kwargs.update(spec.get("call_kwargs") or {})  # any other call argument, as given (benchmarks/compare_peers.py)
     latents_file = spec.get("latents")
     seed = spec.get("seed", 0)
 
@@ -90,7 +92,7 @@ def load(spec: dict):
         return recorder.timings(time.perf_counter() - start)
 
     info = {"pipeline": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__, "backend": pipe.backend,
-            "static": static, "unet_session": pipe.unet.settings()}
+            "static": static, "unet_session": pipe.unet.settings(), "inference_precisions": pipe.inference_precisions}
     return run, info
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 from pathlib import Path
 
 from diffship.exporters.components import ComponentSpec
+from diffship.exporters.memory import release
 from diffship.exporters.formats import EXPORT_FORMATS, Traced
 from diffship.exporters.onnx import trace_onnx
 from diffship.exporters.optimize import ExportOptions
@@ -38,7 +38,7 @@ def export_component(spec: ComponentSpec, folder: Path, formats: list[str], opti
                     status)
     if spec.release_after_trace:
         spec.module = None
-        gc.collect()
+        release()
     entry = {"files": [], "inputs": list(spec.example_inputs), "outputs": spec.output_names, "precision": {},
              "passes": [], "validation": {}}
     for name in formats:

@@ -10,7 +10,8 @@ from typing import Callable
 
 import torch
 
-from diffship.layout import DEPTH_ESTIMATOR, UNET, VAE_DECODER, VAE_ENCODER
+from diffship.errors import DiffshipError
+from diffship.layout import DEEP_FEATURES, DEPTH_ESTIMATOR, UNET, UNET_SHALLOW, VAE_DECODER, VAE_ENCODER
 
 
 @dataclass
@@ -83,6 +84,116 @@ class _UNet(torch.nn.Module):
         given = dict(zip(self.conditioning, conditioning))
         added = {k: given.pop(k) for k in _ADDED_CONDITIONS if k in given}
         return self.unet(sample, timestep, added_cond_kwargs=added or None, return_dict=False, **given)[0]
+
+
+# DeepCache (Ma et al. 2023): the UNet's deep features change little from one step to the next, so the steps between
+# two full ones reuse the deep feature the last full step saw entering the last up block's layers at the chosen
+# branch, and run only the shallow network around it. Branch b (0 = the shallowest): the first b layers of
+# down_blocks[0] and the last b + 1 layers of up_blocks[-1]; those take their skips from conv_in and the first b
+# down layers, which the shallow network computes afresh. The blocks supported are those whose forward is below.
+_DEEPCACHE_DOWN_BLOCKS = ("DownBlock2D", "CrossAttnDownBlock2D")
+_DEEPCACHE_UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D")
+
+
+def deepcache_branches(unet) -> int:
+    """How many DeepCache branches `unet` has (branches 0 to this less one): one per layer of its last up block.
+    Raises DiffshipError for a UNet whose outer blocks are of other kinds."""
+    first, last = unet.down_blocks[0], unet.up_blocks[-1]
+    if type(first).__name__ not in _DEEPCACHE_DOWN_BLOCKS or type(last).__name__ not in _DEEPCACHE_UP_BLOCKS:
+        raise DiffshipError(f"--deepcache supports UNets whose outer blocks are {'/'.join(_DEEPCACHE_DOWN_BLOCKS)} "
+                            f"and {'/'.join(_DEEPCACHE_UP_BLOCKS)}; this one has {type(first).__name__} and "
+                            f"{type(last).__name__}")
+    # The last up block takes conv_in's output and each of the first down block's layers as skips.
+    if len(last.resnets) != len(first.resnets) + 1:
+        raise DiffshipError(f"--deepcache: the UNet's last up block has {len(last.resnets)} layers for "
+                            f"{len(first.resnets)} in its first down block; DeepCache needs one more")
+    return len(last.resnets)
+
+
+def deep_feature_channels(unet, branch: int) -> int:
+    """Channels of the deep feature at `branch`: the input of up_blocks[-1].resnets[-1 - branch] less its skip."""
+    resnet = unet.up_blocks[-1].resnets[-1 - branch]
+    skip = unet.conv_in.out_channels if branch == 0 else unet.down_blocks[0].resnets[branch - 1].out_channels
+    return resnet.in_channels - skip
+
+
+def _cross_attention(attention, hidden_states, encoder_hidden_states):
+    # As diffusers' CrossAttn*Block2D call their attentions in UNet2DConditionModel.forward (no masks, no kwargs).
+    return attention(hidden_states, encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=None,
+                     attention_mask=None, encoder_attention_mask=None, return_dict=False)[0]
+
+
+class _UNetWithDeepFeatures(_UNet):
+    """The whole UNet, which also outputs the deep feature at `branch` (what DeepCache's cached steps reuse):
+    out_sample stays output 0, so that Optimum's pipelines still read it."""
+
+    def __init__(self, unet, conditioning: list[str], branch: int):
+        super().__init__(unet, conditioning)
+        self.branch = branch
+        self.deep_channels = deep_feature_channels(unet, branch)
+
+    def forward(self, sample, timestep, *conditioning):
+        entering = []
+        # The layer's input is the deep feature concatenated with its skip: the deep feature is its first channels.
+        layer = self.unet.up_blocks[-1].resnets[-1 - self.branch]
+        hook = layer.register_forward_pre_hook(lambda module, args: entering.append(args[0]))
+        try:
+            out_sample = super().forward(sample, timestep, *conditioning)
+        finally:
+            hook.remove()
+        return out_sample, entering[0][:, : self.deep_channels]
+
+
+class _UNetShallow(torch.nn.Module):
+    """DeepCache's cached step: UNet2DConditionModel.forward line for line, with the deep feature given in place
+    of everything between the first `branch` layers of down_blocks[0] and the last `branch` + 1 of up_blocks[-1].
+    Inputs: the UNet's, then deep_features."""
+
+    def __init__(self, unet, conditioning: list[str], branch: int):
+        super().__init__()
+        self.unet = unet
+        self.conditioning = conditioning
+        self.branch = branch
+
+    def forward(self, sample, timestep, *inputs):
+        given = dict(zip(self.conditioning + [DEEP_FEATURES], inputs))
+        hidden_states = given.pop(DEEP_FEATURES)
+        added = {k: given.pop(k) for k in _ADDED_CONDITIONS if k in given} or None
+        encoder_hidden_states, timestep_cond = given.get("encoder_hidden_states"), given.get("timestep_cond")
+        unet = self.unet
+        if unet.config.center_input_sample:
+            sample = 2 * sample - 1.0
+        # The time embedding, with the added conditions (SDXL's text_embeds and time_ids, class embeddings).
+        emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), timestep_cond)
+        class_emb = unet.get_class_embed(sample=sample, class_labels=None)
+        if class_emb is not None:
+            emb = torch.cat([emb, class_emb], dim=-1) if unet.config.class_embeddings_concat else emb + class_emb
+        aug_emb = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added)
+        emb = emb + aug_emb if aug_emb is not None else emb
+        if unet.time_embed_act is not None:
+            emb = unet.time_embed_act(emb)
+        encoder_hidden_states = unet.process_encoder_hidden_states(encoder_hidden_states=encoder_hidden_states,
+                                                                   added_cond_kwargs=added)
+        # The skips the shallow layers take: conv_in's output and the first down block's first `branch` layers.
+        sample = unet.conv_in(sample)
+        skips = [sample]
+        first = unet.down_blocks[0]
+        for i in range(self.branch):
+            sample = first.resnets[i](sample, emb)
+            if getattr(first, "attentions", None):
+                sample = _cross_attention(first.attentions[i], sample, encoder_hidden_states)
+            skips.append(sample)
+        # The last up block's last `branch` + 1 layers, from the cached deep feature.
+        last = unet.up_blocks[-1]
+        for j in range(len(last.resnets) - 1 - self.branch, len(last.resnets)):
+            hidden_states = last.resnets[j](torch.cat([hidden_states, skips.pop()], dim=1), emb)
+            if getattr(last, "attentions", None):
+                hidden_states = _cross_attention(last.attentions[j], hidden_states, encoder_hidden_states)
+        for upsampler in last.upsamplers or []:
+            hidden_states = upsampler(hidden_states)
+        if unet.conv_norm_out:
+            hidden_states = unet.conv_act(unet.conv_norm_out(hidden_states))
+        return unet.conv_out(hidden_states)
 
 
 class _VaeEncoder(torch.nn.Module):
@@ -169,10 +280,11 @@ def text_encoder_spec(name: str, text_encoder, shapes: ExportShapes, atol: float
 
 
 def unet_spec(unet, shapes: ExportShapes, vae_scale_factor: int, conditioning: dict[str, tuple[int, ...]],
-              guided: bool = True, atol: float = 1e-3) -> ComponentSpec:
+              guided: bool = True, atol: float = 1e-3, deepcache_branch: int | None = None) -> ComponentSpec:
     """The denoising UNet: sample and timestep, then `conditioning`: input name -> its shape after the batch axis
     (encoder_hidden_states (sequence, features), timestep_cond, text_embeds, time_ids). `guided`: traced at the
-    doubled batch of classifier-free guidance (and checked at the single one as well)."""
+    doubled batch of classifier-free guidance (and checked at the single one as well). `deepcache_branch`: also
+    output the deep feature DeepCache caches at that branch (see unet_shallow_spec)."""
     batch = 2 * shapes.batch_size if guided else shapes.batch_size
     requested, not_multiple = latent_sizes(unet, shapes, vae_scale_factor)
     h, w = requested if shapes.static else not_multiple
@@ -183,25 +295,53 @@ def unet_spec(unet, shapes: ExportShapes, vae_scale_factor: int, conditioning: d
     # Besides the traced shapes, dynamic graphs are checked at the unguided batch (one image, guidance off), at
     # the requested latent and at one the up factor does not divide, whatever size the trace was made at.
     single = {name: (shapes.batch_size, *shape) for name, shape in conditioning.items()}
+    deepcache = deepcache_branch is not None
     return ComponentSpec(
         name=UNET,
-        module=_UNet(unet, list(conditioning)),
+        module=(_UNetWithDeepFeatures(unet, list(conditioning), deepcache_branch) if deepcache
+                else _UNet(unet, list(conditioning))),
         example_inputs={
             "sample": torch.randn(batch, c, h, w),
             # Rank-0 float, as Optimum's ONNX exports take it: fractional timesteps (Karras sigmas) stay exact.
             "timestep": torch.tensor(981.0),
             **{name: torch.randn(batch, *shape) for name, shape in conditioning.items()},
         },
-        output_names=["out_sample"],
+        output_names=["out_sample", DEEP_FEATURES] if deepcache else ["out_sample"],
         dynamic_axes={
             "sample": _maybe(shapes.static, sample_axes),
             **{name: _maybe(shapes.static, axes) for name, axes in condition_axes.items()},
             "out_sample": _maybe(shapes.static, sample_axes),
+            **({DEEP_FEATURES: _maybe(shapes.static, sample_axes)} if deepcache else {}),
         },
         config_source=unet.config,
         atol=atol,
         other_shapes=[] if shapes.static else [{"sample": (shapes.batch_size, c, *size), **single}
                                                for size in dict.fromkeys((requested, not_multiple))],
+    )
+
+
+def unet_shallow_spec(unet, unet_spec: ComponentSpec, branch: int) -> ComponentSpec:
+    """DeepCache's shallow UNet at `branch`, beside `unet_spec` (the UNet's, exported with the same branch): the
+    UNet's inputs plus the deep feature its graph outputs, traced, checked and dynamic at the same shapes (the deep
+    feature has the latent's batch and size). Same weights, a few layers of them."""
+    channels = deep_feature_channels(unet, branch)
+    sample = unet_spec.example_inputs["sample"]
+
+    def deep(sample_shape):
+        return (sample_shape[0], channels, *sample_shape[2:])
+
+    axes = unet_spec.dynamic_axes
+    return ComponentSpec(
+        name=UNET_SHALLOW,
+        module=_UNetShallow(unet, list(unet_spec.example_inputs)[2:], branch),
+        example_inputs={**unet_spec.example_inputs, DEEP_FEATURES: torch.randn(deep(sample.shape))},
+        output_names=["out_sample"],
+        dynamic_axes={**{name: axes[name] for name in unet_spec.example_inputs if name in axes},
+                      DEEP_FEATURES: axes["sample"],
+                      "out_sample": axes["out_sample"]},
+        config_source={**dict(unet.config), "deepcache_branch": branch},
+        atol=unet_spec.atol,
+        other_shapes=[{**other, DEEP_FEATURES: deep(other["sample"])} for other in unet_spec.other_shapes],
     )
 
 

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from diffship.checks import check_image_size, check_int, check_number, read_json_object
 from diffship.errors import DiffshipError
 from diffship.exporters.components import ExportShapes
+from diffship.exporters.memory import release
 from diffship.exporters.loading import load_reference_pipeline, resolve_model_dir
 from diffship.exporters.component_export import export_component
 from diffship.exporters.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
@@ -29,11 +30,13 @@ from diffship.families import family_for
 from diffship.graphs.external_data import TWO_GB
 from diffship.layout import (
     CONFIG,
+    DEEP_FEATURES,
     FEATURE_EXTRACTOR,
     GRAPH_COMPONENTS,
     MODEL_INDEX,
     SOURCE_VAE,
     UNET,
+    UNET_SHALLOW,
     vae_scale_factor,
 )
 
@@ -44,11 +47,16 @@ MAX_BATCH_SIZE = 256
 
 
 def check_arguments(*, backend="onnx", height=None, width=None, batch_size=1, opset=DEFAULT_OPSET, atol=None,
-                    external_data_threshold=TWO_GB, calibration_prompts=None,
+                    external_data_threshold=TWO_GB, calibration_prompts=None, deepcache=False, deepcache_branch=0,
                     name=lambda argument: argument) -> tuple[list[str], dict[str, float] | None]:
     """Check export's arguments before anything is read or loaded; the formats and per-component atols they give.
     Errors name each argument as `name(argument)` says: export()'s own names, or the command line's flags."""
     check_int(batch_size, name("batch_size"), 1, MAX_BATCH_SIZE)
+    if not isinstance(deepcache, bool):
+        raise ValueError(f"{name('deepcache')} must be True or False, got {deepcache!r}")
+    check_int(deepcache_branch, name("deepcache_branch"), 0)
+    if deepcache_branch and not deepcache:
+        raise ValueError(f"{name('deepcache_branch')} is DeepCache's: give {name('deepcache')} too")
     check_image_size({name("height"): height, name("width"): width})
     check_int(opset, name("opset"), MIN_OPSET, MAX_OPSET)
     check_int(external_data_threshold, name("external_data_threshold"), 0, TWO_GB)
@@ -105,6 +113,8 @@ def export(
     quantize: str | None = None,
     vae_fp16: str = "fp32",
     calibration_prompts: list[str] | None = None,
+    deepcache: bool = False,
+    deepcache_branch: int = 0,
 ) -> Path:
     """Export `model` (a diffusers directory or hub id) to `output` for `backend` ("onnx", "openvino" or both).
 
@@ -120,11 +130,16 @@ def export(
     ("cpu" or "cuda"); `weight_format` "int8"/"int4" compresses weights (onnxruntime dynamic quantization,
     NNCF for OpenVINO); `quantize="hybrid"` also quantizes the UNet's activations (OpenVINO), calibrated on
     `calibration_prompts`.
+
+    `deepcache=True` makes the UNet also output the deep feature DeepCache caches (`deep_features`, after
+    `out_sample`) at `deepcache_branch` (0, the shallowest, to the UNet's layers per block), and adds the shallow
+    UNet that the cached steps run (`unet_shallow/`); the pipelines then take `cache="deepcache"`.
     """
     # Every argument first, before anything is read, downloaded or loaded.
     formats, atols = check_arguments(backend=backend, height=height, width=width, batch_size=batch_size,
                                      opset=opset, atol=atol, external_data_threshold=external_data_threshold,
-                                     calibration_prompts=calibration_prompts)
+                                     calibration_prompts=calibration_prompts, deepcache=deepcache,
+                                     deepcache_branch=deepcache_branch)
     options = ExportOptions(dtype=dtype, optimize=optimize, target=target, weight_format=weight_format,
                             quantize=quantize, vae_fp16=vae_fp16,
                             calibration_prompts=tuple(calibration_prompts) if calibration_prompts else None)
@@ -141,6 +156,8 @@ def export(
     vae_config = read_json_object(source / SOURCE_VAE / CONFIG, {"block_out_channels": list})
     scale = vae_scale_factor(vae_config.get("block_out_channels", [0] * 4))
     check_image_size({"height": height, "width": width}, multiple=max(scale, 8))
+    if deepcache:
+        check_deepcache(family, source, deepcache_branch)
 
     with ExportDirectory(output, overwrite) as target_dir:
         pipe = load_reference_pipeline(source)
@@ -155,7 +172,9 @@ def export(
         )
         staging = target_dir.path
         report = _export_components(family, pipe, shapes, staging, formats, atols, opset, external_data_threshold,
-                                    progress, options)
+                                    progress, options, deepcache_branch if deepcache else None)
+        if deepcache:
+            report["deepcache"] = {"branch": deepcache_branch, "output": DEEP_FEATURES, "component": UNET_SHALLOW}
         report.update(
             exporter=EXPORTER,
             family=family.name,
@@ -176,7 +195,8 @@ def export(
         return target_dir.commit()
 
 
-def _export_components(family, pipe, shapes, staging, formats, atols, opset, threshold, progress, options) -> dict:
+def _export_components(family, pipe, shapes, staging, formats, atols, opset, threshold, progress, options,
+                       deepcache_branch=None) -> dict:
     calibration = None
     if options.quantize == "hybrid":
         from diffship.exporters.calibration import DEFAULT_PROMPTS, unet_calibration_feeds
@@ -184,7 +204,7 @@ def _export_components(family, pipe, shapes, staging, formats, atols, opset, thr
         calibration = unet_calibration_feeds(pipe, shapes.height, shapes.width,
                                              options.calibration_prompts or DEFAULT_PROMPTS)
     components = {}
-    specs = family.specs(pipe, shapes)
+    specs = family.specs(pipe, shapes, deepcache_branch)
     bar = tqdm(specs, desc="export", unit="component", disable=not progress)
     for i, spec in enumerate(bar):
         folder = staging / spec.name
@@ -195,7 +215,21 @@ def _export_components(family, pipe, shapes, staging, formats, atols, opset, thr
         _save_config(spec, folder)
         if spec.write_extra is not None:
             spec.write_extra(folder)
+        release()
     return {"components": components}
+
+
+def check_deepcache(family, source: Path, branch: int) -> None:
+    """DeepCache needs a family that runs it and a UNet with `branch`: one of its last up block's layers (from the
+    UNet's config, before it is loaded)."""
+    if "deepcache" not in family.step_caches:
+        raise DiffshipError(f"deepcache: {family.name} models have no DeepCache export")
+    config = read_json_object(source / UNET / CONFIG, {"layers_per_block": (int, list)})
+    layers = config.get("layers_per_block", 2)
+    layers = layers[0] if isinstance(layers, list) else layers  # the first down block's: the last up block's - 1
+    if branch > layers:
+        raise ValueError(f"deepcache_branch must be from 0 to {layers} for this UNet (its last up block "
+                         f"has {layers + 1} layers), got {branch}")
 
 
 def _hand_over(pipe, spec, later_specs) -> None:

@@ -10,6 +10,8 @@ from typing import Callable
 
 from diffship.errors import DiffshipError
 from diffship.exporters.optimize import onnx_passes, openvino_converts_traced_graph, openvino_source
+from diffship.exporters.memory import release
+from diffship.exporters.validate import BF16_RTOL, DEFAULT_RTOL
 from diffship.graphs.external_data import save_model
 from diffship.graphs.model_io import on_disk
 from diffship.layout import ONNX_MODEL
@@ -43,7 +45,7 @@ def _measure_onnx(model, reference) -> dict:
     from diffship.runtimes.onnxruntime import OnnxRuntimeSession
 
     with on_disk(model) as path:
-        figures = reference.measure(OnnxRuntimeSession(path), "onnxruntime", traced_only=True)
+        figures = reference.measure(OnnxRuntimeSession(path, cache_dir=False), "onnxruntime", traced_only=True)
     return {"max_abs": figures["max_abs"], "max_rel": figures["max_rel"], "nan": figures["nan"]}
 
 
@@ -68,12 +70,14 @@ def export_onnx(traced: Traced, folder: Path, bounds, entry: dict) -> None:
         # for a full-size SDXL UNet) need not stay in memory while ONNX Runtime loads its own copy.
         traced.traced_file, traced.fp32 = folder / ONNX_MODEL, None
     model = None
+    release()
     precision = options.precision(spec.name, "onnx")
     entry["precision"]["onnxruntime"] = precision
     if not (options.optimize and options.target == "cuda"):
         status("validating on onnxruntime")
         entry["validation"]["onnxruntime"] = traced.reference.check(
-            OnnxRuntimeSession(folder), "onnxruntime", precision=precision, **bounds(precision))
+            OnnxRuntimeSession(folder, cache_dir=False), "onnxruntime", precision=precision, **bounds(precision))
+        release()  # the session's weights, before the next format loads its own
     entry["files"] += [f.name for f in files]
 
 
@@ -105,14 +109,36 @@ def export_openvino(traced: Traced, folder: Path, bounds, entry: dict) -> None:
     status("writing OpenVINO IR")
     files = ov_export.save(ov_model, folder, compress_to_fp16=precision == "fp16")
     ov_model = None  # validation compiles the saved IR: not two copies of the weights at once
+    release()
     if precision == "fp16":
         applied.append("fp16_ir")
     entry["passes"] += [{"format": "openvino", "pass": p} for p in applied]
     entry["precision"]["openvino"] = precision
     status("validating on openvino")
     entry["validation"]["openvino"] = traced.reference.check(
-        OpenVINOSession(files[0]), "openvino", precision=precision, **bounds(precision))
+        OpenVINOSession(files[0], cache_dir=False), "openvino", precision=precision, **bounds(precision))
+    release()
+    status("measuring bf16 inference")
+    entry["inference_precision"] = {"openvino": _bf16_choice(traced.reference, files[0], precision)}
     entry["files"] += [f.name for f in files]
+
+
+def _bf16_choice(reference, path: Path, precision: str) -> dict:
+    """Whether OpenVINO may run this graph in bf16 by default: its error against PyTorch with bf16 inference,
+    measured on this CPU, within BF16_RTOL (or, for a quantized graph, within the bound its precision is already
+    judged by). The pipelines read the choice (pipelines/precision.py); without bf16 on the exporting CPU nothing
+    is measured and the graph runs f32."""
+    from diffship.runtimes.openvino import OpenVINOSession, has_bf16
+
+    if not has_bf16():
+        return {"choice": "f32", "bf16": None, "reason": "the exporting CPU has no bf16 (AVX512-BF16 or AMX)"}
+    bound = max(BF16_RTOL, DEFAULT_RTOL.get(precision, 0.0))
+    session = OpenVINOSession(path, inference_precision="bf16", cache_dir=False)
+    figures = reference.measure(session, "openvino (bf16 inference)", traced_only=True)
+    within = figures["nan"] == 0 and figures["max_rel"] <= bound
+    return {"choice": "bf16" if within else "f32",
+            "bf16": {"max_abs": figures["max_abs"], "max_rel": figures["max_rel"], "nan": figures["nan"],
+                     "rtol": bound}}
 
 
 # The registry, in the order formats are written (OpenVINO can convert the ONNX file just written).

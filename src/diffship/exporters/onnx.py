@@ -10,6 +10,7 @@ import onnx
 import torch
 
 from diffship.exporters.components import ComponentSpec
+from diffship.exporters.memory import release
 from diffship.layout import ONNX_MODEL
 
 DEFAULT_OPSET = 17
@@ -35,5 +36,25 @@ def trace_onnx(spec: ComponentSpec, opset: int = DEFAULT_OPSET) -> onnx.ModelPro
             do_constant_folding=True,
             dynamo=False,
         )
+        if spec.release_after_trace:
+            # The traced graph holds its own copy of the weights now: PyTorch's goes before it is loaded, so that
+            # the two copies of a full-size UNet are not in memory together.
+            spec.module = None
+            release()
         # Loaded whole: the tracer's own external-data layout (one file per tensor) is not the one we write.
-        return onnx.load(str(traced), load_external_data=True)
+        return declare_unused_inputs(onnx.load(str(traced), load_external_data=True), spec)
+
+
+def declare_unused_inputs(model: onnx.ModelProto, spec: ComponentSpec) -> onnx.ModelProto:
+    """Declare again, in the spec's order, the inputs the tracer dropped because the traced path does not read
+    them (DeepCache's shallow UNet of a model whose outer blocks have no cross-attention never reads
+    encoder_hidden_states): every graph takes the inputs its spec names, so one set of feeds runs a UNet and its
+    shallow graph alike. ONNX Runtime and OpenVINO accept inputs that nothing consumes."""
+    declared = {value.name for value in model.graph.input}
+    for position, (name, example) in enumerate(spec.example_inputs.items()):
+        if name not in declared:
+            axes = spec.dynamic_axes.get(name, {})
+            shape = [axes.get(axis, size) for axis, size in enumerate(example.shape)]
+            dtype = onnx.helper.np_dtype_to_tensor_dtype(example.numpy().dtype)
+            model.graph.input.insert(position, onnx.helper.make_tensor_value_info(name, dtype, shape))
+    return model

@@ -25,10 +25,15 @@ class Family:
     by_class: dict[str, dict[str, type]] = field(default_factory=dict)
     # Plain files the export copies from the source model (tokenizers, scheduler, preprocessors).
     copied: tuple[str, ...] = ()
+    # Step caches its export can add graphs for (`export(..., deepcache=True)`; the pipelines' `cache=`).
+    step_caches: tuple[str, ...] = ()
 
-    def specs(self, pipe, shapes) -> list:
+    def specs(self, pipe, shapes, deepcache_branch: int | None = None) -> list:
         module, function = self.export_specs.split(":")
-        return getattr(importlib.import_module(module), function)(pipe, shapes)
+        export_specs = getattr(importlib.import_module(module), function)
+        if deepcache_branch is None:
+            return export_specs(pipe, shapes)
+        return export_specs(pipe, shapes, deepcache_branch=deepcache_branch)
 
     def pipelines(self) -> list[type]:
         """Every pipeline class of the family, once each."""

@@ -32,6 +32,7 @@ from diffship.layout import (
     TEXT_ENCODER,
     TOKENIZER,
     UNET,
+    UNET_SHALLOW,
     VAE_DECODER,
     VAE_ENCODER,
     vae_scale_factor,
@@ -47,6 +48,7 @@ from diffship.pipelines.steps import (
     retrieve_timesteps,
     tile_to_batch,
 )
+from diffship.pipelines.step_cache import step_cache
 from diffship.pipelines.tasks import ImageToImage, Inpaint, Task, check_image_task, check_inpaint_inputs
 from diffship.pipelines.timing import StageTimer, stage_of
 from diffship.runtimes import input_info
@@ -62,13 +64,15 @@ logger = logging.getLogger(__name__)
 ATOL = {TEXT_ENCODER: 1e-3, UNET: 1e-3, VAE_ENCODER: 1e-3, VAE_DECODER: 2e-3, DEPTH_ESTIMATOR: 1e-3}
 
 
-def export_specs(pipe, shapes) -> list:
+def export_specs(pipe, shapes, deepcache_branch: int | None = None) -> list:
     """The components a Stable Diffusion 1.x/2.x pipeline (any task: the UNet's in_channels say which; LCM UNets
-    take the guidance embedding as timestep_cond) is exported as."""
+    take the guidance embedding as timestep_cond) is exported as; with `deepcache_branch`, the UNet also outputs
+    its deep feature there and DeepCache's shallow UNet follows it."""
     from diffship.exporters.components import (
         depth_estimator_spec,
         final_layer_norm_writer,
         text_encoder_spec,
+        unet_shallow_spec,
         unet_spec,
         vae_decoder_spec,
         vae_encoder_spec,
@@ -79,11 +83,14 @@ def export_specs(pipe, shapes) -> list:
     lcm = pipe.unet.config.time_cond_proj_dim is not None
     if lcm:
         conditioning["timestep_cond"] = (pipe.unet.config.time_cond_proj_dim,)
+    # LCM runs no unconditional batch.
+    unet = unet_spec(pipe.unet, shapes, scale, conditioning, guided=not lcm, atol=ATOL[UNET],
+                     deepcache_branch=deepcache_branch)
     specs = [
         text_encoder_spec(TEXT_ENCODER, pipe.text_encoder, shapes, ATOL[TEXT_ENCODER],
                           write_extra=final_layer_norm_writer(pipe.text_encoder)),
-        # LCM runs no unconditional batch.
-        unet_spec(pipe.unet, shapes, scale, conditioning, guided=not lcm, atol=ATOL[UNET]),
+        unet,
+        *([unet_shallow_spec(pipe.unet, unet, deepcache_branch)] if deepcache_branch is not None else []),
         vae_encoder_spec(pipe.vae, shapes, scale, ATOL[VAE_ENCODER]),
         vae_decoder_spec(pipe.vae, shapes, scale, ATOL[VAE_DECODER]),
     ]
@@ -126,13 +133,13 @@ class StableDiffusionFamilyPipeline(DiffusionPipeline):
     pipeline to call: the task pipelines below are."""
 
     required_components = (TEXT_ENCODER, UNET, VAE_DECODER)
-    optional_components = (VAE_ENCODER,)
+    optional_components = (VAE_ENCODER, UNET_SHALLOW)
     callback_tensor_inputs = CALLBACK_TENSOR_INPUTS
 
     def check_inputs(self, prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
                      output_type, callback_on_step_end_tensor_inputs, num_images_per_prompt, *,
                      num_inference_steps=50, timesteps=None, sigmas=None, guidance_scale=7.5, eta=0.0,
-                     clip_skip=None, guidance_rescale=0.0):
+                     clip_skip=None, guidance_rescale=0.0, cache=None, cache_interval=3, cache_start=0):
         """diffusers' checks, and the ranges of the values it leaves unchecked, before any graph runs. height and
         width None: the size comes from an input image (checked when it is preprocessed)."""
         check_image_size({"height": height, "width": width}, max(IMAGE_SIZE_MULTIPLE, self.vae_scale_factor))
@@ -155,7 +162,8 @@ class StableDiffusionFamilyPipeline(DiffusionPipeline):
                     f"{negative_prompt_embeds.shape} must have the same shape"
                 )
         check_generation_options(self, output_type, callback_on_step_end_tensor_inputs, num_images_per_prompt,
-                                 num_inference_steps, timesteps, sigmas, guidance_scale, eta, guidance_rescale)
+                                 num_inference_steps, timesteps, sigmas, guidance_scale, eta, guidance_rescale,
+                                 cache, cache_interval, cache_start)
         if guidance_scale <= 1 and (negative_prompt is not None or negative_prompt_embeds is not None):
             logger.warning("the negative prompt is ignored: guidance_scale %g (<= 1) turns classifier-free guidance "
                            "off", guidance_scale)
@@ -170,8 +178,11 @@ class StableDiffusionFamilyPipeline(DiffusionPipeline):
                  sigmas=None, guidance_scale=7.5, negative_prompt=None, num_images_per_prompt=1, eta=0.0,
                  generator=None, latents=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil",
                  return_dict=True, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
-                 clip_skip=None, guidance_rescale=0.0, set_timesteps_kwargs=None):
-        """One generation, for every task (see the module's docstring); inputs are checked by the caller."""
+                 clip_skip=None, guidance_rescale=0.0, set_timesteps_kwargs=None, cache=None, cache_interval=3,
+                 cache_start=0):
+        """One generation, for every task (see the module's docstring); inputs are checked by the caller. `cache`:
+        a step cache ("deepcache": a full UNet step every `cache_interval` steps from `cache_start` on, every step
+        before it, and the shallow UNet on the cached deep feature at the others; pipelines/step_cache.py)."""
         start = time.perf_counter()
         timer = StageTimer()
         height, width = task.size(self, height, width)
@@ -183,6 +194,7 @@ class StableDiffusionFamilyPipeline(DiffusionPipeline):
         images = batch_size * num_images_per_prompt
         time_cond_proj_dim = self.unet_config.get("time_cond_proj_dim")
         do_classifier_free_guidance = guidance_scale > 1.0 and time_cond_proj_dim is None
+        self.prepare_request(batch_size, height, width, num_images_per_prompt, do_classifier_free_guidance)
 
         # 2. Encode the prompt (and the negative prompt, for guidance).
         with timer.stage(stage_of(TEXT_ENCODER)):
@@ -210,7 +222,9 @@ class StableDiffusionFamilyPipeline(DiffusionPipeline):
                                        do_classifier_free_guidance, timer)
         step_kwargs = extra_step_kwargs(self.scheduler, generator, eta)
 
-        # 6. Denoising loop (DiffusionPipeline.denoise), the UNet fed by denoiser_inputs.
+        # 6. Denoising loop (DiffusionPipeline.denoise), the UNet fed by denoiser_inputs (or, at the steps a step
+        # cache takes, what it runs in its place).
+        self.step_cache = step_cache(cache, cache_interval, cache_start)
         latents = self.denoise(task, timesteps, {"latents": latents, "prompt_embeds": prompt_embeds,
                                                  "negative_prompt_embeds": negative_prompt_embeds},
                                conditioning, do_classifier_free_guidance, guidance_scale, guidance_rescale,
@@ -250,6 +264,9 @@ class StableDiffusionPipeline(StableDiffusionFamilyPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         clip_skip: int | None = None,
         guidance_rescale: float = 0.0,
+        cache: str | None = None,
+        cache_interval: int = 3,
+        cache_start: int = 0,
     ):
         task = Task()
         height, width = task.size(self, height, width)
@@ -257,11 +274,13 @@ class StableDiffusionPipeline(StableDiffusionFamilyPipeline):
                           output_type, callback_on_step_end_tensor_inputs, num_images_per_prompt,
                           num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
                           guidance_scale=guidance_scale, eta=eta, clip_skip=clip_skip,
-                          guidance_rescale=guidance_rescale)
+                          guidance_rescale=guidance_rescale,
+                          cache=cache, cache_interval=cache_interval, cache_start=cache_start)
         return self.generate(task, prompt, height, width, num_inference_steps, timesteps, sigmas, guidance_scale,
                              negative_prompt, num_images_per_prompt, eta, generator, latents, prompt_embeds,
                              negative_prompt_embeds, output_type, return_dict, callback_on_step_end,
-                             callback_on_step_end_tensor_inputs, clip_skip, guidance_rescale)
+                             callback_on_step_end_tensor_inputs, clip_skip, guidance_rescale,
+                             cache=cache, cache_interval=cache_interval, cache_start=cache_start)
 
 
 class LatentConsistencyModelPipeline(StableDiffusionFamilyPipeline):
@@ -287,6 +306,9 @@ class LatentConsistencyModelPipeline(StableDiffusionFamilyPipeline):
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         clip_skip: int | None = None,
+        cache: str | None = None,
+        cache_interval: int = 3,
+        cache_start: int = 0,
     ):
         if self.unet_config.get("time_cond_proj_dim") is None:
             raise DiffshipError(f"{type(self).__name__} needs an LCM UNet (one with time_cond_proj_dim, which takes "
@@ -296,7 +318,8 @@ class LatentConsistencyModelPipeline(StableDiffusionFamilyPipeline):
         self.check_inputs(prompt, height, width, None, prompt_embeds, None, output_type,
                           callback_on_step_end_tensor_inputs, num_images_per_prompt,
                           num_inference_steps=num_inference_steps, timesteps=timesteps,
-                          guidance_scale=guidance_scale, clip_skip=clip_skip)
+                          guidance_scale=guidance_scale, clip_skip=clip_skip,
+                          cache=cache, cache_interval=cache_interval, cache_start=cache_start)
         if original_inference_steps is not None:
             check_int(original_inference_steps, "original_inference_steps", 1,
                       self.scheduler.config.get("num_train_timesteps"))
@@ -304,7 +327,8 @@ class LatentConsistencyModelPipeline(StableDiffusionFamilyPipeline):
         return self.generate(task, prompt, height, width, num_inference_steps, timesteps, None, guidance_scale,
                              None, num_images_per_prompt, 0.0, generator, latents, prompt_embeds, None, output_type,
                              return_dict, callback_on_step_end, callback_on_step_end_tensor_inputs, clip_skip,
-                             set_timesteps_kwargs=extra)
+                             set_timesteps_kwargs=extra,
+                             cache=cache, cache_interval=cache_interval, cache_start=cache_start)
 
 
 class StableDiffusionImg2ImgPipeline(StableDiffusionFamilyPipeline):
@@ -312,7 +336,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionFamilyPipeline):
     `strength` starts at, denoise from there."""
 
     required_components = (TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER)
-    optional_components = ()
+    optional_components = (UNET_SHALLOW,)
 
     def __call__(
         self,
@@ -335,18 +359,23 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionFamilyPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         clip_skip: int | None = None,
         guidance_rescale: float = 0.0,
+        cache: str | None = None,
+        cache_interval: int = 3,
+        cache_start: int = 0,
     ):
         # The size comes from the image (checked when it is preprocessed).
         self.check_inputs(prompt, None, None, negative_prompt, prompt_embeds, negative_prompt_embeds, output_type,
                           callback_on_step_end_tensor_inputs, num_images_per_prompt,
                           num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
                           guidance_scale=guidance_scale, eta=eta, clip_skip=clip_skip,
-                          guidance_rescale=guidance_rescale)
+                          guidance_rescale=guidance_rescale,
+                          cache=cache, cache_interval=cache_interval, cache_start=cache_start)
         check_image_task(self, image, strength, num_inference_steps, timesteps, sigmas)
         return self.generate(ImageToImage(image, strength), prompt, None, None, num_inference_steps, timesteps,
                              sigmas, guidance_scale, negative_prompt, num_images_per_prompt, eta, generator, None,
                              prompt_embeds, negative_prompt_embeds, output_type, return_dict, callback_on_step_end,
-                             callback_on_step_end_tensor_inputs, clip_skip, guidance_rescale)
+                             callback_on_step_end_tensor_inputs, clip_skip, guidance_rescale,
+                             cache=cache, cache_interval=cache_interval, cache_start=cache_start)
 
 
 class StableDiffusionInpaintPipeline(StableDiffusionFamilyPipeline):
@@ -354,7 +383,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionFamilyPipeline):
     regular 4-channel one (see Inpaint)."""
 
     required_components = (TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER)
-    optional_components = ()
+    optional_components = (UNET_SHALLOW,)
     unet_in_channels = (4, 9)
     callback_tensor_inputs = (*CALLBACK_TENSOR_INPUTS, "mask", "masked_image_latents")
 
@@ -385,6 +414,9 @@ class StableDiffusionInpaintPipeline(StableDiffusionFamilyPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         clip_skip: int | None = None,
         guidance_rescale: float = 0.0,
+        cache: str | None = None,
+        cache_interval: int = 3,
+        cache_start: int = 0,
     ):
         task = Inpaint(image, mask_image, masked_image_latents, strength, padding_mask_crop)
         # Like diffusers, the size defaults to the UNet's, not to the image's: image and mask are resized to it.
@@ -393,13 +425,15 @@ class StableDiffusionInpaintPipeline(StableDiffusionFamilyPipeline):
                           output_type, callback_on_step_end_tensor_inputs, num_images_per_prompt,
                           num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
                           guidance_scale=guidance_scale, eta=eta, clip_skip=clip_skip,
-                          guidance_rescale=guidance_rescale)
+                          guidance_rescale=guidance_rescale,
+                          cache=cache, cache_interval=cache_interval, cache_start=cache_start)
         check_inpaint_inputs(image, mask_image, strength, output_type, padding_mask_crop, num_inference_steps,
                              timesteps, sigmas)
         return self.generate(task, prompt, height, width, num_inference_steps, timesteps, sigmas, guidance_scale,
                              negative_prompt, num_images_per_prompt, eta, generator, latents, prompt_embeds,
                              negative_prompt_embeds, output_type, return_dict, callback_on_step_end,
-                             callback_on_step_end_tensor_inputs, clip_skip, guidance_rescale)
+                             callback_on_step_end_tensor_inputs, clip_skip, guidance_rescale,
+                             cache=cache, cache_interval=cache_interval, cache_start=cache_start)
 
 
 def depth_map_array(depth_map) -> np.ndarray:
@@ -425,7 +459,7 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionFamilyPipeline):
     after its feature-extractor preprocessing, done here in numpy."""
 
     required_components = (TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER)
-    optional_components = (DEPTH_ESTIMATOR,)
+    optional_components = (DEPTH_ESTIMATOR, UNET_SHALLOW)
     unet_in_channels = (5,)
     callback_tensor_inputs = (*CALLBACK_TENSOR_INPUTS, "depth_mask")
 
@@ -504,16 +538,21 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionFamilyPipeline):
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         clip_skip: int | None = None,
+        cache: str | None = None,
+        cache_interval: int = 3,
+        cache_start: int = 0,
     ):
         self.check_inputs(prompt, None, None, negative_prompt, prompt_embeds, negative_prompt_embeds, output_type,
                           callback_on_step_end_tensor_inputs, num_images_per_prompt,
                           num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
-                          guidance_scale=guidance_scale, eta=eta, clip_skip=clip_skip)
+                          guidance_scale=guidance_scale, eta=eta, clip_skip=clip_skip,
+                          cache=cache, cache_interval=cache_interval, cache_start=cache_start)
         check_image_task(self, image, strength, num_inference_steps, timesteps, sigmas)
         return self.generate(DepthToImage(image, strength, depth_map), prompt, None, None, num_inference_steps,
                              timesteps, sigmas, guidance_scale, negative_prompt, num_images_per_prompt, eta,
                              generator, None, prompt_embeds, negative_prompt_embeds, output_type, return_dict,
-                             callback_on_step_end, callback_on_step_end_tensor_inputs, clip_skip)
+                             callback_on_step_end, callback_on_step_end_tensor_inputs, clip_skip,
+                             cache=cache, cache_interval=cache_interval, cache_start=cache_start)
 
 
 FAMILY = Family(
@@ -531,4 +570,5 @@ FAMILY = Family(
     },
     by_class={"LatentConsistencyModelPipeline": {"text-to-image": LatentConsistencyModelPipeline}},
     copied=(TOKENIZER, SCHEDULER),
+    step_caches=("deepcache",),
 )

@@ -31,6 +31,7 @@ from diffship.layout import (
     TOKENIZER,
     TOKENIZER_2,
     UNET,
+    UNET_SHALLOW,
     VAE_DECODER,
     VAE_ENCODER,
     vae_scale_factor,
@@ -46,6 +47,7 @@ from diffship.pipelines.steps import (
     retrieve_timesteps,
     valid_fraction,
 )
+from diffship.pipelines.step_cache import step_cache
 from diffship.pipelines.tasks import ImageToImage, Inpaint, Task, check_image_task, check_inpaint_inputs
 from diffship.pipelines.timing import StageTimer, stage_of
 
@@ -57,9 +59,16 @@ logger = logging.getLogger(__name__)
 ATOL = {TEXT_ENCODER: 1e-3, TEXT_ENCODER_2: 1e-3, UNET: 1e-3, VAE_ENCODER: 1e-3, VAE_DECODER: 2e-3}
 
 
-def export_specs(pipe, shapes) -> list:
-    """The components an SDXL pipeline (base, refiner, inpainting; Turbo and LCM alike) is exported as."""
-    from diffship.exporters.components import text_encoder_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
+def export_specs(pipe, shapes, deepcache_branch: int | None = None) -> list:
+    """The components an SDXL pipeline (base, refiner, inpainting; Turbo and LCM alike) is exported as; with
+    `deepcache_branch`, the UNet also outputs its deep feature there and DeepCache's shallow UNet follows it."""
+    from diffship.exporters.components import (
+        text_encoder_spec,
+        unet_shallow_spec,
+        unet_spec,
+        vae_decoder_spec,
+        vae_encoder_spec,
+    )
 
     scale = vae_scale_factor(pipe.vae.config.block_out_channels)
     unet = pipe.unet.config
@@ -75,9 +84,12 @@ def export_specs(pipe, shapes) -> list:
     specs = []
     if getattr(pipe, "text_encoder", None) is not None:
         specs.append(text_encoder_spec(TEXT_ENCODER, pipe.text_encoder, shapes, ATOL[TEXT_ENCODER]))
+    unet = unet_spec(pipe.unet, shapes, scale, conditioning, guided=not lcm, atol=ATOL[UNET],
+                     deepcache_branch=deepcache_branch)
     specs += [
         text_encoder_spec(TEXT_ENCODER_2, pipe.text_encoder_2, shapes, ATOL[TEXT_ENCODER_2]),
-        unet_spec(pipe.unet, shapes, scale, conditioning, guided=not lcm, atol=ATOL[UNET]),
+        unet,
+        *([unet_shallow_spec(pipe.unet, unet, deepcache_branch)] if deepcache_branch is not None else []),
         vae_encoder_spec(pipe.vae, shapes, scale, ATOL[VAE_ENCODER]),
         vae_decoder_spec(pipe.vae, shapes, scale, ATOL[VAE_DECODER]),
     ]
@@ -105,7 +117,7 @@ class StableDiffusionXLFamilyPipeline(DiffusionPipeline):
     pipelines below are."""
 
     required_components = (TEXT_ENCODER_2, UNET, VAE_DECODER)
-    optional_components = (TEXT_ENCODER, VAE_ENCODER)
+    optional_components = (TEXT_ENCODER, VAE_ENCODER, UNET_SHALLOW)
     required_tokenizers = (TOKENIZER_2,)
     callback_tensor_inputs = CALLBACK_TENSOR_INPUTS
 
@@ -127,7 +139,7 @@ class StableDiffusionXLFamilyPipeline(DiffusionPipeline):
                      negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, output_type,
                      callback_on_step_end_tensor_inputs, num_images_per_prompt, *, num_inference_steps=50,
                      timesteps=None, sigmas=None, guidance_scale=5.0, eta=0.0, clip_skip=None, guidance_rescale=0.0,
-                     denoising_start=None, denoising_end=None):
+                     denoising_start=None, denoising_end=None, cache=None, cache_interval=3, cache_start=0):
         """diffusers' checks, and the ranges of the values it leaves unchecked, before any graph runs."""
         check_image_size({"height": height, "width": width}, max(IMAGE_SIZE_MULTIPLE, self.vae_scale_factor))
         if prompt is None and prompt_embeds is None:
@@ -155,7 +167,8 @@ class StableDiffusionXLFamilyPipeline(DiffusionPipeline):
             raise ValueError(f"prompt_embeds {prompt_embeds.shape} and negative_prompt_embeds "
                              f"{negative_prompt_embeds.shape} must have the same shape")
         check_generation_options(self, output_type, callback_on_step_end_tensor_inputs, num_images_per_prompt,
-                                 num_inference_steps, timesteps, sigmas, guidance_scale, eta, guidance_rescale)
+                                 num_inference_steps, timesteps, sigmas, guidance_scale, eta, guidance_rescale,
+                                 cache, cache_interval, cache_start)
         for name, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
             if value is not None:
                 check_number(value, name, 0.0, 1.0)
@@ -254,8 +267,10 @@ class StableDiffusionXLFamilyPipeline(DiffusionPipeline):
                  original_size=None, crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                  negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score=6.0,
                  negative_aesthetic_score=2.5, clip_skip=None, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs=("latents",)):
-        """One generation, for every task; inputs are checked by the caller."""
+                 callback_on_step_end_tensor_inputs=("latents",), cache=None, cache_interval=3,
+                 cache_start=0):
+        """One generation, for every task; inputs are checked by the caller. `cache`: a step cache, as for Stable
+        Diffusion (StableDiffusionFamilyPipeline.generate)."""
         start = time.perf_counter()
         timer = StageTimer()
         height, width = task.size(self, height, width)
@@ -267,6 +282,7 @@ class StableDiffusionXLFamilyPipeline(DiffusionPipeline):
         images = batch_size * num_images_per_prompt
         time_cond_proj_dim = self.unet_config.get("time_cond_proj_dim")
         do_classifier_free_guidance = guidance_scale > 1.0 and time_cond_proj_dim is None
+        self.prepare_request(batch_size, height, width, num_images_per_prompt, do_classifier_free_guidance)
 
         # 2. Encode the prompt with both encoders.
         with timer.stage(stage_of(TEXT_ENCODER)):
@@ -326,7 +342,9 @@ class StableDiffusionXLFamilyPipeline(DiffusionPipeline):
             w = np.full((images,), guidance_scale - 1, dtype=np.float32)
             conditioning["timestep_cond"] = guidance_scale_embedding(w, time_cond_proj_dim)
 
-        # 7. Denoising loop (DiffusionPipeline.denoise), the UNet fed by denoiser_inputs.
+        # 7. Denoising loop (DiffusionPipeline.denoise), the UNet fed by denoiser_inputs (or, at the steps a step
+        # cache takes, what it runs in its place).
+        self.step_cache = step_cache(cache, cache_interval, cache_start)
         tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds,
                    "add_text_embeds": add_text_embeds, "add_time_ids": add_time_ids,
                    "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds,
@@ -354,7 +372,7 @@ class StableDiffusionXLPipeline(StableDiffusionXLFamilyPipeline):
 
     required_tokenizers = (TOKENIZER, TOKENIZER_2)
     required_components = (TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER)
-    optional_components = (VAE_ENCODER,)
+    optional_components = (VAE_ENCODER, UNET_SHALLOW)
 
     def __call__(self, prompt=None, prompt_2=None, height=None, width=None, num_inference_steps=50, timesteps=None,
                  sigmas=None, denoising_end=None, guidance_scale=5.0, negative_prompt=None, negative_prompt_2=None,
@@ -363,7 +381,8 @@ class StableDiffusionXLPipeline(StableDiffusionXLFamilyPipeline):
                  output_type="pil", return_dict=True, guidance_rescale=0.0, original_size=None,
                  crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                  negative_crops_coords_top_left=(0, 0), negative_target_size=None, clip_skip=None,
-                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",)):
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), cache=None,
+                 cache_interval=3, cache_start=0):
         task = Task()
         height, width = task.size(self, height, width)
         self.check_inputs(prompt, prompt_2, height, width, negative_prompt, negative_prompt_2, prompt_embeds,
@@ -371,7 +390,8 @@ class StableDiffusionXLPipeline(StableDiffusionXLFamilyPipeline):
                           callback_on_step_end_tensor_inputs, num_images_per_prompt,
                           num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
                           guidance_scale=guidance_scale, eta=eta, clip_skip=clip_skip,
-                          guidance_rescale=guidance_rescale, denoising_end=denoising_end)
+                          guidance_rescale=guidance_rescale, denoising_end=denoising_end, 
+                          cache=cache, cache_interval=cache_interval, cache_start=cache_start)
         return self.generate(task, prompt, prompt_2, height, width, num_inference_steps, timesteps, sigmas,
                              denoising_end, guidance_scale, negative_prompt, negative_prompt_2, num_images_per_prompt,
                              eta, generator, latents, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
@@ -379,7 +399,8 @@ class StableDiffusionXLPipeline(StableDiffusionXLFamilyPipeline):
                              original_size, crops_coords_top_left, target_size, negative_original_size,
                              negative_crops_coords_top_left, negative_target_size, clip_skip=clip_skip,
                              callback_on_step_end=callback_on_step_end,
-                             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
+                             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                             cache=cache, cache_interval=cache_interval, cache_start=cache_start)
 
 
 class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLFamilyPipeline):
@@ -387,7 +408,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLFamilyPipeline):
     and `denoising_start`, it takes over the base's latents where its `denoising_end` stopped."""
 
     required_components = (TEXT_ENCODER_2, UNET, VAE_ENCODER, VAE_DECODER)
-    optional_components = (TEXT_ENCODER,)
+    optional_components = (TEXT_ENCODER, UNET_SHALLOW)
 
     def __call__(self, prompt=None, prompt_2=None, image=None, strength=0.3, num_inference_steps=50, timesteps=None,
                  sigmas=None, denoising_start=None, denoising_end=None, guidance_scale=5.0, negative_prompt=None,
@@ -397,14 +418,16 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLFamilyPipeline):
                  original_size=None, crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                  negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score=6.0,
                  negative_aesthetic_score=2.5, clip_skip=None, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs=("latents",)):
+                 callback_on_step_end_tensor_inputs=("latents",), cache=None, cache_interval=3,
+                 cache_start=0):
         self.check_inputs(prompt, prompt_2, None, None, negative_prompt, negative_prompt_2, prompt_embeds,
                           negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, output_type,
                           callback_on_step_end_tensor_inputs, num_images_per_prompt,
                           num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
                           guidance_scale=guidance_scale, eta=eta, clip_skip=clip_skip,
                           guidance_rescale=guidance_rescale, denoising_start=denoising_start,
-                          denoising_end=denoising_end)
+                          denoising_end=denoising_end,
+                          cache=cache, cache_interval=cache_interval, cache_start=cache_start)
         start_at = denoising_start if valid_fraction(denoising_start) else None
         if start_at is None:
             check_image_task(self, image, strength, num_inference_steps, timesteps, sigmas)
@@ -418,7 +441,8 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLFamilyPipeline):
                              original_size, crops_coords_top_left, target_size, negative_original_size,
                              negative_crops_coords_top_left, negative_target_size, aesthetic_score,
                              negative_aesthetic_score, clip_skip, callback_on_step_end,
-                             callback_on_step_end_tensor_inputs)
+                             callback_on_step_end_tensor_inputs,
+                             cache=cache, cache_interval=cache_interval, cache_start=cache_start)
 
 
 class StableDiffusionXLInpaintPipeline(StableDiffusionXLFamilyPipeline):
@@ -426,7 +450,7 @@ class StableDiffusionXLInpaintPipeline(StableDiffusionXLFamilyPipeline):
     9-channel inpainting one."""
 
     required_components = (TEXT_ENCODER_2, UNET, VAE_ENCODER, VAE_DECODER)
-    optional_components = (TEXT_ENCODER,)
+    optional_components = (TEXT_ENCODER, UNET_SHALLOW)
     unet_in_channels = (4, 9)
     callback_tensor_inputs = (*CALLBACK_TENSOR_INPUTS, "mask", "masked_image_latents")
 
@@ -439,7 +463,8 @@ class StableDiffusionXLInpaintPipeline(StableDiffusionXLFamilyPipeline):
                  original_size=None, crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                  negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score=6.0,
                  negative_aesthetic_score=2.5, clip_skip=None, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs=("latents",)):
+                 callback_on_step_end_tensor_inputs=("latents",), cache=None, cache_interval=3,
+                 cache_start=0):
         start_at = denoising_start if valid_fraction(denoising_start) else None
         task = Inpaint(image, mask_image, masked_image_latents, strength, padding_mask_crop, start_at)
         height, width = task.size(self, height, width)
@@ -449,7 +474,8 @@ class StableDiffusionXLInpaintPipeline(StableDiffusionXLFamilyPipeline):
                           num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
                           guidance_scale=guidance_scale, eta=eta, clip_skip=clip_skip,
                           guidance_rescale=guidance_rescale, denoising_start=denoising_start,
-                          denoising_end=denoising_end)
+                          denoising_end=denoising_end,
+                          cache=cache, cache_interval=cache_interval, cache_start=cache_start)
         check_inpaint_inputs(image, mask_image, strength, output_type, padding_mask_crop,
                              None if start_at is not None else num_inference_steps, timesteps, sigmas)
         return self.generate(task, prompt, prompt_2, height, width, num_inference_steps, timesteps, sigmas,
@@ -459,7 +485,8 @@ class StableDiffusionXLInpaintPipeline(StableDiffusionXLFamilyPipeline):
                              original_size, crops_coords_top_left, target_size, negative_original_size,
                              negative_crops_coords_top_left, negative_target_size, aesthetic_score,
                              negative_aesthetic_score, clip_skip, callback_on_step_end,
-                             callback_on_step_end_tensor_inputs)
+                             callback_on_step_end_tensor_inputs,
+                             cache=cache, cache_interval=cache_interval, cache_start=cache_start)
 
 
 FAMILY = Family(
@@ -473,4 +500,5 @@ FAMILY = Family(
         "inpainting": {4: StableDiffusionXLInpaintPipeline, 9: StableDiffusionXLInpaintPipeline},
     },
     copied=(TOKENIZER, TOKENIZER_2, SCHEDULER),
+    step_caches=("deepcache",),
 )

@@ -12,10 +12,11 @@ import contextlib
 import numpy as np
 import onnx
 
-from diffship.layout import TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER, VAE_ENCODER
+from diffship.layout import TEXT_ENCODER, TEXT_ENCODER_2, UNET, UNET_SHALLOW, VAE_DECODER, VAE_ENCODER
 
 # onnxruntime's transformer optimizer model type of each component.
-MODEL_TYPES = {TEXT_ENCODER: "clip", TEXT_ENCODER_2: "clip", UNET: "unet", VAE_ENCODER: "vae", VAE_DECODER: "vae"}
+MODEL_TYPES = {TEXT_ENCODER: "clip", TEXT_ENCODER_2: "clip", UNET: "unet", UNET_SHALLOW: "unet", VAE_ENCODER: "vae",
+               VAE_DECODER: "vae"}
 TARGETS = ("cpu", "cuda")
 
 

@@ -27,11 +27,13 @@ from diffship.layout import (
     TOKENIZER,
     TOKENIZER_2,
     UNET,
+    UNET_SHALLOW,
     VAE_DECODER,
     VAE_ENCODER,
     vae_scale_factor,
 )
 from diffship.pipelines.image_processing import VaeImageProcessor, postprocess
+from diffship.pipelines.precision import session_options
 from diffship.pipelines.steps import guide, run_callback
 from diffship.pipelines.timing import STEP_STAGE
 from diffship.pipelines.tokenizer import CLIPTokenizer
@@ -70,6 +72,8 @@ class DiffusionPipeline:
     required_tokenizers: tuple[str, ...] = (TOKENIZER,)
     # UNet input widths this pipeline runs: 4 latent channels, + mask and masked-image latents (9), + depth (5).
     unet_in_channels: tuple[int, ...] = (4,)
+    # The current generation's step cache (pipelines/step_cache.py), set by generate; None: every step runs the UNet.
+    step_cache = None
 
     def __init__(self, sessions: dict, tokenizers: dict, scheduler, configs: dict, model_dir: Path | None,
                  backend: str, load_seconds: float = 0.0):
@@ -101,17 +105,23 @@ class DiffusionPipeline:
         self.backend = backend
         self.load_seconds = load_seconds
         self._progress_bar_config: dict = {}
+        self._requests_seen: set = set()  # (batch, height, width, images per prompt, guidance) run before
 
     # ---- loading -------------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, model_dir, backend: str = "onnxruntime", compile: bool = True, **backend_options):
-        """Load an exported directory. `backend_options` go to the session class, e.g. `providers=[...]`
-        for onnxruntime, `device="GPU"`, `cache_dir=...`, `inference_precision=...` for OpenVINO."""
+    def from_pretrained(cls, model_dir, backend: str = "onnxruntime", compile: bool = True,
+                        inference_precision="auto", static_shapes: bool | None = None, **backend_options):
+        """Load an exported directory. `inference_precision` ("auto": bf16 where the export measured it within
+        bound and the CPU has it, f32 elsewhere; "f32" for parity with PyTorch; see pipelines/precision.py) and
+        `static_shapes` (OpenVINO compiles each request's shapes; its default) pick how each graph runs;
+        `backend_options` go to the session class, e.g. `providers=[...]` for onnxruntime, `device="GPU"`,
+        `cache_dir=...` (False: no compile cache) for OpenVINO."""
         start = time.perf_counter()
         backend = backend_name(backend)
         model_dir = Path(model_dir).expanduser()
         index = _read_index(model_dir)
         names = [n for n in cls.required_components + cls.optional_components]
+        options = session_options(names, model_dir, backend, inference_precision, static_shapes)
         # Every settings file first: a malformed one fails before any graph is loaded.
         tokenizers = {name: CLIPTokenizer.from_pretrained(_required_dir(model_dir, name))
                       for name in cls.required_tokenizers}
@@ -133,12 +143,14 @@ class DiffusionPipeline:
                     )
                 continue
             try:
-                sessions[name] = load_session(folder, backend, **backend_options)
+                sessions[name] = load_session(folder, backend, **options[name], **backend_options)
             except TypeError as e:
                 raise DiffshipError(f"backend option not understood by {backend}: {e}") from e
-            if compile:
-                sessions[name].compile()
-        return cls(sessions, tokenizers, scheduler, configs, model_dir, backend, time.perf_counter() - start)
+        pipe = cls(sessions, tokenizers, scheduler, configs, model_dir, backend)
+        if compile:
+            pipe.compile()
+        pipe.load_seconds = time.perf_counter() - start
+        return pipe
 
     @classmethod
     def from_pipe(cls, pipe: "DiffusionPipeline", scheduler=None):
@@ -158,6 +170,11 @@ class DiffusionPipeline:
         return new
 
     # ---- facts read from configs and graphs ----------------------------------------------------------------
+    @property
+    def inference_precisions(self) -> dict[str, str]:
+        """{component: the precision its graph computes in}: "f32", "bf16", or "default" (the runtime's choice)."""
+        return {name: getattr(session, "inference_precision", "f32") for name, session in self.sessions.items()}
+
     @property
     def vae_config(self) -> dict:
         return self.configs.get(VAE_DECODER) or self.configs.get(VAE_ENCODER) or {}
@@ -212,12 +229,56 @@ class DiffusionPipeline:
     def reshape(self, batch_size: int = 1, height: int | None = None, width: int | None = None,
                 num_images_per_prompt: int = 1, guidance: bool = True) -> None:
         """Fix the graphs to static shapes where the backend can (OpenVINO: faster on CPU); a later call with other
-        sizes must reshape again. Every dynamic input of every graph gets its size from the request: batch axes
-        the images (text encoders: the prompts; the UNet: twice the images with guidance), image axes the size,
-        the sequence axis the tokenizer's length; fixed axes keep their size."""
+        sizes must reshape again. (OpenVINO pipelines do this by themselves for each request's shapes unless
+        loaded with static_shapes=False; reshape() also fixes the shapes the graphs declare.)"""
         if not all(session.can_reshape for session in self.sessions.values()):
             raise DiffshipError(f"reshape() needs a backend that can fix shapes (openvino); {self.backend} takes "
                                 "dynamic shapes as they come")
+        for name, shapes in self.request_shapes(batch_size, height, width, num_images_per_prompt, guidance).items():
+            if shapes:
+                self.sessions[name].reshape(shapes)
+            self.sessions[name].compile()
+
+    def compile(self, batch_size: int | None = None, height: int | None = None, width: int | None = None,
+                num_images_per_prompt: int = 1, guidance: bool = True) -> None:
+        """Compile every graph now rather than at its first call: at the shapes the graphs declare (what loading
+        does), or, given a request (batch_size, and height / width when not the default), with static shapes
+        for that request where the backend compiles them (OpenVINO), as a server does for the size it serves:
+        that request then runs static code from its first call."""
+        if batch_size is None and height is None and width is None:
+            for session in self.sessions.values():
+                session.compile()
+            return
+        key = (batch_size or 1, height or self.default_height, width or self.default_width, num_images_per_prompt,
+               guidance)
+        self._requests_seen.add(key)
+        request = self.request_shapes(*key)
+        for name, session in self.sessions.items():
+            shapes = {info.name: request[name].get(info.name, info.shape) for info in session.inputs}
+            if getattr(session, "static_shapes", False) and all(
+                    isinstance(d, int) for shape in shapes.values() for d in shape):
+                session.fit(shapes)
+            else:  # dynamic graphs, and a graph whose request shapes are not known before the call (depth)
+                session.compile()
+
+    def prepare_request(self, batch_size: int, height: int, width: int, num_images_per_prompt: int,
+                        guidance: bool) -> None:
+        """Called as a generation starts: a request seen before (same batch, size, guidance) is compiled static
+        (OpenVINO's static_shapes "auto": static code is faster, and a request that repeats earns its compile,
+        which the compile cache keeps for the next process); a new one runs on the dynamic graphs, which loading
+        compiled."""
+        key = (batch_size, height, width, num_images_per_prompt, guidance)
+        if not any(getattr(s, "static_shapes", False) == "auto" for s in self.sessions.values()):
+            return
+        if key in self._requests_seen:
+            self.compile(*key)
+        self._requests_seen.add(key)
+
+    def request_shapes(self, batch_size: int = 1, height: int | None = None, width: int | None = None,
+                       num_images_per_prompt: int = 1, guidance: bool = True) -> dict[str, dict[str, tuple]]:
+        """{component: {input: shape}} for the dynamic inputs of every graph at a request: batch axes the images
+        (text encoders: the prompts; the UNet: twice the images with guidance), image axes the size, the sequence
+        axis the tokenizer's length; fixed axes keep their size."""
         height = self.default_height if height is None else height
         width = self.default_width if width is None else width
         check_image_size({"height": height, "width": width}, max(IMAGE_SIZE_MULTIPLE, self.vae_scale_factor))
@@ -230,6 +291,8 @@ class DiffusionPipeline:
         guided = guidance and self.unet_config.get("time_cond_proj_dim") is None
         batches = {UNET: images * (2 if guided else 1), VAE_DECODER: images, VAE_ENCODER: images}
         sizes = {UNET: latent, VAE_DECODER: latent, VAE_ENCODER: (height, width)}
+        batches[UNET_SHALLOW], sizes[UNET_SHALLOW] = batches[UNET], latent  # DeepCache's: the UNet's inputs
+        request = {}
         for name, session in self.sessions.items():
             shapes = {}
             for info in session.inputs:
@@ -242,9 +305,8 @@ class DiffusionPipeline:
                 elif info.rank >= 2 and not isinstance(shape[1], int):
                     shape[1] = sequence
                 shapes[info.name] = tuple(shape)
-            if shapes:
-                session.reshape(shapes)
-            session.compile()
+            request[name] = shapes
+        return request
 
     @property
     def default_height(self) -> int:
@@ -292,13 +354,12 @@ class DiffusionPipeline:
             latent_model_input = np.concatenate([latents] * 2) if do_classifier_free_guidance else latents
             latent_model_input = task.model_input(self.scheduler.scale_model_input(latent_model_input, t))
 
-            with timer.stage(STEP_STAGE):
-                noise_pred = self.unet.run({
-                    "sample": latent_model_input.astype(np.float32, copy=False),
-                    "timestep": self.timestep_feed(t, latent_model_input.shape[0]),
-                    **self.denoiser_inputs(tensors),
-                    **conditioning,
-                })["out_sample"]
+            noise_pred = self.run_denoiser(i, {
+                "sample": latent_model_input.astype(np.float32, copy=False),
+                "timestep": self.timestep_feed(t, latent_model_input.shape[0]),
+                **self.denoiser_inputs(tensors),
+                **conditioning,
+            }, timer)
 
             if do_classifier_free_guidance:
                 noise_pred = guide(noise_pred, guidance_scale, guidance_rescale)
@@ -308,6 +369,14 @@ class DiffusionPipeline:
             tensors = run_callback(self, callback_on_step_end, i, t, tensors, callback_on_step_end_tensor_inputs)
             task.tensors = {k: tensors[k] for k in task.tensors}
         return tensors["latents"]
+
+    def run_denoiser(self, i: int, feeds: dict[str, np.ndarray], timer) -> np.ndarray:
+        """Step i's noise prediction: the UNet's, or, when the generation has a step cache (generate sets
+        `step_cache`: DeepCache), whatever that cache runs in its place at this step."""
+        if self.step_cache is None:
+            with timer.stage(STEP_STAGE):
+                return self.unet.run(feeds)["out_sample"]
+        return self.step_cache.run(self, i, feeds, timer)
 
     def decode_images(self, latents: np.ndarray, output_type: str, timer) -> list | np.ndarray:
         """The generation's result: the latents themselves (output_type "latent"), or decoded and postprocessed."""

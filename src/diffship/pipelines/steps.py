@@ -10,6 +10,7 @@ import numpy as np
 
 from diffship.checks import check_int, check_number
 from diffship.pipelines.image_processing import OUTPUT_TYPES
+from diffship.pipelines.step_cache import check_step_cache
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +57,10 @@ def check_schedule(scheduler, num_inference_steps, timesteps, sigmas) -> None:
 
 
 def check_generation_options(pipe, output_type, callback_on_step_end_tensor_inputs, num_images_per_prompt,
-                             num_inference_steps, timesteps, sigmas, guidance_scale, eta, guidance_rescale) -> None:
-    """The options every family's check_inputs checks alike: output type, callback tensors, counts, schedule and
-    the guidance numbers."""
+                             num_inference_steps, timesteps, sigmas, guidance_scale, eta, guidance_rescale,
+                             cache=None, cache_interval=3, cache_start=0) -> None:
+    """The options every family's check_inputs checks alike: output type, callback tensors, counts, schedule, the
+    guidance numbers and the step cache."""
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
     check_callback_inputs(callback_on_step_end_tensor_inputs, pipe.callback_tensor_inputs)
@@ -70,6 +72,7 @@ def check_generation_options(pipe, output_type, callback_on_step_end_tensor_inpu
     # leaves, and the step takes the square root of a negative number.
     check_number(eta, "eta", 0.0, 1.0)
     check_number(guidance_rescale, "guidance_rescale", 0.0, 1.0)
+    check_step_cache(pipe, cache, cache_interval, cache_start)
 
 
 def strength_steps(num_inference_steps: int, strength: float) -> int:

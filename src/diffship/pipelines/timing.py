@@ -6,13 +6,23 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 
-from diffship.layout import DEPTH_ESTIMATOR, TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER, VAE_ENCODER
+from diffship.layout import (
+    DEPTH_ESTIMATOR,
+    TEXT_ENCODER,
+    TEXT_ENCODER_2,
+    UNET,
+    UNET_SHALLOW,
+    VAE_DECODER,
+    VAE_ENCODER,
+)
 
 # The stage a component's calls count to: both text encoders are "text_encoder" (encoding the prompt), the
-# denoiser's calls are the steps.
+# denoiser's calls are the steps: full UNet steps, and the shallow ones a step cache (DeepCache) runs between them.
 STEP_STAGE = "unet"
+SHALLOW_STEP_STAGE = "unet_shallow"
 COMPONENT_STAGES = {TEXT_ENCODER: "text_encoder", TEXT_ENCODER_2: "text_encoder", UNET: STEP_STAGE,
-                    VAE_ENCODER: "vae_encode", VAE_DECODER: "vae_decode", DEPTH_ESTIMATOR: "depth_estimator"}
+                    UNET_SHALLOW: SHALLOW_STEP_STAGE, VAE_ENCODER: "vae_encode", VAE_DECODER: "vae_decode",
+                    DEPTH_ESTIMATOR: "depth_estimator"}
 
 
 def stage_of(component: str) -> str:
@@ -21,11 +31,13 @@ def stage_of(component: str) -> str:
 
 
 class StageTimer:
-    """Accumulates seconds per named stage; `unet` steps are also kept one by one."""
+    """Accumulates seconds per named stage; `unet` steps (and shallow `unet_shallow` ones) are also kept one by
+    one."""
 
     def __init__(self):
         self.seconds: dict[str, float] = defaultdict(float)
         self.unet_steps: list[float] = []
+        self.shallow_steps: list[float] = []
 
     @contextmanager
     def stage(self, name: str):
@@ -37,9 +49,13 @@ class StageTimer:
             self.seconds[name] += elapsed
             if name == STEP_STAGE:
                 self.unet_steps.append(elapsed)
+            elif name == SHALLOW_STEP_STAGE:
+                self.shallow_steps.append(elapsed)
 
     def summary(self, total: float, load: float | None = None) -> dict[str, float]:
-        """Stages in seconds; `scheduler_and_glue` is what the named stages do not cover."""
+        """Stages in seconds; `scheduler_and_glue` is what the named stages do not cover. `unet` counts the full
+        UNet steps; a step cache's shallow steps, when it ran any, are `unet_shallow` (and its per-step and count
+        figures)."""
         named = {k: v for k, v in self.seconds.items()}
         out = {
             "text_encoder": named.get("text_encoder", 0.0),
@@ -49,11 +65,15 @@ class StageTimer:
             "vae_encode": named.get("vae_encode", 0.0),
             "vae_decode": named.get("vae_decode", 0.0),
         }
+        if self.shallow_steps:
+            out["unet_shallow"] = named[SHALLOW_STEP_STAGE]
+            out["unet_shallow_per_step"] = sum(self.shallow_steps) / len(self.shallow_steps)
+            out["unet_shallow_steps"] = len(self.shallow_steps)
         if "depth_estimator" in named:
             out["depth_estimator"] = named["depth_estimator"]
         out["scheduler_and_glue"] = max(
-            total - out["text_encoder"] - out["unet"] - out["vae_encode"] - out["vae_decode"]
-            - out.get("depth_estimator", 0.0), 0.0
+            total - out["text_encoder"] - out["unet"] - out.get("unet_shallow", 0.0) - out["vae_encode"]
+            - out["vae_decode"] - out.get("depth_estimator", 0.0), 0.0
         )
         out["total"] = total
         if load is not None:
@@ -68,8 +88,11 @@ def format_timings(timings: dict[str, float]) -> str:
         ("text encoder", timings.get("text_encoder", 0.0), True),
         (f"UNet ({timings.get('unet_steps', 0)} steps)", timings.get("unet", 0.0), True),
         ("  UNet per step", timings.get("unet_per_step", 0.0), False),
-        ("scheduler and glue", timings.get("scheduler_and_glue", 0.0), True),
     ]
+    if timings.get("unet_shallow_steps"):
+        rows += [(f"UNet shallow ({timings['unet_shallow_steps']} cached steps)", timings["unet_shallow"], True),
+                 ("  shallow per step", timings["unet_shallow_per_step"], False)]
+    rows.append(("scheduler and glue", timings.get("scheduler_and_glue", 0.0), True))
     if timings.get("vae_encode"):
         rows.append(("VAE encode", timings["vae_encode"], True))
     if timings.get("depth_estimator"):

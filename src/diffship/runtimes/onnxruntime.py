@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from diffship.errors import BackendError
-from diffship.layout import ONNX_MODEL
+from diffship.layout import ONNX_DATA, ONNX_MODEL
+from diffship.runtimes.cache import cache_root, graph_key, remove_entry
 from diffship.runtimes.base import TensorInfo, check_feeds, run_error
 
 _ORT_TYPES = {
@@ -49,6 +50,7 @@ class OnnxRuntimeSession:
         provider_options: list[dict] | None = None,
         session_options=None,
         intra_op_num_threads: int | None = None,
+        cache_dir=None,
     ):
         ort = _ort()
         path = Path(path)
@@ -58,6 +60,11 @@ class OnnxRuntimeSession:
             raise BackendError(f"no ONNX model at {path}: export the component first (diffship export)")
         self.path = str(path)
         options = session_options or ort.SessionOptions()
+        # ONNX Runtime's optimized graph is cached for CPU sessions with diffship's own options (a user's
+        # session_options may ask for anything; the cached graph would not honour it).
+        cached = None
+        if session_options is None and providers in (None, ["CPUExecutionProvider"]):
+            cached = _optimized_graph(ort, path, cache_dir, options)
         if intra_op_num_threads:
             options.intra_op_num_threads = intra_op_num_threads
         # Warnings about unused initializers and the like are noise for users; errors surface as exceptions, which
@@ -68,12 +75,31 @@ class OnnxRuntimeSession:
         unknown = [p for p in providers if (p[0] if isinstance(p, tuple) else p) not in available]
         if unknown:
             raise BackendError(f"onnxruntime providers {unknown} are not available here; available: {available}")
-        try:
-            self._session = ort.InferenceSession(
-                self.path, sess_options=options, providers=providers, provider_options=provider_options
-            )
-        except Exception as e:  # onnxruntime raises its own exception types for corrupt or unsupported graphs
-            raise BackendError(f"onnxruntime could not load {self.path}: {e}") from e
+        self._session = None
+        if cached is not None and cached.is_file():
+            self._session = _load_cached(ort, cached, options, providers, provider_options)
+            if self._session is None:  # the damaged entry is gone: this load writes it again
+                cached = _optimized_graph(ort, path, cache_dir, options)
+        if self._session is None:
+            try:
+                self._session = ort.InferenceSession(
+                    self.path, sess_options=options, providers=providers, provider_options=provider_options
+                )
+            except Exception as e:  # onnxruntime raises its own exception types for corrupt or unsupported graphs
+                if cached is None:
+                    raise BackendError(f"onnxruntime could not load {self.path}: {e}") from e
+                # Writing the optimized graph may be what failed (a full disk): the cache is an optimization,
+                # so the session loads without it, and only a graph that cannot load at all is an error.
+                remove_entry(_staging(cached))
+                cached, options.optimized_model_filepath = None, ""
+                try:
+                    self._session = ort.InferenceSession(
+                        self.path, sess_options=options, providers=providers, provider_options=provider_options
+                    )
+                except Exception as e:  # noqa: BLE001 - as above
+                    raise BackendError(f"onnxruntime could not load {self.path}: {e}") from e
+            if cached is not None:
+                _publish(cached, path)
         self.inputs = [_info(i) for i in self._session.get_inputs()]
         self.outputs = [_info(o) for o in self._session.get_outputs()]
         self.providers = self._session.get_providers()
@@ -100,3 +126,67 @@ class OnnxRuntimeSession:
 
     def __repr__(self) -> str:
         return f"OnnxRuntimeSession({self.path!r}, providers={self.providers})"
+
+
+# In each cache entry: the path of the graph it was optimized from.
+SOURCE_NOTE = "source.txt"
+
+
+def _optimized_graph(ort, path: Path, cache_dir, options) -> Path | None:
+    """Where the optimized graph of `path` is cached (None: caching off). When it is not there yet, `options` are
+    set to write it into a staging folder beside it, which _publish renames once the session loaded, so that an
+    interrupted load leaves no half-written graph to be read next time."""
+    root = cache_root(cache_dir)
+    if root is None:
+        return None
+    entry = root / "onnxruntime" / graph_key(path, ort.__version__, str(options.graph_optimization_level))
+    cached = entry / ONNX_MODEL
+    if not cached.is_file():
+        staging = _staging(cached)
+        try:
+            staging.mkdir(parents=True, exist_ok=True)
+        except OSError:  # a read-only cache location: load without caching
+            return None
+        options.optimized_model_filepath = str(staging / ONNX_MODEL)
+        # Weights go to one external file: a full-size UNet's 3.4 GB do not fit a 2 GB protobuf.
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", ONNX_DATA)
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    return cached
+
+
+def _load_cached(ort, cached: Path, options, providers, provider_options):
+    """A session on the cached optimized graph, its optimizations already applied; None (and the entry removed)
+    if the runtime cannot load it, so that the caller loads the export's graph instead."""
+    cached_options = ort.SessionOptions()
+    cached_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    cached_options.log_severity_level = options.log_severity_level
+    cached_options.intra_op_num_threads = options.intra_op_num_threads
+    try:
+        return ort.InferenceSession(str(cached), sess_options=cached_options, providers=providers,
+                                    provider_options=provider_options)
+    except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt, whatever the runtime says about it
+        remove_entry(cached.parent)
+        return None
+
+
+def _staging(cached: Path) -> Path:
+    return cached.parent.with_name(f"{cached.parent.name}.tmp-{os.getpid()}")
+
+
+def _publish(cached: Path, source: Path) -> None:
+    """Rename the staging folder into place, with a note of the graph it was made from; entries made from an
+    earlier version of that graph (re-exported since) are removed, so the cache does not grow by a model's weights
+    at each re-export."""
+    staging = _staging(cached)
+    if not (staging / ONNX_MODEL).is_file():
+        return
+    (staging / SOURCE_NOTE).write_text(str(Path(source).resolve()))
+    try:
+        staging.rename(cached.parent)
+    except OSError:  # another process published it first
+        remove_entry(staging)
+        return
+    for entry in cached.parent.parent.iterdir():
+        note = entry / SOURCE_NOTE
+        if entry != cached.parent and note.is_file() and note.read_text() == str(Path(source).resolve()):
+            remove_entry(entry)

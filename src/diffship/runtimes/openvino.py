@@ -9,6 +9,7 @@ import numpy as np
 
 from diffship.errors import BackendError
 from diffship.layout import ONNX_MODEL, OPENVINO_MODEL
+from diffship.runtimes.cache import cache_root
 from diffship.runtimes.base import TensorInfo, check_feeds, run_error
 
 
@@ -56,9 +57,10 @@ class OpenVINOSession:
         self,
         path: str | os.PathLike,
         device: str = "CPU",
-        cache_dir: str | os.PathLike | None = None,
+        cache_dir=None,
         config: dict | None = None,
         inference_precision: str | None = "f32",
+        static_shapes: bool = False,
         core=None,
     ):
         ov = _ov()
@@ -75,13 +77,28 @@ class OpenVINOSession:
         self._core = core or ov.Core()
         self._config = dict(config or {})
         # OpenVINO's CPU plugin runs fp32 graphs in bf16 on CPUs that have it; images then drift from PyTorch.
-        # fp32 is the default for parity; pass inference_precision="bf16" (or None: the plugin's choice) for speed.
+        # A session alone is exact (f32); the pipelines choose per component from what the export measured
+        # (runtimes/precision.py). None leaves the plugin's choice.
         if inference_precision is not None:
             self._config.setdefault("INFERENCE_PRECISION_HINT", inference_precision)
-        if cache_dir is not None:
-            self._config["CACHE_DIR"] = str(cache_dir)
+        self.inference_precision = str(self._config.get("INFERENCE_PRECISION_HINT", "default"))
+        # Compiled graphs are cached on disk (runtimes/cache.py): a second load of the same graph skips compiling.
+        root = cache_root(cache_dir)
+        if root is not None and "CACHE_DIR" not in self._config:
+            self._config["CACHE_DIR"] = str(root / "openvino")
+        # Static shapes compile to faster code on CPU. static_shapes=True: each run compiles for its input shapes;
+        # "auto" (the pipelines' default): only for the shapes `fit` was given (the pipelines fit the default
+        # request at load and any request that repeats), other shapes run dynamic. The graph's declared inputs
+        # stay dynamic, so any shape it allows can come next; one static model is kept, compiles cached on disk.
+        if static_shapes not in (False, True, "auto"):
+            raise BackendError(f"static_shapes must be False, True or 'auto', got {static_shapes!r}")
+        self.static_shapes = static_shapes
         self._model = read_model(self._core, path)
-        self._compiled = None
+        self._path = path
+        self._reshaped = False  # reshape() fixed shapes the file does not have
+        self._declared = {p.get_any_name(): p.get_partial_shape() for p in self._model.inputs}
+        self._dynamic = None  # (compiled model, infer request) at the declared shapes
+        self._static = None  # (shapes, compiled model, infer request)
         self._describe()
 
     def _describe(self) -> None:
@@ -94,37 +111,105 @@ class OpenVINOSession:
         unknown = set(shapes) - known
         if unknown:
             raise BackendError(f"{self.path}: cannot reshape unknown inputs {sorted(unknown)}; inputs are {sorted(known)}")
-        self._model.reshape({name: list(shape) for name, shape in shapes.items()})
-        self._compiled = None
+        self._graph().reshape({name: list(shape) for name, shape in shapes.items()})
+        self._declared = {p.get_any_name(): p.get_partial_shape() for p in self._model.inputs}
+        self._reshaped = True
+        self._dynamic = self._static = None
         self._describe()
 
-    def compile(self) -> None:
-        if self._compiled is None:
+    def fit(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Compile for these input shapes, without changing the inputs the session declares: the compiled model
+        for the last shapes fitted is kept (static_shapes)."""
+        shapes = {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}
+        if self._static is None or self._static[0] != shapes:
+            self._static = None  # one static model at a time: its weights are not held twice
             try:
-                self._compiled = self._core.compile_model(self._model, self.device, self._config)
-            except Exception as e:
+                self._static = (shapes, *self._compile(shapes))
+            finally:
+                self.release_graph()
+
+    def compile(self) -> None:
+        """Compile now (the graph's declared shapes) unless a model is compiled already."""
+        if self._dynamic is None and self._static is None:
+            self._dynamic = self._compile()
+            self.release_graph()
+
+    def _compile(self, shapes: dict | None = None):
+        """Compile the graph at its declared shapes, or reshaped to `shapes`. At the declared shapes of the file
+        itself, OpenVINO is given the path: its compile cache then keys on the file rather than hashing every
+        weight of a model in memory (a second load of a full-size UNet: 3 s instead of 5)."""
+        if shapes is None and not self._reshaped:
+            self.release_graph()
+            model = str(self._path)
+        else:
+            model = self._graph()
+            if shapes is not None:
+                model.reshape({name: list(shape) for name, shape in shapes.items()})
+        try:
+            compiled = self._core.compile_model(model, self.device, self._config)
+        except Exception as e:
+            if "CACHE_DIR" not in self._config:
                 raise BackendError(f"OpenVINO could not compile {self.path} for {self.device}: {e}") from e
-            self._request = self._compiled.create_infer_request()
+            # Writing the compile cache may be what failed (a full disk): compile without it.
+            self._config.pop("CACHE_DIR")
+            return self._compile(shapes)
+        return compiled, compiled.create_infer_request()
+
+    def _graph(self):
+        """The model to reshape or compile, read again (weights memory-mapped, so it costs little) if it was
+        dropped: once compiled, the compiled model holds what it needs, and the read model would keep a second
+        copy of the weights mapped (a full-size UNet: 3.4 GB)."""
+        if self._model is None:
+            self._model = read_model(self._core, self._path)
+            self._model.reshape(self._declared)
+        return self._model
+
+    def release_graph(self) -> None:
+        """Drop the read model (see _graph); the next reshape or compile reads it again."""
+        self._model = None
+
+    def _compiled_for(self, shapes: dict[str, tuple[int, ...]]):
+        """(compiled model, request) to run `shapes` on: with static_shapes True, compiled for these shapes; with
+        "auto", the static model when they are the shapes fitted (the pipelines fit the requests that repeat), the
+        graph's declared (dynamic) shapes otherwise."""
+        if self.static_shapes is True or (self.static_shapes and self._static and self._static[0] == shapes):
+            self.fit(shapes)
+            return self._static[1:]
+        if self._dynamic is None:
+            self._dynamic = self._compile()
+            self.release_graph()
+        return self._dynamic
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self, feeds)
-        self.compile()
+        compiled, request = self._compiled_for({name: tuple(np.shape(value)) for name, value in feeds.items()})
         try:
-            results = self._request.infer(feeds, share_inputs=False, share_outputs=False)
+            results = request.infer(feeds, share_inputs=False, share_outputs=False)
         except Exception as e:  # OpenVINO raises RuntimeError (or its own types) with the plugin's message
             raise run_error(self, feeds, e) from e
-        return {info.name: np.asarray(results[port]) for info, port in zip(self.outputs, self._compiled.outputs)}
+        return {info.name: np.asarray(results[port]) for info, port in zip(self.outputs, compiled.outputs)}
 
     def settings(self) -> dict:
         """The compiled model's precision, performance hint, streams and threads (compiles it if need be)."""
         self.compile()
-        out = {}
+        compiled = (self._static or self._dynamic)[-2]
+        out = {"static_shapes": self.static_shapes}
         for key in ("INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT", "NUM_STREAMS", "INFERENCE_NUM_THREADS"):
             try:
-                out[key] = str(self._compiled.get_property(key))
+                out[key] = str(compiled.get_property(key))
             except Exception:  # a property this device does not report
                 pass
         return out
 
     def __repr__(self) -> str:
         return f"OpenVINOSession({self.path!r}, device={self.device!r})"
+
+
+def has_bf16(core=None) -> bool:
+    """Whether OpenVINO's CPU plugin computes bf16 on this CPU (AVX512-BF16 or AMX): where it does not, a bf16
+    inference precision falls back to f32."""
+    ov = _ov()
+    try:
+        return "BF16" in (core or ov.Core()).get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except Exception:  # noqa: BLE001 - no CPU plugin: nothing runs bf16
+        return False
