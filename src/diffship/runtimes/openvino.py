@@ -85,7 +85,10 @@ class OpenVINOSession:
         # Compiled graphs are cached on disk (runtimes/cache.py): a second load of the same graph skips compiling.
         root = cache_root(cache_dir)
         if root is not None and "CACHE_DIR" not in self._config:
-            self._config["CACHE_DIR"] = str(root / "openvino")
+            # One folder per inference precision: the full suite once read a blob compiled in bf16 for a session
+            # asking f32 (images 2e-3 off, and NaN the other way round); separate folders cannot mix them.
+            folder = "".join(c for c in self.inference_precision if c.isalnum())
+            self._config["CACHE_DIR"] = str(root / "openvino" / folder)
         # Static shapes compile to faster code on CPU. static_shapes=True: each run compiles for its input shapes;
         # "auto" (the pipelines' default): only for the shapes `fit` was given (the pipelines fit the default
         # request at load and any request that repeats), other shapes run dynamic. The graph's declared inputs
