@@ -78,7 +78,7 @@ class OpenVINOSession:
         self._config = dict(config or {})
         # OpenVINO's CPU plugin runs fp32 graphs in bf16 on CPUs that have it; images then drift from PyTorch.
         # A session alone is exact (f32); the pipelines choose per component from what the export measured
-        # (runtimes/precision.py). None leaves the plugin's choice.
+        # (pipelines/precision.py). None leaves the plugin's choice.
         if inference_precision is not None:
             self._config.setdefault("INFERENCE_PRECISION_HINT", inference_precision)
         self.inference_precision = str(self._config.get("INFERENCE_PRECISION_HINT", "default"))
@@ -90,8 +90,8 @@ class OpenVINOSession:
             folder = "".join(c for c in self.inference_precision if c.isalnum())
             self._config["CACHE_DIR"] = str(root / "openvino" / folder)
         # Static shapes compile to faster code on CPU. static_shapes=True: each run compiles for its input shapes;
-        # "auto" (the pipelines' default): only for the shapes `fit` was given (the pipelines fit the default
-        # request at load and any request that repeats), other shapes run dynamic. The graph's declared inputs
+        # "auto" (the pipelines' default): only for the shapes `fit` was given (the pipelines fit a request when it
+        # repeats, or when pipe.compile is given one), other shapes run dynamic. The graph's declared inputs
         # stay dynamic, so any shape it allows can come next; one static model is kept, compiles cached on disk.
         if static_shapes not in (False, True, "auto"):
             raise BackendError(f"static_shapes must be False, True or 'auto', got {static_shapes!r}")
@@ -133,9 +133,15 @@ class OpenVINOSession:
 
     def compile(self) -> None:
         """Compile now (the graph's declared shapes) unless a model is compiled already."""
-        if self._dynamic is None and self._static is None:
+        if self._static is None:
+            self._compiled_dynamic()
+
+    def _compiled_dynamic(self):
+        """(compiled model, request) at the declared shapes, compiled on first use."""
+        if self._dynamic is None:
             self._dynamic = self._compile()
             self.release_graph()
+        return self._dynamic
 
     def _compile(self, shapes: dict | None = None):
         """Compile the graph at its declared shapes, or reshaped to `shapes`. At the declared shapes of the file
@@ -178,10 +184,7 @@ class OpenVINOSession:
         if self.static_shapes is True or (self.static_shapes and self._static and self._static[0] == shapes):
             self.fit(shapes)
             return self._static[1:]
-        if self._dynamic is None:
-            self._dynamic = self._compile()
-            self.release_graph()
-        return self._dynamic
+        return self._compiled_dynamic()
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self, feeds)
