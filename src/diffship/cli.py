@@ -138,7 +138,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM's noise weight, 0 to 1")
     p.add_argument("--clip-skip", type=int, default=None,
                    help="use the text encoder's hidden state this many layers before the last: 0 to its layers")
-    p.add_argument("--backend", default="onnxruntime", help="onnxruntime or openvino")
+    p.add_argument("--backend", default=None,
+                   help="onnxruntime or openvino (default: the one the export's graphs are for, onnxruntime where it "
+                        "holds both, openvino where an OpenVINO-only flag is given)")
     p.add_argument("--provider", action="append",
                    help="onnxruntime execution provider(s), e.g. CUDAExecutionProvider (--backend onnxruntime)")
     p.add_argument("--device", default=None, help="OpenVINO device (CPU, GPU, ...; --backend openvino)")
@@ -180,7 +182,8 @@ def _add_bench(sub) -> None:
                                    "p90) per stage; --json, --markdown and --plot write them.")
     p.add_argument("model_dir", type=Path, help="an exported directory (diffship or Optimum)")
     p.add_argument("--backend", action="append", default=None,
-                   help="onnxruntime, openvino (repeat or comma-separate); default: every installed backend")
+                   help="onnxruntime, openvino (repeat or comma-separate); default: every installed backend that "
+                        "runs the export's graphs")
     p.add_argument("--height", type=int, help=SIZE_HELP)
     p.add_argument("--width", type=int, help=SIZE_HELP)
     p.add_argument("--steps", type=int, default=25, help="num_inference_steps, at least 1")
@@ -322,15 +325,29 @@ def _image_paths(out: Path, count: int) -> list[Path]:
     return [out] if count == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(count)]
 
 
+def _generate_backend(args) -> str:
+    """--backend; when not given, the backend that --provider (onnxruntime) or --device, --static and the bf16/f16
+    inference precisions (openvino) are for, else the one the export's graphs are for."""
+    from diffship.runtimes import backend_name, choose_backend, graph_folders
+
+    if args.backend is not None:
+        with _flag("--backend"):
+            return backend_name(args.backend)
+    if args.provider:
+        return "onnxruntime"
+    if args.device or args.static or args.inference_precision not in ("auto", "f32"):
+        return "openvino"
+    folders = graph_folders(args.model_dir)
+    return choose_backend(folders) if folders else "onnxruntime"  # no graphs: loading says what is missing
+
+
 def _check_generate(args) -> None:
     """Every flag of `generate` whose check needs no model, before anything is read or loaded. The checks that need
     the model (--steps past the scheduler's num_train_timesteps, --clip-skip past the text encoder's layers, sizes
     the VAE's scale factor does not divide) are the pipeline's, made before its first graph runs."""
     from diffship.pipelines.steps import check_strength
-    from diffship.runtimes import backend_name
 
-    with _flag("--backend"):
-        backend = backend_name(args.backend)
+    backend = args.backend = _generate_backend(args)
     if args.provider and backend != "onnxruntime":
         raise ValueError(f"--provider chooses onnxruntime execution providers; --backend is {backend}")
     if args.inference_precision not in ("auto", "f32") and backend != "openvino":

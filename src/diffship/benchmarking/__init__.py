@@ -18,6 +18,7 @@ from diffship.benchmarking.machine import load_average, machine_info, now, versi
 from diffship.benchmarking.summary import SCHEMA, attach_roofline
 from diffship.errors import BackendError, DiffshipError
 from diffship.layout import UNET
+from diffship.runtimes import backends_for, choose_backend, graph_folders
 
 # Backend name -> the module that must import for it.
 BACKEND_MODULES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}
@@ -29,6 +30,12 @@ def installed_backends() -> list[str]:
     from diffship.runtimes import BACKENDS
 
     return [b for b in BACKENDS if importlib.util.find_spec(BACKEND_MODULES.get(b, b)) is not None]
+
+
+def runnable_backends(model_dir) -> list[str]:
+    """The installed backends that can run every graph in `model_dir` (an OpenVINO-only export has no onnxruntime
+    row; OpenVINO also runs ONNX graphs)."""
+    return [b for b in installed_backends() if b in backends_for(graph_folders(model_dir))]
 
 
 def check_backend(name: str) -> str:
@@ -115,9 +122,14 @@ def bench(model_dir, backends: list[str] | None = None, *, height: int | None = 
     given = str(model_dir)
     model_dir = Path(model_dir).expanduser().resolve()
     _read_index(model_dir)  # a clear error for a directory that is not an exported pipeline
-    backends = [check_backend(b) for b in (backends or installed_backends())]
+    backends = [check_backend(b) for b in (backends or runnable_backends(model_dir))]
     if not backends:
-        raise BackendError("no backend is installed: pip install diffship[onnxruntime] or diffship[openvino]")
+        if not installed_backends():
+            raise BackendError("no backend is installed: pip install diffship[onnxruntime] or diffship[openvino]")
+        raise BackendError(f"no installed backend ({', '.join(installed_backends())}) runs the graphs in {model_dir}: "
+                           "install the one its graphs are for")
+    for backend in backends:  # a backend the export has no graphs for: said now, not by each worker
+        choose_backend(graph_folders(model_dir), backend)
     height = default_size(model_dir) if height is None else height
     width = default_size(model_dir) if width is None else width
 

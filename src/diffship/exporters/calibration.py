@@ -21,9 +21,12 @@ DEFAULT_PROMPTS = (
 
 
 def unet_calibration_feeds(pipe, height: int, width: int, prompts=DEFAULT_PROMPTS, num_inference_steps: int = 10,
-                           guidance_scale: float = 7.5, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """One feed dict (sample, timestep, encoder_hidden_states) per UNet call of the generations."""
+                           guidance_scale: float = 7.5, seed: int = 0,
+                           progress: bool = False) -> list[dict[str, np.ndarray]]:
+    """One feed dict (sample, timestep, encoder_hidden_states) per UNet call of the generations. `progress`: a bar
+    per prompt (a full-size UNet at 512x512 spends minutes here, in PyTorch)."""
     import torch
+    from tqdm.auto import tqdm
 
     feeds = []
 
@@ -42,7 +45,8 @@ def unet_calibration_feeds(pipe, height: int, width: int, prompts=DEFAULT_PROMPT
         pipe.set_progress_bar_config(disable=True)
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            for prompt in prompts:
+            for prompt in tqdm(prompts, desc="calibrating the UNet (hybrid int8)", unit="prompt",
+                               disable=not progress):
                 pipe(prompt, height=height, width=width, num_inference_steps=num_inference_steps,
                      guidance_scale=guidance_scale, generator=generator, output_type="latent")
     finally:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from diffship.checks import check_image_size, check_int, check_number, read_json_object
 from diffship.errors import DiffshipError
 from diffship.exporters.components import ExportShapes
-from diffship.exporters.memory import release
+from diffship.exporters.memory import collect_only_new_objects, release
 from diffship.exporters.loading import load_reference_pipeline, resolve_model_dir
 from diffship.exporters.component_export import export_component
 from diffship.exporters.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
@@ -159,7 +159,7 @@ def export(
     if deepcache:
         check_deepcache(family, source, deepcache_branch)
 
-    with ExportDirectory(output, overwrite) as target_dir:
+    with ExportDirectory(output, overwrite) as target_dir, collect_only_new_objects():
         pipe = load_reference_pipeline(source)
         default_size = pipe.unet.config.sample_size * scale
         tokenizer = getattr(pipe, "tokenizer", None) or pipe.tokenizer_2
@@ -202,7 +202,7 @@ def _export_components(family, pipe, shapes, staging, formats, atols, opset, thr
         from diffship.exporters.calibration import DEFAULT_PROMPTS, unet_calibration_feeds
 
         calibration = unet_calibration_feeds(pipe, shapes.height, shapes.width,
-                                             options.calibration_prompts or DEFAULT_PROMPTS)
+                                             options.calibration_prompts or DEFAULT_PROMPTS, progress=progress)
     components = {}
     specs = family.specs(pipe, shapes, deepcache_branch)
     bar = tqdm(specs, desc="export", unit="component", disable=not progress)

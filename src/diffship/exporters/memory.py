@@ -10,6 +10,7 @@ pages (malloc_trim), where the C library is glibc; elsewhere it only collects.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import gc
@@ -31,3 +32,15 @@ def release() -> None:
     gc.collect()
     if _TRIM is not None:
         _TRIM(0)
+
+
+@contextlib.contextmanager
+def collect_only_new_objects():
+    """Within the block, `release()` collects only the objects made inside it: those alive before (the modules
+    torch, diffusers and transformers import, the caller's own) are set aside (gc.freeze) and given back to the
+    collector after. A collection over all of them takes 0.2 s, and an export releases about 30 times."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()

@@ -52,7 +52,7 @@ class _AutoPipeline:
         return pipeline_class_for(cls.task, index.get("_class_name"), unet_config.get("in_channels"), model_dir)
 
     @classmethod
-    def from_pretrained(cls, model_dir, backend: str = "onnxruntime", **kwargs):
+    def from_pretrained(cls, model_dir, backend: str | None = None, **kwargs):
         """Load an exported directory as this task's pipeline; `kwargs` go to the pipeline's from_pretrained."""
         return cls.pipeline_class(model_dir).from_pretrained(model_dir, backend=backend, **kwargs)
 

@@ -37,7 +37,7 @@ from diffship.pipelines.precision import session_options
 from diffship.pipelines.steps import guide, run_callback
 from diffship.pipelines.timing import STEP_STAGE
 from diffship.pipelines.tokenizer import CLIPTokenizer
-from diffship.runtimes import BACKENDS, backend_name, input_info, load_session
+from diffship.runtimes import choose_backend, input_info, load_session
 from diffship.schedulers import scheduler_class
 from diffship.schedulers.noise import randn
 
@@ -109,18 +109,24 @@ class DiffusionPipeline:
 
     # ---- loading -------------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, model_dir, backend: str = "onnxruntime", compile: bool = True,
+    def from_pretrained(cls, model_dir, backend: str | None = None, compile: bool = True,
                         inference_precision="auto", static_shapes: bool | None = None, **backend_options):
-        """Load an exported directory. `inference_precision` ("auto": bf16 where the export measured it within
+        """Load an exported directory on `backend` ("onnxruntime", "openvino"; None: the one the export's graphs
+        are for, onnxruntime where it holds both). `inference_precision` ("auto": bf16 where the export measured it within
         bound and the CPU has it, f32 elsewhere; "f32" for parity with PyTorch; see pipelines/precision.py) and
         `static_shapes` (OpenVINO compiles each request's shapes; its default) pick how each graph runs;
         `backend_options` go to the session class, e.g. `providers=[...]` for onnxruntime, `device="GPU"`,
         `cache_dir=...` (False: no compile cache) for OpenVINO."""
         start = time.perf_counter()
-        backend = backend_name(backend)
         model_dir = Path(model_dir).expanduser()
         index = _read_index(model_dir)
         names = [n for n in cls.required_components + cls.optional_components]
+        present = [n for n in names if any((model_dir / n / file).is_file() for file in GRAPH_FILES)]
+        for name in cls.required_components:
+            if name not in present:
+                raise MissingComponentError(f"{model_dir / name} is missing: {cls.__name__} needs the {name} "
+                                            "component. Re-export with `diffship export`.")
+        backend = choose_backend([model_dir / n for n in present], backend)
         options = session_options(names, model_dir, backend, inference_precision, static_shapes)
         # Every settings file first: a malformed one fails before any graph is loaded.
         tokenizers = {name: CLIPTokenizer.from_pretrained(_required_dir(model_dir, name))
@@ -133,17 +139,9 @@ class DiffusionPipeline:
                         if (model_dir / name / file).is_file()})
         configs["model_index"] = index
         sessions = {}
-        for name in names:
-            folder = model_dir / name
-            if not (folder.is_dir() and any((folder / file).is_file() for file in GRAPH_FILES)):
-                if name in cls.required_components:
-                    raise MissingComponentError(
-                        f"{folder} is missing: {cls.__name__} needs the {name} component "
-                        f"({BACKENDS[backend].model_file}). Re-export with `diffship export`."
-                    )
-                continue
+        for name in present:
             try:
-                sessions[name] = load_session(folder, backend, **options[name], **backend_options)
+                sessions[name] = load_session(model_dir / name, backend, **options[name], **backend_options)
             except TypeError as e:
                 raise DiffshipError(f"backend option not understood by {backend}: {e}") from e
         pipe = cls(sessions, tokenizers, scheduler, configs, model_dir, backend)

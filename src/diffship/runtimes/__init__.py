@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from pathlib import Path
 
 from diffship.errors import BackendError
-from diffship.layout import ONNX_MODEL, OPENVINO_MODEL
+from diffship.layout import GRAPH_FILES, ONNX_MODEL, OPENVINO_MODEL
 from diffship.runtimes.base import Session, TensorInfo, input_info
 
 
@@ -17,12 +18,18 @@ class Backend:
     module: str
     session_class: str
     model_file: str
+    also_reads: tuple[str, ...] = ()  # other graph files its sessions run, where its own is absent
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        return (self.model_file, *self.also_reads)
 
 
-# The backend registry: adding a backend is a module in runtimes/ and a line here.
+# The backend registry, in the order a directory that holds several formats picks from: adding a backend is a
+# module in runtimes/ and a line here.
 BACKENDS = {
     "onnxruntime": Backend("diffship.runtimes.onnxruntime", "OnnxRuntimeSession", ONNX_MODEL),
-    "openvino": Backend("diffship.runtimes.openvino", "OpenVINOSession", OPENVINO_MODEL),
+    "openvino": Backend("diffship.runtimes.openvino", "OpenVINOSession", OPENVINO_MODEL, also_reads=(ONNX_MODEL,)),
 }
 ALIASES = {"ort": "onnxruntime", "onnx": "onnxruntime", "ov": "openvino"}
 
@@ -32,6 +39,44 @@ def backend_name(name: str) -> str:
     if canonical not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     return canonical
+
+
+def graph_folders(model_dir) -> list[Path]:
+    """The component folders of an exported directory that hold a graph."""
+    model_dir = Path(model_dir)
+    return sorted(f for f in model_dir.iterdir() if f.is_dir() and any((f / g).is_file() for g in GRAPH_FILES)) \
+        if model_dir.is_dir() else []
+
+
+def backends_for(folders) -> list[str]:
+    """The backends that can run the graph in every one of `folders`, in registry order."""
+    return [name for name, b in BACKENDS.items() if all(any((f / g).is_file() for g in b.reads) for f in folders)]
+
+
+def choose_backend(folders, backend: str | None = None) -> str:
+    """The backend to run the graphs in `folders` (component folders) with: `backend` when given and it can run
+    them all; when None, the first in registry order whose own graph file every folder holds (what the export
+    was made for), else the first that can run them all. Otherwise a BackendError naming the component, the graph
+    files it holds and the backends that would run the directory."""
+    folders = [Path(f) for f in folders]
+    can = backends_for(folders)
+    if backend is None:
+        native = [n for n in can if all((f / BACKENDS[n].model_file).is_file() for f in folders)]
+        if native or can:
+            return (native or can)[0]
+        reads = {g for b in BACKENDS.values() for g in b.reads}
+    else:
+        backend = backend_name(backend)
+        if backend in can:
+            return backend
+        reads = set(BACKENDS[backend].reads)
+    lacking = next(f for f in folders if not any((f / g).is_file() for g in reads))
+    held = [g for g in GRAPH_FILES if (lacking / g).is_file()]
+    what = f"holds {' and '.join(held)} only" if held else "holds no graph"
+    advice = (f"load it with backend={' or '.join(repr(b) for b in can)}" if can
+              else "re-export it with `diffship export`")
+    needs = f"the {backend} backend runs {' or '.join(BACKENDS[backend].reads)}" if backend else "no backend runs it"
+    raise BackendError(f"{lacking}: {needs}, and this component {what}; {advice}")
 
 
 def session_class(backend: str):
@@ -44,4 +89,5 @@ def load_session(path, backend: str = "onnxruntime", **options) -> Session:
     return session_class(backend)(path, **options)
 
 
-__all__ = ["BACKENDS", "Backend", "Session", "TensorInfo", "backend_name", "input_info", "load_session", "session_class"]
+__all__ = ["BACKENDS", "Backend", "Session", "TensorInfo", "backend_name", "backends_for", "choose_backend",
+           "graph_folders", "input_info", "load_session", "session_class"]
