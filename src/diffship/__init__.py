@@ -6,6 +6,7 @@ Importing diffship imports no torch: `export` loads the exporters (and torch) on
 from diffship.errors import DiffshipError
 from diffship.pipelines import (
     AutoPipelineForImage2Image,
+    DiffusionPipeline,
     AutoPipelineForInpainting,
     AutoPipelineForText2Image,
     LatentConsistencyModelPipeline,
@@ -17,6 +18,25 @@ from diffship.pipelines import (
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
+)
+
+# The schedulers at the top level, as diffusers has them (`from diffship import DDIMScheduler`).
+from diffship.schedulers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DEISMultistepScheduler,
+    DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    LCMScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    TCDScheduler,
+    UniPCMultistepScheduler,
 )
 
 __version__ = "0.1.0"
@@ -33,8 +53,22 @@ __all__ = [
     "AutoPipelineForImage2Image",
     "AutoPipelineForInpainting",
     "AutoPipelineForText2Image",
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "DEISMultistepScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
     "DiffshipError",
+    "DiffusionPipeline",
+    "EulerAncestralDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "LCMScheduler",
+    "LMSDiscreteScheduler",
     "LatentConsistencyModelPipeline",
+    "PNDMScheduler",
     "StableDiffusionDepth2ImgPipeline",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
@@ -43,5 +77,7 @@ __all__ = [
     "StableDiffusionXLImg2ImgPipeline",
     "StableDiffusionXLInpaintPipeline",
     "StableDiffusionXLPipeline",
+    "TCDScheduler",
+    "UniPCMultistepScheduler",
     "export",
 ]

@@ -37,6 +37,28 @@ def pipeline_class_for(task: str, class_name: str | None, in_channels: int | Non
     return pipeline_class
 
 
+def pipeline_class_named(model_dir) -> type:
+    """The pipeline class model_index.json's `_class_name` names, as diffusers' DiffusionPipeline.from_pretrained
+    picks it (Optimum's ORT/OV prefixes removed): the family's pipeline of that name, else the family's pipeline
+    for the first of its tasks the model's UNet runs."""
+    from diffship.families import diffusers_class_name, family_for
+
+    model_dir = Path(model_dir).expanduser()
+    class_name = _read_index(model_dir).get("_class_name")
+    family = family_for(class_name, model_dir)
+    name = diffusers_class_name(class_name or "StableDiffusionPipeline")
+    for pipeline in family.pipelines():
+        if pipeline.__name__ == name:
+            return pipeline
+    in_channels = (read_config(model_dir, UNET) if (model_dir / UNET).is_dir() else {}).get("in_channels")
+    for task in family.tasks:
+        pipeline = family.pipeline_for(task, name, in_channels or 4)
+        if pipeline is not None:
+            return pipeline
+    raise DiffshipError(f"{model_dir}: no {family.name} pipeline runs a {name} whose UNet takes {in_channels} "
+                        "input channels")
+
+
 class _AutoPipeline:
     task: str = ""
 

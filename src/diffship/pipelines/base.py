@@ -116,7 +116,14 @@ class DiffusionPipeline:
         bound and the CPU has it, f32 elsewhere; "f32" for parity with PyTorch; see pipelines/precision.py) and
         `static_shapes` (OpenVINO compiles each request's shapes; its default) pick how each graph runs;
         `backend_options` go to the session class, e.g. `providers=[...]` for onnxruntime, `device="GPU"`,
-        `cache_dir=...` (False: no compile cache) for OpenVINO."""
+        `cache_dir=...` (False: no compile cache) for OpenVINO.
+
+        On DiffusionPipeline itself, as in diffusers: the pipeline class model_index.json's `_class_name` names."""
+        if cls is DiffusionPipeline:
+            from diffship.pipelines.auto_pipeline import pipeline_class_named
+
+            return pipeline_class_named(model_dir).from_pretrained(
+                model_dir, backend, compile, inference_precision, static_shapes, **backend_options)
         start = time.perf_counter()
         model_dir = Path(model_dir).expanduser()
         index = _read_index(model_dir)
