@@ -231,6 +231,9 @@ def parse_args():
     parser.add_argument("--torch-apart", action="store_true",
                         help="run PyTorch alone first instead of alongside every group (for sizes where three "
                              "full-size pipelines do not fit in memory at once, e.g. 512)")
+    parser.add_argument("--no-torch", action="store_true",
+                        help="leave PyTorch out (no 'vs PyTorch' ratios): for long settings, where a PyTorch run "
+                             "takes minutes")
     parser.add_argument("--min-free-gb", type=float, default=12,
                         help="wait (up to 3 min) for this much available memory before loading a group")
     parser.add_argument("--rerender", type=Path, metavar="OUT.json",
@@ -282,12 +285,15 @@ def main() -> int:
     log("roofline: FLOPs per UNet call and the matmul peaks (f32, bf16, int8)")
     roofline = measure_roofline(counted_dir, 2, args.size, args.size, log)
 
-    torch = make_contestant(Member(TORCH, "diffusers", "torch"), common, args)
-    start_all([torch], log)
-    contestants, group_of, group_log = [torch], {id(torch): "all"}, {}
+    # --no-torch: the pairs alone (at 512x512 and 25 steps a PyTorch run takes minutes); no "vs PyTorch" ratios.
+    torch = None if args.no_torch else make_contestant(Member(TORCH, "diffusers", "torch"), common, args)
+    contestants, group_of, group_log = [], {}, {}
+    if torch is not None:
+        start_all([torch], log)
+        contestants, group_of = [torch], {id(torch): "all"}
     runs = args.runs
     torch_apart = None
-    if args.torch_apart:  # PyTorch first, on its own; then the pairs without it (less memory at once)
+    if args.torch_apart and torch is not None:  # PyTorch first, on its own; then the pairs without it (less memory)
         group_start, load_start = time.perf_counter(), load_average()
         run_rounds([torch], args.warmup, runs, log)
         torch.finish()
@@ -301,19 +307,20 @@ def main() -> int:
         available = wait_for_memory(args.min_free_gb)
         load_start = load_average()
         log(f"group {group}: {', '.join(m.name for m in members)}"
-            + ("" if torch_apart else f" (+ {TORCH})") + f"; {available:.1f} GiB available")
+            + ("" if torch_apart or torch is None else f" (+ {TORCH})") + f"; {available:.1f} GiB available")
         start_all(members, log)
-        torch_before = len(torch.runs)
-        run_rounds(members if torch_apart else [torch, *members], args.warmup, runs, log)
+        torch_before = len(torch.runs) if torch is not None else 0
+        run_rounds(members if torch_apart or torch is None else [torch, *members], args.warmup, runs, log)
         for m in members:
             m.finish()
             group_of[id(m)] = group
         contestants += members
-        torch_runs = torch_apart or torch.runs[torch_before:]
+        torch_runs = torch_apart or (torch.runs[torch_before:] if torch is not None else [])
         group_log[group] = {
             "members": [m.name for m in members], "runs": runs, "mem_available_gb_at_start": available,
             "loadavg_start": load_start, "loadavg_end": load_average(), "seconds": time.perf_counter() - group_start,
-            "torch": "its own group, before the pairs" if torch_apart else "interleaved in this group",
+            "torch": ("not run (--no-torch)" if torch is None else
+                      "its own group, before the pairs" if torch_apart else "interleaved in this group"),
             "torch_total": describe([r["total"] for r in torch_runs]),
             "torch_unet_per_step": describe([s for r in torch_runs for s in r["unet_steps"]]),
         }
@@ -325,7 +332,8 @@ def main() -> int:
         if left and projected > args.budget_minutes and runs > 2:
             runs -= 1
             log(f"  over the {args.budget_minutes:g} min budget: {runs} runs per contestant from now on")
-    torch.finish()
+    if torch is not None:
+        torch.finish()
     machine["loadavg_end"] = load_average()
     if roofline:
         # Other jobs on the machine lower a peak measured once; the better of two is nearer the machine's own.

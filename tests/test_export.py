@@ -170,7 +170,7 @@ def test_save_model_leaves_the_graph_in_memory_as_it_was(tmp_path):
 def test_an_export_sets_aside_older_objects_only_while_it_runs(tiny_model_dirs, tmp_path, monkeypatch):
     """Exports collect garbage after each dropped weights copy, over the objects made during the export only
     (gc.freeze: a full collection costs 0.2 s with torch and diffusers imported); the caller's objects are given
-    back to the collector when the export ends, here by failing at its last component."""
+    back to the collector when the export ends, here by failing at its first component."""
     import gc
 
     from diffship.exporters import memory
@@ -178,6 +178,6 @@ def test_an_export_sets_aside_older_objects_only_while_it_runs(tiny_model_dirs, 
     seen = []
     monkeypatch.setattr(memory.gc, "collect", lambda *a: seen.append(gc.get_freeze_count()) or 0)
     with pytest.raises(ValidationError):
-        export(tiny_model_dirs("sd1"), tmp_path / "out", "onnx", atol={"vae_decoder": 1e-12}, progress=False)
-    assert len(seen) > 3 and min(seen) > 0  # every collection ran with the older objects set aside
+        export(tiny_model_dirs("sd1"), tmp_path / "out", "onnx", atol={"text_encoder": 1e-12}, progress=False)
+    assert seen and min(seen) > 0  # every collection ran with the older objects set aside
     assert gc.get_freeze_count() == 0

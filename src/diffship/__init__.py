@@ -6,9 +6,9 @@ Importing diffship imports no torch: `export` loads the exporters (and torch) on
 from diffship.errors import DiffshipError
 from diffship.pipelines import (
     AutoPipelineForImage2Image,
-    DiffusionPipeline,
     AutoPipelineForInpainting,
     AutoPipelineForText2Image,
+    DiffusionPipeline,
     LatentConsistencyModelPipeline,
     StableDiffusionDepth2ImgPipeline,
     StableDiffusionImg2ImgPipeline,

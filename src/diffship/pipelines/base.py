@@ -112,8 +112,8 @@ class DiffusionPipeline:
     def from_pretrained(cls, model_dir, backend: str | None = None, compile: bool = True,
                         inference_precision="auto", static_shapes: bool | None = None, **backend_options):
         """Load an exported directory on `backend` ("onnxruntime", "openvino"; None: the one the export's graphs
-        are for, onnxruntime where it holds both). `inference_precision` ("auto": bf16 where the export measured it within
-        bound and the CPU has it, f32 elsewhere; "f32" for parity with PyTorch; see pipelines/precision.py) and
+        are for, onnxruntime where it holds both). `inference_precision` ("auto": bf16 where the export measured
+        it within bound and the CPU has it, f32 elsewhere; "f32" for parity with PyTorch; see precision.py) and
         `static_shapes` (OpenVINO compiles each request's shapes; its default) pick how each graph runs;
         `backend_options` go to the session class, e.g. `providers=[...]` for onnxruntime, `device="GPU"`,
         `cache_dir=...` (False: no compile cache) for OpenVINO.
