@@ -80,6 +80,14 @@ def test_generate_without_backend_on_an_openvino_only_export(single_format, tmp_
     assert len(err.strip().splitlines()) == 1 and "holds openvino_model.xml only; load it with backend='openvino'" in err
 
 
+def test_generate_flags_name_the_backend(single_format, tmp_path, capsys):
+    """Without --backend, an OpenVINO-only flag (--static, --device, a bf16 precision) means OpenVINO, even on an
+    export that holds both formats (which would otherwise load on onnxruntime)."""
+    assert main(["generate", str(single_format["both"]), "--prompt", "a red circle", "--steps", "1", "--static",
+                 "--out", str(tmp_path / "img.png"), "--no-progress"]) == 0
+    assert "openvino" in capsys.readouterr().out
+
+
 def test_bench_defaults_to_the_backends_that_run_the_export(single_format):
     assert runnable_backends(single_format["openvino"]) == ["openvino"]
     assert runnable_backends(single_format["onnx"]) == ["onnxruntime", "openvino"]  # OpenVINO reads ONNX too

@@ -156,7 +156,7 @@ def test_generate_prints_the_precisions(exported_dirs, tmp_path, capsys):
     line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("inference precision:")]
     assert line and "unet " in line[0]
     assert main(["generate", str(exported_dirs("sd1")), "--prompt", "x", "--inference-precision", "bf16",
-                 "--out", str(tmp_path / "b.png")]) != 0
+                 "--backend", "onnxruntime", "--out", str(tmp_path / "b.png")]) != 0
     assert "--inference-precision bf16 is OpenVINO's" in capsys.readouterr().err
 
 

@@ -52,6 +52,19 @@ def images(model_dir, backend):
 
 
 @pytest.fixture(scope="module")
+def fp32_images(exported_dirs):
+    """backend -> the fp32 export's images (drawn once for every setting)."""
+    cache = {}
+
+    def get(backend):
+        if backend not in cache:
+            cache[backend] = images(exported_dirs("sd1"), backend)
+        return cache[backend]
+
+    return get
+
+
+@pytest.fixture(scope="module")
 def precision_exports(tiny_model_dirs, tmp_path_factory):
     """setting -> the tiny sd1 model exported with that setting (built on first use, shared by the tests)."""
     root, cache = tmp_path_factory.mktemp("precision"), {}
@@ -66,7 +79,7 @@ def precision_exports(tiny_model_dirs, tmp_path_factory):
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
-def test_pass_bounds_report_and_images(setting, precision_exports, exported_dirs):
+def test_pass_bounds_report_and_images(setting, precision_exports, fp32_images):
     kwargs, formats, floor = SETTINGS[setting]
     out = precision_exports(setting)
     report = json.loads((out / "export_report.json").read_text())
@@ -89,7 +102,7 @@ def test_pass_bounds_report_and_images(setting, precision_exports, exported_dirs
 
     for fmt in formats:
         backend = "onnxruntime" if fmt == "onnx" else "openvino"
-        got, ref = images(out, backend), images(exported_dirs("sd1"), backend)
+        got, ref = images(out, backend), fp32_images(backend)
         assert np.isfinite(got).all()
         assert psnr(got, ref) >= floor, (setting, backend, psnr(got, ref))
 
