@@ -11,6 +11,11 @@ latency does not depend on the values), the same prompt, latents, scheduler and 
     flock /tmp/diffship-bench.lock .venv/bin/python benchmarks/compare_peers.py --size 512 --runs 2 --torch-apart \
         --groups ort,ov-static,own-ort,own-ov,own-ov-static,own-best \
         --best-call '{"cache": "deepcache", "cache_interval": 3}'                                # 40-60 min
+    # the best configuration where its accuracy holds (benchmarks/best_config_accuracy.py): 25 steps, no PyTorch
+    .venv/bin/diffship export out/full-size out/best --backend openvino --quantize hybrid --deepcache \
+        --height 256 --width 256                                                                 # ~16 min
+    flock /tmp/diffship-bench.lock .venv/bin/python benchmarks/compare_peers.py --size 512 --steps 25 --no-torch \
+        --groups own-best --best-export out/best --best-call '{"cache": "deepcache", "cache_interval": 3}'
 
 Two kinds of groups, each pipeline in its own worker process (benchmarks/peers/peer_worker.py for the peers, in
 their venvs):
