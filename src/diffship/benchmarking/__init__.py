@@ -122,6 +122,7 @@ def bench(model_dir, backends: list[str] | None = None, *, height: int | None = 
     given = str(model_dir)
     model_dir = Path(model_dir).expanduser().resolve()
     _read_index(model_dir)  # a clear error for a directory that is not an exported pipeline
+    folders = graph_folders(model_dir)
     backends = [check_backend(b) for b in (backends or runnable_backends(model_dir))]
     if not backends:
         if not installed_backends():
@@ -129,7 +130,7 @@ def bench(model_dir, backends: list[str] | None = None, *, height: int | None = 
         raise BackendError(f"no installed backend ({', '.join(installed_backends())}) runs the graphs in {model_dir}: "
                            "install the one its graphs are for")
     for backend in backends:  # a backend the export has no graphs for: said now, not by each worker
-        choose_backend(graph_folders(model_dir), backend)
+        choose_backend(folders, backend)
     height = default_size(model_dir) if height is None else height
     width = default_size(model_dir) if width is None else width
 

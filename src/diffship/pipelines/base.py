@@ -17,7 +17,6 @@ from diffship.layout import (
     FEATURE_EXTRACTOR,
     FINAL_LAYER_NORM_FILE,
     GRAPH_COMPONENTS,
-    GRAPH_FILES,
     IMAGE_SIZE_MULTIPLE,
     MODEL_INDEX,
     PREPROCESSOR_CONFIG,
@@ -37,7 +36,7 @@ from diffship.pipelines.precision import session_options
 from diffship.pipelines.steps import guide, run_callback
 from diffship.pipelines.timing import STEP_STAGE
 from diffship.pipelines.tokenizer import CLIPTokenizer
-from diffship.runtimes import choose_backend, input_info, load_session
+from diffship.runtimes import choose_backend, holds_graph, input_info, load_session
 from diffship.schedulers import scheduler_class
 from diffship.schedulers.noise import randn
 
@@ -128,7 +127,7 @@ class DiffusionPipeline:
         model_dir = Path(model_dir).expanduser()
         index = _read_index(model_dir)
         names = [n for n in cls.required_components + cls.optional_components]
-        present = [n for n in names if any((model_dir / n / file).is_file() for file in GRAPH_FILES)]
+        present = [n for n in names if holds_graph(model_dir / n)]
         for name in cls.required_components:
             if name not in present:
                 raise MissingComponentError(f"{model_dir / name} is missing: {cls.__name__} needs the {name} "

@@ -41,11 +41,15 @@ def backend_name(name: str) -> str:
     return canonical
 
 
+def holds_graph(folder) -> bool:
+    """Whether a component folder holds a graph some backend runs."""
+    return any((Path(folder) / g).is_file() for g in GRAPH_FILES)
+
+
 def graph_folders(model_dir) -> list[Path]:
     """The component folders of an exported directory that hold a graph."""
     model_dir = Path(model_dir)
-    return sorted(f for f in model_dir.iterdir() if f.is_dir() and any((f / g).is_file() for g in GRAPH_FILES)) \
-        if model_dir.is_dir() else []
+    return sorted(f for f in model_dir.iterdir() if f.is_dir() and holds_graph(f)) if model_dir.is_dir() else []
 
 
 def backends_for(folders) -> list[str]:
@@ -90,4 +94,4 @@ def load_session(path, backend: str = "onnxruntime", **options) -> Session:
 
 
 __all__ = ["BACKENDS", "Backend", "Session", "TensorInfo", "backend_name", "backends_for", "choose_backend",
-           "graph_folders", "input_info", "load_session", "session_class"]
+           "graph_folders", "holds_graph", "input_info", "load_session", "session_class"]
