@@ -10,9 +10,10 @@
 #
 # and, with --kind sdxl, the same for a tiny SDXL pipeline (`diffship tiny-model --kind sdxl`: two text encoders,
 # CLIPTextModel and CLIPTextModelWithProjection, and two tokenizers) in tests/fixtures/optimum-sdxl/{tiny-sdxl,onnx,
-# openvino,MANIFEST.json}. The two sets are independent: making one never touches the other.
+# openvino,MANIFEST.json}; with --kind sd2, a tiny SD 2.x pipeline in tests/fixtures/optimum-sd2/ (for OpenVINO GenAI's
+# tests). The sets are independent: making one never touches the other.
 #
-#   bash benchmarks/peers/make_optimum_fixtures.sh [--force] [--kind sd1|sdxl]     # default: --kind sd1
+#   bash benchmarks/peers/make_optimum_fixtures.sh [--force] [--kind sd1|sd2|sdxl]     # default: --kind sd1
 #
 # Two venvs, because Optimum pins transformers 4.x and diffship's runs transformers 5: the source model is made
 # with the main venv (.venv, or $MAIN_VENV), the exports with the Optimum venv (.venv-optimum, or $OPTIMUM_VENV;
@@ -44,7 +45,7 @@ HELPER="$REPO_ROOT/benchmarks/peers/optimum_fixtures.py"
 FORCE=0
 CHANGED=0
 KIND=sd1
-usage() { echo "usage: $0 [--force] [--kind sd1|sdxl]" >&2; exit 2; }
+usage() { echo "usage: $0 [--force] [--kind sd1|sd2|sdxl]" >&2; exit 2; }
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --force) FORCE=1 ;;
@@ -56,6 +57,7 @@ while [[ $# -gt 0 ]]; do
 done
 case "$KIND" in
     sd1) FIXTURES="$REPO_ROOT/tests/fixtures/optimum" ;;
+    sd2) FIXTURES="$REPO_ROOT/tests/fixtures/optimum-sd2" ;;
     sdxl) FIXTURES="$REPO_ROOT/tests/fixtures/optimum-sdxl" ;;
     *) usage ;;
 esac

@@ -14,7 +14,7 @@
         if any weight is missing, unexpected or mismatched: the "newly initialized" case, caught without relying
         on a log message.
 
-    python optimum_fixtures.py manifest FIXTURE_ROOT [--kind sd1|sdxl]
+    python optimum_fixtures.py manifest FIXTURE_ROOT [--kind sd1|sd2|sdxl]
         Write FIXTURE_ROOT/MANIFEST.json: how each folder was made (commands, versions of the Optimum venv), every
         file with its size and sha256, the sha256 of the source model (what the exports were made from) and the
         total size. No timestamps, so that an unchanged fixture set gives the same manifest. Run it in the Optimum
@@ -41,6 +41,14 @@ KINDS = {
         "what": "A tiny SD 1.x pipeline (diffusers format) and Optimum's ONNX and OpenVINO exports of it, for "
                 "tests/test_interop_optimum.py. Made by benchmarks/peers/make_optimum_fixtures.sh; do not edit.",
         "source_made_by": "diffship tiny-model tiny-sd1 --kind sd1 (main venv), then text_encoder weights renamed "
+                          "to the Hub layout (benchmarks/peers/optimum_fixtures.py hub-layout)",
+    },
+    "sd2": {
+        "source": "tiny-sd2",
+        "what": "A tiny SD 2.x pipeline (diffusers format: v-prediction, linear projections, upcast attention) and "
+                "Optimum's ONNX and OpenVINO exports of it, for tests/test_openvino_genai.py. Made by "
+                "benchmarks/peers/make_optimum_fixtures.sh --kind sd2; do not edit.",
+        "source_made_by": "diffship tiny-model tiny-sd2 --kind sd2 (main venv), then text_encoder weights renamed "
                           "to the Hub layout (benchmarks/peers/optimum_fixtures.py hub-layout)",
     },
     "sdxl": {

@@ -294,6 +294,13 @@ def cmd_export(args) -> None:
             figures += (f"; bf16 inference max rel {bf16['bf16']['max_rel']:.2e} (rtol {bf16['bf16']['rtol']:g}): "
                         f"runs {bf16['choice']}")
         print(f"  {name:<13} {figures}")
+    for name, entry in report.get("tokenizers", {}).items():
+        same = entry["checked_prompts"] - len(entry["mismatches"])
+        line = f"openvino-tokenizers (for OpenVINO GenAI): {same} of {entry['checked_prompts']} check prompts as the tokenizer"
+        if entry["mismatches"]:
+            first = entry["mismatches"][0]
+            line += f"; GenAI will tokenize some prompts differently, e.g. {first[:40] + '...' if len(first) > 40 else first!r}"
+        print(f"  {name:<13} {line}")
 
 
 @contextlib.contextmanager

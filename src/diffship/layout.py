@@ -43,6 +43,14 @@ OPENVINO_MODEL = "openvino_model.xml"
 OPENVINO_WEIGHTS = "openvino_model.bin"
 GRAPH_FILES = (ONNX_MODEL, OPENVINO_MODEL)
 
+# OpenVINO GenAI's forms. Its C++ pipelines tokenize with OpenVINO models (openvino-tokenizers writes them into each
+# tokenizer folder) and feed a UNet's timestep as int64 of shape [1]: the OpenVINO export declares that form and
+# converts to float first thing, and diffship's runtime takes the float input beneath that Convert back, so that
+# fractional timesteps (Karras sigmas, Heun, linspace spacing) reach the UNet unrounded.
+OPENVINO_TOKENIZER = "openvino_tokenizer.xml"
+OPENVINO_DETOKENIZER = "openvino_detokenizer.xml"
+TIMESTEP = "timestep"
+
 # Written at export beside a CLIP text encoder graph: clip_skip applies this norm to an earlier hidden state.
 FINAL_LAYER_NORM_FILE = "final_layer_norm.npz"
 

@@ -35,12 +35,25 @@ from diffship.layout import (
     GRAPH_COMPONENTS,
     MODEL_INDEX,
     SOURCE_VAE,
+    TOKENIZER,
+    TOKENIZER_2,
     UNET,
     UNET_SHALLOW,
     vae_scale_factor,
 )
 
 logger = logging.getLogger(__name__)
+
+# What an OpenVINO tokenizer must tokenize as the tokenizer does: words, case, punctuation, accents, digits, emoji,
+# runs of white space, an empty prompt, and one past the 77-token limit (truncation).
+TOKENIZER_CHECK_PROMPTS = (
+    "a photo of an astronaut riding a horse on mars",
+    "An Oil Painting of a Castle at Sunset, trending on ArtStation!!",
+    "café naïve façade, 10% off: 3.5x zoom (detailed)",
+    "\U0001F431 cat   with\ttabs\nand newlines",
+    "",
+    " ".join(["a very long prompt that goes on"] * 20),
+)
 
 # Images per call a graph is traced at: past this, a batch is a typo (and the traced example alone would not fit).
 MAX_BATCH_SIZE = 256
@@ -144,6 +157,8 @@ def export(
                             quantize=quantize, vae_fp16=vae_fp16,
                             calibration_prompts=tuple(calibration_prompts) if calibration_prompts else None)
     options.check(formats)
+    if "openvino" in formats:
+        check_openvino_tokenizers()
     output = Path(output).expanduser().resolve()
     local = Path(model).expanduser()
     check_output(output, overwrite, local if local.exists() else None)
@@ -188,6 +203,8 @@ def export(
             versions=_versions(),
         )
         _write_pipeline_files(family, source, staging, index)
+        if "openvino" in formats:
+            report["tokenizers"] = _openvino_tokenizers(pipe, staging)
         # The list of every file the export wrote: what marks the directory as diffship's, and all that a later
         # export with overwrite=True may delete.
         report["files"] = sorted(set(list_files(staging)) | {REPORT_FILE})
@@ -270,11 +287,38 @@ def _write_pipeline_files(family, source: Path, staging: Path, index: dict) -> N
     (staging / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
+def check_openvino_tokenizers() -> None:
+    """OpenVINO exports carry their tokenizers as OpenVINO models too (what OpenVINO GenAI tokenizes with)."""
+    try:
+        import openvino_tokenizers  # noqa: F401
+    except ImportError as e:
+        raise DiffshipError("exporting to OpenVINO needs openvino-tokenizers, which writes the tokenizers OpenVINO "
+                            "GenAI runs: pip install 'diffship[export]'") from e
+
+
+def _openvino_tokenizers(pipe, staging: Path) -> dict:
+    """Each tokenizer folder also as OpenVINO models, checked against the tokenizer on TOKENIZER_CHECK_PROMPTS."""
+    from diffship.exporters.openvino import convert_tokenizer
+
+    report = {}
+    for name in (TOKENIZER, TOKENIZER_2):
+        tokenizer = getattr(pipe, name, None)
+        if tokenizer is not None and (staging / name).is_dir():
+            report[name] = convert_tokenizer(tokenizer, staging / name, TOKENIZER_CHECK_PROMPTS)
+            if report[name]["mismatches"]:
+                logger.warning("%s: OpenVINO GenAI will tokenize %d of %d check prompts unlike the tokenizer (an "
+                               "openvino-tokenizers limitation; diffship's runtime is not affected): %r", name,
+                               len(report[name]["mismatches"]), len(TOKENIZER_CHECK_PROMPTS),
+                               report[name]["mismatches"])
+    return report
+
+
 def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
     versions = {}
-    for name in ("diffship", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "openvino"):
+    for name in ("diffship", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "openvino",
+                 "openvino-tokenizers"):
         try:
             versions[name] = md.version(name)
         except md.PackageNotFoundError:

@@ -106,6 +106,7 @@ def export_openvino(traced: Traced, folder: Path, bounds, entry: dict) -> None:
     elif precision in ("int8", "int4"):
         ov_model = ov_export.compress_weights(ov_model, precision)
         applied.append(f"nncf_{precision}_weights")
+    ov_model = ov_export.genai_timestep(ov_model)  # GenAI's timestep form; diffship's runtime reads both
     status("writing OpenVINO IR")
     files = ov_export.save(ov_model, folder, compress_to_fp16=precision == "fp16")
     ov_model = None  # validation compiles the saved IR: not two copies of the weights at once

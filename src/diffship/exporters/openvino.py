@@ -9,7 +9,7 @@ from pathlib import Path
 
 import onnx
 
-from diffship.layout import ONNX_MODEL, OPENVINO_MODEL
+from diffship.layout import ONNX_MODEL, OPENVINO_DETOKENIZER, OPENVINO_MODEL, OPENVINO_TOKENIZER, TIMESTEP
 
 
 def convert(onnx_model: onnx.ModelProto):
@@ -27,6 +27,63 @@ def convert_file(onnx_path: str | Path):
     import openvino as ov
 
     return ov.convert_model(str(onnx_path))
+
+
+def genai_timestep(model):
+    """The model with its float `timestep` input (rank 0 or 1) replaced by OpenVINO GenAI's form, int64 [1]
+    converted to float32 first thing (and squeezed back to rank 0 where the graph took a scalar). GenAI's C++
+    pipelines set that tensor and nothing else; diffship's runtime re-exposes the float beneath the Convert
+    (runtimes/openvino.float_timestep). Models without a float timestep are returned as they are."""
+    import numpy as np
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    for index, old in enumerate(model.get_parameters()):
+        if TIMESTEP not in old.output(0).get_names():
+            continue
+        shape = old.get_partial_shape()
+        if not old.get_element_type().is_real() or shape.rank.is_dynamic or shape.rank.get_length() > 1:
+            return model
+        new = ops.parameter([1], ov.Type.i64, name=TIMESTEP)
+        new.output(0).set_names({TIMESTEP})
+        value = ops.convert(new, old.get_element_type())
+        if shape.rank.get_length() == 0:
+            value = ops.squeeze(value, ops.constant(np.array([0], dtype=np.int64)))
+        for target in list(old.output(0).get_target_inputs()):
+            target.replace_source_output(value.output(0))
+        old.output(0).set_names(set())
+        model.replace_parameter(index, new)
+        model.validate_nodes_and_infer_types()
+        return model
+    return model
+
+
+def convert_tokenizer(tokenizer, folder: Path, prompts) -> dict:
+    """The tokenizer as OpenVINO models (openvino-tokenizers: what GenAI tokenizes with), written into `folder`
+    beside the tokenizer's own files, and checked: the token ids it gives `prompts` against the tokenizer's own
+    (truncated to its model_max_length, unpadded: GenAI pads to the text encoder's length itself). The prompts it
+    tokenizes differently are reported, not refused: they concern GenAI only (diffship's runtime tokenizes with
+    the tokenizer's own files), and the known case is openvino-tokenizers' own (SD 2.x's pad token "!", which the
+    tokenizer splits out as a special token and openvino-tokenizers reads as punctuation), in Optimum's exports too."""
+    import numpy as np
+    import openvino as ov
+    from openvino_tokenizers import convert_tokenizer as to_openvino
+
+    # Truncated to model_max_length here, as diffusers truncates: GenAI keeps the first tokens of what the model
+    # gives, so without this a prompt past the limit would lose its end-of-text token (Optimum's exports do).
+    models = to_openvino(tokenizer, with_detokenizer=True, truncation=True, max_length=tokenizer.model_max_length)
+    files = []
+    for model, name in zip(models, (OPENVINO_TOKENIZER, OPENVINO_DETOKENIZER)):
+        ov.save_model(model, str(folder / name))
+        files += [folder / name, (folder / name).with_suffix(".bin")]
+    compiled = ov.Core().compile_model(str(folder / OPENVINO_TOKENIZER), "CPU")
+    mismatches = []
+    for prompt in prompts:
+        expected = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length)["input_ids"]
+        got = np.asarray(compiled([prompt])["input_ids"]).reshape(-1).tolist()
+        if got != list(expected):
+            mismatches.append(prompt)
+    return {"files": [f.name for f in files], "checked_prompts": len(prompts), "mismatches": mismatches}
 
 
 def weighted_ops(model, types=("MatMul", "Gather")) -> list[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from diffship.errors import BackendError
-from diffship.layout import ONNX_MODEL, OPENVINO_MODEL
+from diffship.layout import ONNX_MODEL, OPENVINO_MODEL, TIMESTEP
 from diffship.runtimes.cache import cache_root
 from diffship.runtimes.base import TensorInfo, check_feeds, run_error
 
@@ -34,6 +34,31 @@ def read_model(core, path: Path):
         return core.read_model(str(path))
     except Exception as e:  # OpenVINO raises RuntimeError with its own (multi-line) message for corrupt files
         raise BackendError(f"OpenVINO could not read {path}: {' '.join(str(e).split())}") from e
+
+
+def float_timestep(model) -> bool:
+    """Re-expose the float timestep beneath GenAI's form (exporters/openvino.genai_timestep: int64 [1], converted
+    to float first thing), so that fractional timesteps reach the graph unrounded. True if the model was changed;
+    other forms (Optimum's int64 [batch], broadcast before its Convert; float inputs) are left as they are."""
+    import openvino.opset13 as ops
+
+    for index, param in enumerate(model.get_parameters()):
+        if TIMESTEP not in param.output(0).get_names():
+            continue
+        targets = list(param.output(0).get_target_inputs())
+        convert = targets[0].get_node() if len(targets) == 1 else None
+        if (param.get_element_type().is_real() or convert is None or convert.get_type_name() != "Convert"
+                or not convert.get_output_element_type(0).is_real()):
+            return False
+        new = ops.parameter(param.get_partial_shape(), convert.get_output_element_type(0), name=TIMESTEP)
+        for target in list(convert.output(0).get_target_inputs()):
+            target.replace_source_output(new.output(0))
+        param.output(0).set_names(set())
+        new.output(0).set_names({TIMESTEP})
+        model.replace_parameter(index, new)
+        model.validate_nodes_and_infer_types()
+        return True
+    return False
 
 
 def _info(port, name: str) -> TensorInfo:
@@ -98,7 +123,9 @@ class OpenVINOSession:
         self.static_shapes = static_shapes
         self._model = read_model(self._core, path)
         self._path = path
-        self._reshaped = False  # reshape() fixed shapes the file does not have
+        # The graph compiled differs from the file: reshape() fixed shapes it does not have, or its timestep was
+        # taken back to float (float_timestep).
+        self._reshaped = float_timestep(self._model)
         self._declared = {p.get_any_name(): p.get_partial_shape() for p in self._model.inputs}
         self._dynamic = None  # (compiled model, infer request) at the declared shapes
         self._static = None  # (shapes, compiled model, infer request)
@@ -170,6 +197,7 @@ class OpenVINOSession:
         copy of the weights mapped (a full-size UNet: 3.4 GB)."""
         if self._model is None:
             self._model = read_model(self._core, self._path)
+            float_timestep(self._model)
             self._model.reshape(self._declared)
         return self._model
 
