@@ -108,10 +108,13 @@ def test_a_name_that_is_neither_a_directory_nor_a_repo(tmp_path, no_network):
 
 def test_unreachable_hub_falls_back_to_the_cache(cached_repos, monkeypatch, no_network):
     """Online (HF_HUB_OFFLINE unset) but no connection: the listing and the files come from the cache, as
-    huggingface_hub's snapshot_download does."""
+    huggingface_hub's snapshot_download does. (Its retries wait 1+2+4+8+8 s first; not in a test.)"""
+    import time
+
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
     cache, commits = cached_repos
     pipe = StableDiffusionPipeline.from_pretrained("org/sd1-openvino", cache_dir=cache, compile=False)
     assert pipe.model_dir.name == commits["openvino"]
