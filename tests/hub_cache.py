@@ -14,10 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 from pathlib import Path
-
-import pytest
 
 # Files git stores with LFS in a model repo (the Hub's default .gitattributes): the weights and graphs.
 LFS_SUFFIXES = (".safetensors", ".bin", ".onnx", ".onnx_data", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".npz")
@@ -59,18 +56,3 @@ def add_commit(cache_dir: Path, repo_id: str, source: Path, branch: str | None =
         (storage / "refs").mkdir(parents=True, exist_ok=True)
         (storage / "refs" / branch).write_text(commit)
     return commit
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Every socket connection refused, and huggingface_hub told it is offline (HF_HUB_OFFLINE=1, which it reads
-    at import: its constant is set too)."""
-    import huggingface_hub.constants
-
-    def refuse(*args, **kwargs):
-        raise OSError("network blocked in tests")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

@@ -19,10 +19,11 @@ from diffship.errors import BackendError, DiffshipError, HubError
 from diffship.exporters.loading import resolve_source
 from diffship.hub import HubOptions
 from diffship.layout import GRAPH_FILES, ONNX_DATA, ONNX_MODEL, OPENVINO_MODEL, OPENVINO_WEIGHTS, REPORT_FILE
-from hub_cache import add_commit, no_network  # noqa: F401  (no_network is a fixture)
+from hub_cache import add_commit
 
 OPENVINO_FILES = (OPENVINO_MODEL, OPENVINO_WEIGHTS)
 ONNX_FILES = (ONNX_MODEL, ONNX_DATA)
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def _generate(pipe):
     return pipe("a red circle", num_inference_steps=2, generator=0, output_type="np").images
 
 
-def test_exported_repo_loads_on_the_backend_its_graphs_are_for(cached_repos, no_network, downloads):
+def test_exported_repo_loads_on_the_backend_its_graphs_are_for(cached_repos, downloads):
     cache, commits = cached_repos
     pipe = StableDiffusionPipeline.from_pretrained("org/sd1-both", cache_dir=cache, compile=False)
     assert pipe.backend == "onnxruntime"  # both formats: onnxruntime, as for a directory
@@ -70,7 +71,7 @@ def test_exported_repo_loads_on_the_backend_its_graphs_are_for(cached_repos, no_
     assert np.isfinite(_generate(pipe)).all()
 
 
-def test_openvino_only_repo_and_revision(cached_repos, no_network, downloads):
+def test_openvino_only_repo_and_revision(cached_repos, downloads):
     cache, commits = cached_repos
     pipe = AutoPipelineForText2Image.from_pretrained("org/sd1-openvino", cache_dir=cache, local_files_only=True,
                                                      compile=False)
@@ -84,9 +85,14 @@ def test_openvino_only_repo_and_revision(cached_repos, no_network, downloads):
         assert (type(pipe).__name__, pipe.backend) == ("StableDiffusionPipeline", "openvino")
         assert pipe.model_dir.name == commits["both@openvino"]
         assert downloads[-1]["revision"] == revision
+    # bench downloads for the backends it runs, then benches the snapshot folder.
+    from diffship.cli import _bench_model_dir, build_parser
+
+    args = build_parser().parse_args(["bench", "org/sd1-both", "--revision", "openvino", "--cache-dir", str(cache)])
+    assert _bench_model_dir(args, None).name == commits["both@openvino"]
 
 
-def test_backend_the_repo_cannot_serve_and_missing_revision(cached_repos, no_network):
+def test_backend_the_repo_cannot_serve_and_missing_revision(cached_repos):
     cache, _ = cached_repos
     with pytest.raises(BackendError, match=r"org/sd1-openvino/\w+: the onnxruntime backend runs model.onnx, and "
                                            r"this component holds openvino_model.xml only; load it with "
@@ -96,7 +102,7 @@ def test_backend_the_repo_cannot_serve_and_missing_revision(cached_repos, no_net
         StableDiffusionPipeline.from_pretrained("org/sd1-both", revision="v9", cache_dir=cache)
 
 
-def test_a_name_that_is_neither_a_directory_nor_a_repo(tmp_path, no_network):
+def test_a_name_that_is_neither_a_directory_nor_a_repo(tmp_path):
     with pytest.raises(HubError, match=r"^org/nothing: no such directory, and the Hugging Face Hub answered for "
                                        r"repo 'org/nothing': .+ \(give an existing directory"):
         StableDiffusionPipeline.from_pretrained("org/nothing", cache_dir=tmp_path)
@@ -106,7 +112,7 @@ def test_a_name_that_is_neither_a_directory_nor_a_repo(tmp_path, no_network):
         resolve_source("org/nothing", HubOptions(cache_dir=tmp_path))
 
 
-def test_unreachable_hub_falls_back_to_the_cache(cached_repos, monkeypatch, no_network):
+def test_unreachable_hub_falls_back_to_the_cache(cached_repos, monkeypatch):
     """Online (HF_HUB_OFFLINE unset) but no connection: the listing and the files come from the cache, as
     huggingface_hub's snapshot_download does. (Its retries wait 1+2+4+8+8 s first; not in a test.)"""
     import time
@@ -120,7 +126,7 @@ def test_unreachable_hub_falls_back_to_the_cache(cached_repos, monkeypatch, no_n
     assert pipe.model_dir.name == commits["openvino"]
 
 
-def test_token_and_cache_dir_reach_huggingface_hub(cached_repos, no_network, downloads, tmp_path, capsys):
+def test_token_and_cache_dir_reach_huggingface_hub(cached_repos, downloads, tmp_path, capsys):
     cache, _ = cached_repos
     code = main(["generate", "org/sd1-openvino", "--cache-dir", str(cache), "--token", "hf_secret",
                  "--local-files-only", "--prompt", "a red circle", "--steps", "1", "--no-progress",
@@ -131,7 +137,7 @@ def test_token_and_cache_dir_reach_huggingface_hub(cached_repos, no_network, dow
                              for d in downloads)
 
 
-def test_cli_says_both_answers_on_one_line(no_network, tmp_path, capsys):
+def test_cli_says_both_answers_on_one_line(tmp_path, capsys):
     code = main(["generate", "org/nothing", "--cache-dir", str(tmp_path), "--prompt", "x",
                  "--out", str(tmp_path / "x.png")])
     err = capsys.readouterr().err
@@ -156,11 +162,14 @@ def fp16_variant_dir(tiny_model_dirs, tmp_path_factory):
     return path
 
 
-def test_export_variant_offline_from_cache_records_the_commit(fp16_variant_dir, tmp_path, no_network):
+def test_export_variant_offline_from_cache_records_the_commit(fp16_variant_dir, tmp_path):
     from diffship import export
 
     cache = tmp_path / "hub"
     commit = add_commit(cache, "org/tiny-fp16", fp16_variant_dir)
+    with pytest.raises(DiffshipError, match=r"its safetensors weights are saved as variant fp16: export with "
+                                            r"--variant fp16"):
+        resolve_source("org/tiny-fp16", HubOptions(cache_dir=cache))
     out = export("org/tiny-fp16", tmp_path / "out", "onnx", variant="fp16", revision="main", cache_dir=cache,
                  progress=False)
     report = json.loads((out / REPORT_FILE).read_text())
@@ -170,7 +179,7 @@ def test_export_variant_offline_from_cache_records_the_commit(fp16_variant_dir, 
     assert (out / "unet" / ONNX_MODEL).is_file()
 
 
-def test_export_token_and_options_go_to_the_download(monkeypatch, tmp_path, no_network):
+def test_export_token_and_options_go_to_the_download(monkeypatch, tmp_path):
     """diffusers' DiffusionPipeline.download (which hands them to huggingface_hub) gets the hub arguments."""
     from diffusers import DiffusionPipeline as TorchDiffusionPipeline
 
@@ -205,7 +214,7 @@ def pickled_dir(tiny_model_dirs, tmp_path_factory):
     return path
 
 
-def test_pickled_weights_need_allow_pickle(pickled_dir, tmp_path, no_network, capsys):
+def test_pickled_weights_need_allow_pickle(pickled_dir, tmp_path, capsys):
     cache = tmp_path / "hub"
     add_commit(cache, "org/pickled", pickled_dir)
     with pytest.raises(DiffshipError, match=r"unet holds diffusion_pytorch_model.bin and no .safetensors weights; "

@@ -161,8 +161,3 @@ def _snapshot_download(repo_id: str, options: HubOptions, **kwargs) -> Path:
 
     return Path(snapshot_download(repo_id, **options.download_kwargs(), **kwargs))
 
-
-def snapshot_of(path: Path) -> str | None:
-    """The commit a hub cache snapshot folder (`.../snapshots/<commit>`) holds, None for any other folder."""
-    path = Path(path)
-    return path.name if path.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", path.name) else None

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from diffship.errors import DiffshipError, NotAPipelineError
-from diffship.hub import HubOptions, Snapshot, check_hub_id, not_found
+from diffship.hub import HubOptions, Snapshot, check_hub_id, not_found, repo_files
 from diffship.layout import MODEL_INDEX, TEXT_ENCODER, TEXT_ENCODER_2
 
 # Components the export does not load (the safety checker needs its own weights): not downloaded either.
 SKIPPED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
 # Pickled PyTorch weights: loading them runs the code they hold.
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+# diffusers' variant weight names: model.fp16.safetensors, diffusion_pytorch_model.fp16-00001-of-00002.safetensors.
+_VARIANT_WEIGHTS = re.compile(r"\.(\w+)(?:-\d{5}-of-\d{5})?\.safetensors$")
 ALLOW_PICKLE_ADVICE = ("pickled weights run code when loaded: export with --allow-pickle (allow_pickle=True) only "
                        "if you trust where they come from")
 
@@ -60,6 +63,18 @@ def check_no_pickle(model_dir: Path) -> None:
             raise DiffshipError(f"{folder} holds {pickled[0]} and no .safetensors weights; {ALLOW_PICKLE_ADVICE}")
 
 
+def weights_advice(files, variant: str | None) -> str:
+    """What to do when diffusers finds no weights to load among `files` (a repo's or directory's file names): give
+    the variant the safetensors weights are saved as, or allow the pickled ones."""
+    variants = sorted({m.group(1) for f in files if (m := _VARIANT_WEIGHTS.search(PurePosixPath(f).name))})
+    if variants and variant not in variants:
+        return (f"its safetensors weights are saved as variant {' and '.join(variants)}: export with --variant "
+                f"{variants[0]} (variant={variants[0]!r})")
+    if any(PurePosixPath(f).name.endswith(PICKLE_SUFFIXES) for f in files):
+        return ALLOW_PICKLE_ADVICE
+    return f"export with --variant (the weights' variant) or, for pickled weights, {ALLOW_PICKLE_ADVICE}"
+
+
 def _download(repo_id: str, options: HubOptions, variant: str | None, allow_pickle: bool) -> tuple[Path, Snapshot]:
     from diffusers import DiffusionPipeline
 
@@ -69,8 +84,12 @@ def _download(repo_id: str, options: HubOptions, variant: str | None, allow_pick
             use_safetensors=None if allow_pickle else True, **{name: None for name in SKIPPED_COMPONENTS})
     except Exception as e:
         message = " ".join(str(e).split())
-        if not allow_pickle and "safetensors" in message:
-            raise DiffshipError(f"hub repo {repo_id!r}: {message}; {ALLOW_PICKLE_ADVICE}") from None
+        if "safetensors" in message or "variant" in message:
+            try:
+                files, _ = repo_files(repo_id, options)
+            except DiffshipError:
+                files = []
+            raise DiffshipError(f"hub repo {repo_id!r}: {message}; {weights_advice(files, variant)}") from None
         raise not_found(repo_id, e) from None
     folder = Path(folder)
     return folder, Snapshot(folder, repo_id, options.revision, folder.name)
@@ -93,7 +112,8 @@ def load_reference_pipeline(model_dir: Path, variant: str | None = None, allow_p
         pipe = DiffusionPipeline.from_pretrained(model_dir, torch_dtype=torch.float32, variant=variant,
                                                  use_safetensors=None if allow_pickle else True, **skipped)
     except Exception as e:
-        advice = f"; {ALLOW_PICKLE_ADVICE}" if not allow_pickle and "safetensors" in str(e) else ""
+        files = [p.relative_to(model_dir).as_posix() for p in Path(model_dir).rglob("*") if p.is_file()]
+        advice = f"; {weights_advice(files, variant)}" if "safetensors" in str(e) or "variant" in str(e) else ""
         raise NotAPipelineError(f"diffusers could not load the pipeline in {model_dir}: {e}{advice}") from e
     for name in (TEXT_ENCODER, TEXT_ENCODER_2):
         encoder = getattr(pipe, name, None)
