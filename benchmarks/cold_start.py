@@ -24,7 +24,7 @@ CHILD = """
 import json, resource, sys, time
 from diffship.pipelines import AutoPipelineForText2Image
 start = time.perf_counter()
-pipe = AutoPipelineForText2Image.from_pretrained(sys.argv[1], backend=sys.argv[2], cache_dir=sys.argv[3])
+pipe = AutoPipelineForText2Image.from_pretrained(sys.argv[1], backend=sys.argv[2], compile_cache_dir=sys.argv[3])
 print(json.dumps({"seconds": time.perf_counter() - start, "pipeline": type(pipe).__name__,
                   "precisions": pipe.inference_precisions,
                   "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
@@ -79,3 +80,18 @@ def reference_pipelines(tiny_model_dirs):
         return pipe
 
     return get
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """For hub tests (tests/hub_cache.py lays out their cache): every socket connection refused, and
+    huggingface_hub told it is offline (HF_HUB_OFFLINE=1, which it reads at import: its constant is set too)."""
+    import huggingface_hub.constants
+
+    def refuse(*args, **kwargs):
+        raise OSError("network blocked in tests")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

@@ -216,7 +216,7 @@ def test_bench_refuses_bad_flags_before_starting(flag, argv, files, capsys):
 
 def test_bench_names_a_missing_model(files, capsys):
     code, err = run_cli(["bench", files["model"]], capsys)
-    assert_one_line_error(code, err, str(files["model"]), "does not exist")
+    assert_one_line_error(code, err, str(files["model"]), "no such directory")
 
 
 # (what the error names, arguments after `export {model} {tmp}/exported`)
@@ -264,7 +264,7 @@ def test_export_refuses_bad_flags_before_loading(flag, argv, files, capsys, monk
 
 
 EXPORT_PATHS = [
-    ("a missing model", ["export", "{model}", "{tmp}/exported"], "neither an existing directory nor a hub id"),
+    ("a missing model", ["export", "{model}", "{tmp}/exported"], "no such directory, and not a hub repo id"),
     ("a file as the model", ["export", "{text}", "{tmp}/exported"], "is a file"),
     ("a folder without model_index.json", ["export", "{dir}", "{tmp}/exported"], "no model_index.json"),
     ("a file as OUT", ["export", "{dir}", "{text}", "--overwrite"], "exists and is not a directory"),

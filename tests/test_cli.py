@@ -48,4 +48,4 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
     assert "no model_index.json" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "missing"), str(tmp_path / "o")]) == 2
-    assert "neither an existing directory nor a hub id" in capsys.readouterr().err
+    assert "missing: no such directory, and not a hub repo id" in capsys.readouterr().err

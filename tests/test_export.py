@@ -140,7 +140,7 @@ def test_not_a_pipeline(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(NotAPipelineError, match="no model_index.json"):
         export(tmp_path / "empty", tmp_path / "o", progress=False)
-    with pytest.raises(NotAPipelineError, match="neither an existing directory nor a hub id"):
+    with pytest.raises(NotAPipelineError, match="no such directory, and not a hub repo id"):
         export(str(tmp_path / "missing" / "deeper"), tmp_path / "o", progress=False)
 
 

@@ -36,6 +36,8 @@ from diffship.testing.tiny_models import KINDS as TINY_KINDS
 INFERENCE_PRECISION_HELP = ("how OpenVINO computes: auto (default: bf16 for the components whose bf16 error the "
                             "export measured within bound, on a CPU with bf16; f32 elsewhere), f32 (exact, as "
                             "PyTorch), bf16, f16, or default (the CPU plugin's own choice)")
+EXPORTED_HELP = ("an exported pipeline (diffship's or Optimum's): a directory, or a hub repo id (org/name) where no "
+                 "such directory exists, downloaded with only the files its backend reads")
 SIZE_HELP = f"a multiple of 8 from 8 to {MAX_IMAGE_SIDE} pixels (default: the model's)"
 
 
@@ -76,7 +78,8 @@ def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export a diffusers pipeline to ONNX / OpenVINO, validated against PyTorch",
                        description="Export one graph per component (text_encoder, unet, vae_encoder, vae_decoder) "
                                    "in Optimum's layout; each is validated against PyTorch on the target backend.")
-    p.add_argument("model", help="a local diffusers directory or a hub id (org/name)")
+    p.add_argument("model", help="a local diffusers directory, or a hub repo id (org/name) where no such directory "
+                                 "exists")
     p.add_argument("out", type=Path,
                    help="output directory: new, empty, or (with --overwrite) a previous diffship export; written "
                         "in a staging folder beside it and renamed at the end")
@@ -94,7 +97,13 @@ def _add_export(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT if it is a previous diffship export holding only the files that export wrote "
                         "(nothing else is ever replaced)")
-    p.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    _add_hub_flags(p)
+    p.add_argument("--variant",
+                   help="hub or local weights variant to load, e.g. fp16: *.fp16.safetensors where a component has "
+                        "them (as diffusers' variant=); the graphs are exported in --dtype all the same")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also load pickled .bin weights where a component has no safetensors (pickles run code "
+                        "when loaded: only for sources you trust)")
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
                    help="fp16 halves the graphs; the VAE stays fp32 unless --vae-fp16 mixed (overflow protection)")
     p.add_argument("--vae-fp16", choices=["fp32", "mixed", "none"], default="fp32",
@@ -122,7 +131,8 @@ def _add_generate(sub) -> None:
                        description="Generate with the numpy pipeline; prints a per-stage timing table. The task "
                                    "follows the inputs: text-to-image; --image: image-to-image (depth-to-image "
                                    "on a depth model); --image and --mask: inpainting.")
-    p.add_argument("model_dir", type=Path, help="an exported directory (diffship or Optimum)")
+    p.add_argument("model_dir", help=EXPORTED_HELP)
+    _add_hub_flags(p)
     p.add_argument("--prompt", required=True, action="append", help="the prompt; repeat for a batch")
     p.add_argument("--negative-prompt", action="append", default=None,
                    help="what to steer away from: once for every prompt, or once per --prompt, in order")
@@ -180,10 +190,11 @@ def _add_bench(sub) -> None:
                        description="Each backend runs in its own process (its cold start and peak RSS are its own); "
                                    "the backends run in turn, run by run. Prints medians (UNet steps: median and "
                                    "p90) per stage; --json, --markdown and --plot write them.")
-    p.add_argument("model_dir", type=Path, help="an exported directory (diffship or Optimum)")
+    p.add_argument("model_dir", help=EXPORTED_HELP)
+    _add_hub_flags(p)
     p.add_argument("--backend", action="append", default=None,
                    help="onnxruntime, openvino (repeat or comma-separate); default: every installed backend that "
-                        "runs the export's graphs")
+                        "runs the export's graphs (for a hub repo: the one its graphs are for)")
     p.add_argument("--height", type=int, help=SIZE_HELP)
     p.add_argument("--width", type=int, help=SIZE_HELP)
     p.add_argument("--steps", type=int, default=25, help="num_inference_steps, at least 1")
@@ -258,6 +269,21 @@ def cmd_tiny_model(args) -> None:
     print(f"wrote {kind} pipeline to {path}")
 
 
+def _add_hub_flags(p) -> None:
+    """How a hub repo id is resolved (huggingface_hub's arguments, as diffusers names them)."""
+    p.add_argument("--revision", help="hub revision: branch, tag or commit (default main)")
+    p.add_argument("--cache-dir", help="the hub cache to download into and read from (default: huggingface_hub's, "
+                                       "$HF_HUB_CACHE)")
+    p.add_argument("--token", help="hub token for private or gated repos (default: the one `hf auth login` saved)")
+    p.add_argument("--local-files-only", action="store_true",
+                   help="no network: use the hub cache only (HF_HUB_OFFLINE=1 does the same)")
+
+
+def _hub_kwargs(args) -> dict:
+    return {"revision": args.revision, "cache_dir": args.cache_dir, "token": args.token,
+            "local_files_only": args.local_files_only}
+
+
 def _add_step_cache_flags(p) -> None:
     p.add_argument("--cache", choices=["deepcache"],
                    help="step caching: deepcache runs the shallow UNet on the last full step's deep feature between "
@@ -278,7 +304,8 @@ def cmd_export(args) -> None:
                     deepcache_branch=args.deepcache_branch, name=lambda argument: "--" + argument.replace("_", "-"))
     out = export(args.model, args.out, backend=args.backend or ["onnx"], height=args.height, width=args.width,
                  batch_size=args.batch_size, static=args.static, opset=args.opset, atol=args.atol,
-                 overwrite=args.overwrite, revision=args.revision, dtype=args.dtype, optimize=args.optimize,
+                 overwrite=args.overwrite, **_hub_kwargs(args), variant=args.variant, allow_pickle=args.allow_pickle,
+                 dtype=args.dtype, optimize=args.optimize,
                  target=args.target, weight_format=args.weight_format, quantize=args.quantize,
                  vae_fp16=args.vae_fp16, deepcache=args.deepcache, deepcache_branch=args.deepcache_branch)
     report = json.loads((out / REPORT_FILE).read_text())
@@ -332,9 +359,11 @@ def _image_paths(out: Path, count: int) -> list[Path]:
     return [out] if count == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(count)]
 
 
-def _generate_backend(args) -> str:
+def _generate_backend(args) -> str | None:
     """--backend; when not given, the backend that --provider (onnxruntime) or --device, --static and the bf16/f16
-    inference precisions (openvino) are for, else the one the export's graphs are for."""
+    inference precisions (openvino) are for, else the one the export's graphs are for (None for a hub repo: its
+    file listing chooses, before the download)."""
+    from diffship.hub import is_local
     from diffship.runtimes import backend_name, choose_backend, graph_folders
 
     if args.backend is not None:
@@ -344,7 +373,9 @@ def _generate_backend(args) -> str:
         return "onnxruntime"
     if args.device or args.static or args.inference_precision not in ("auto", "f32"):
         return "openvino"
-    folders = graph_folders(args.model_dir)
+    if not is_local(args.model_dir):
+        return None
+    folders = graph_folders(Path(args.model_dir).expanduser())
     return choose_backend(folders) if folders else "onnxruntime"  # no graphs: loading says what is missing
 
 
@@ -435,7 +466,7 @@ def cmd_generate(args) -> None:
     if args.device:
         options["device"] = args.device
     auto_pipeline, task_kwargs = _generate_task(args)
-    pipe = auto_pipeline.from_pretrained(args.model_dir, backend=args.backend,
+    pipe = auto_pipeline.from_pretrained(args.model_dir, backend=args.backend, **_hub_kwargs(args),
                                          inference_precision=args.inference_precision, **options)
     if "depth_map" in task_kwargs and not hasattr(pipe, "estimate_depth"):
         raise ValueError(f"--depth-map needs a depth-to-image model; {args.model_dir} runs {type(pipe).__name__}")
@@ -518,15 +549,27 @@ def _step_cache_kwargs(args) -> dict:
     return {"cache": args.cache, "cache_interval": args.cache_interval, "cache_start": args.cache_start}
 
 
+def _bench_model_dir(args, backends: list[str] | None) -> Path:
+    """The exported directory to bench: a hub repo id is downloaded for each --backend (without it, for the one its
+    graphs are for)."""
+    from diffship.hub import HubOptions, exported_pipeline
+
+    options = HubOptions(**_hub_kwargs(args))
+    for backend in backends or [None]:
+        model_dir, _ = exported_pipeline(args.model_dir, backend, options)
+    return model_dir
+
+
 def cmd_bench(args) -> None:
     from diffship.benchmarking import bench, write_outputs
     from diffship.benchmarking.report import format_table, settings_line
 
     backends = [b.strip() for flag in args.backend or [] for b in flag.split(",") if b.strip()] or None
     _check_bench(args, backends)
+    model_dir = _bench_model_dir(args, backends)
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     strength = {} if args.strength is None else {"strength": args.strength}
-    report = bench(args.model_dir, backends, height=args.height, width=args.width, steps=args.steps,
+    report = bench(model_dir, backends, height=args.height, width=args.width, steps=args.steps,
                    batch_size=args.batch_size, runs=args.runs, warmup=args.warmup, static=args.static,
                    prompt=args.prompt, negative_prompt=args.negative_prompt, scheduler=args.scheduler,
                    guidance_scale=args.guidance, task=args.task, seed=args.seed,

@@ -19,3 +19,7 @@ class BackendError(DiffshipError):
 
 class ValidationError(DiffshipError):
     """An exported component differs from its PyTorch reference beyond tolerance."""
+
+
+class HubError(NotAPipelineError):
+    """A model that is neither a local directory nor a hub repo that can be reached or found in the cache."""

@@ -20,7 +20,7 @@ from diffship.checks import check_image_size, check_int, check_number, read_json
 from diffship.errors import DiffshipError
 from diffship.exporters.components import ExportShapes
 from diffship.exporters.memory import collect_only_new_objects, release
-from diffship.exporters.loading import load_reference_pipeline, resolve_model_dir
+from diffship.exporters.loading import load_reference_pipeline, resolve_source
 from diffship.exporters.component_export import export_component
 from diffship.exporters.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from diffship.exporters.optimize import ExportOptions
@@ -28,6 +28,7 @@ from diffship.exporters.output_directory import EXPORTER, REPORT_FILE, ExportDir
 from diffship.exporters.formats import EXPORT_FORMATS, format_name
 from diffship.families import family_for
 from diffship.graphs.external_data import TWO_GB
+from diffship.hub import HubOptions
 from diffship.layout import (
     CONFIG,
     DEEP_FEATURES,
@@ -118,6 +119,11 @@ def export(
     overwrite: bool = False,
     external_data_threshold: int = TWO_GB,
     revision: str | None = None,
+    variant: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+    allow_pickle: bool = False,
     progress: bool = True,
     dtype: str = "fp32",
     optimize: bool = False,
@@ -134,6 +140,12 @@ def export(
     Every component is validated against PyTorch on the target backend(s), for dynamic graphs at the traced
     shapes and at others (another batch, a latent size the UNet's up factor does not divide); the figures go to
     `output/export_report.json`. Static shapes (`static=True`) fix batch, height and width in the graphs.
+
+    A hub id is downloaded as diffusers downloads it (`revision`, `variant` such as "fp16": that variant's weights
+    where a component has them, exported in the export's own dtype all the same; `cache_dir`: the hub cache;
+    `token`; `local_files_only`, or HF_HUB_OFFLINE=1: the cached snapshot, no network); the commit it resolved to
+    goes into the report. Weights load from safetensors only: pickled `.bin` weights run code when loaded, and
+    need `allow_pickle=True`.
 
     `output` must be new, an empty folder, or (with `overwrite=True`) a previous diffship export holding only
     what that export wrote; nothing else is ever replaced.
@@ -163,7 +175,10 @@ def export(
     local = Path(model).expanduser()
     check_output(output, overwrite, local if local.exists() else None)
 
-    source = resolve_model_dir(model, revision=revision)
+    if variant is not None and (not isinstance(variant, str) or not variant.strip()):
+        raise ValueError(f"variant must be a weight variant's name such as 'fp16', got {variant!r}")
+    resolved = resolve_source(model, HubOptions(revision, cache_dir, token, local_files_only), variant, allow_pickle)
+    source = resolved.path
     if source != local:  # a hub id: its snapshot in the cache must not be replaced either
         check_output(output, overwrite, source)
     index = read_json_object(source / MODEL_INDEX, {"_class_name": str})
@@ -175,7 +190,7 @@ def export(
         check_deepcache(family, source, deepcache_branch)
 
     with ExportDirectory(output, overwrite) as target_dir, collect_only_new_objects():
-        pipe = load_reference_pipeline(source)
+        pipe = load_reference_pipeline(source, variant, allow_pickle)
         default_size = pipe.unet.config.sample_size * scale
         tokenizer = getattr(pipe, "tokenizer", None) or pipe.tokenizer_2
         shapes = ExportShapes(
@@ -194,6 +209,8 @@ def export(
             exporter=EXPORTER,
             family=family.name,
             source=str(model),
+            hub=resolved.to_report(),
+            variant=variant,
             formats=formats,
             opset=opset,
             shapes={"static": static, "batch_size": batch_size, "height": shapes.height, "width": shapes.width},

@@ -1,22 +1,45 @@
-"""Finding and loading the PyTorch reference pipeline: a local diffusers directory or a hub id."""
+"""Finding and loading the PyTorch reference pipeline: a local diffusers directory or a hub id (hub.py)."""
 
 from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
 from diffship.errors import DiffshipError, NotAPipelineError
+from diffship.hub import HubOptions, Snapshot, check_hub_id, not_found, repo_files
 from diffship.layout import MODEL_INDEX, TEXT_ENCODER, TEXT_ENCODER_2
 
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-# Weights diffship does not read: other frameworks' files, fp16 variants, single-file checkpoints.
-_IGNORE = ["*.ckpt", "*.onnx", "*.onnx_data", "*.msgpack", "*.h5", "*.pb", "*.xml", "*.bin.index.json.bak",
-           "*.fp16.*", "*fp16*", "*.pt", "*.pth"]
+# Components the export does not load (the safety checker needs its own weights): not downloaded either.
+SKIPPED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
+# Pickled PyTorch weights: loading them runs the code they hold.
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+# diffusers' variant weight names: model.fp16.safetensors, diffusion_pytorch_model.fp16-00001-of-00002.safetensors.
+_VARIANT_WEIGHTS = re.compile(r"\.(\w+)(?:-\d{5}-of-\d{5})?\.safetensors$")
+ALLOW_PICKLE_ADVICE = ("pickled weights run code when loaded: export with --allow-pickle (allow_pickle=True) only "
+                       "if you trust where they come from")
 
 
-def resolve_model_dir(model: str | Path, revision: str | None = None, cache_dir: str | None = None) -> Path:
-    """A local diffusers directory as it is, or a hub id downloaded with huggingface_hub."""
+@dataclass(frozen=True)
+class Source:
+    """The diffusers pipeline an export reads: its local folder, and for a hub id the snapshot it resolved to."""
+
+    path: Path
+    snapshot: Snapshot | None = None
+
+    def to_report(self) -> dict | None:
+        """What export_report.json records of a hub source: the repo, the revision asked for, the commit used."""
+        if self.snapshot is None:
+            return None
+        return {"repo_id": self.snapshot.repo_id, "revision": self.snapshot.revision, "commit": self.snapshot.commit}
+
+
+def resolve_source(model: str | Path, options: HubOptions = HubOptions(), variant: str | None = None,
+                   allow_pickle: bool = False) -> Source:
+    """A local diffusers directory as it is, or a hub id downloaded into the hub cache with diffusers' own
+    DiffusionPipeline.download (the files of `variant` where a component has them, safetensors only unless
+    `allow_pickle`, the cached snapshot when offline). A name that is neither is refused with both answers."""
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -25,43 +48,73 @@ def resolve_model_dir(model: str | Path, revision: str | None = None, cache_dir:
             raise NotAPipelineError(
                 f"{path} is not a diffusers pipeline: it has no model_index.json. Give the pipeline's root folder."
             )
-        return path
-    if not _HUB_ID.match(str(model)):
-        raise NotAPipelineError(f"{model!r} is neither an existing directory nor a hub id like 'org/name'")
-    return _download(str(model), revision, cache_dir)
+        if not allow_pickle:
+            check_no_pickle(path)
+        return Source(path)
+    return Source(*_download(check_hub_id(model), options, variant, allow_pickle))
 
 
-def _download(repo_id: str, revision: str | None, cache_dir: str | None) -> Path:
-    from huggingface_hub import HfApi, snapshot_download
+def check_no_pickle(model_dir: Path) -> None:
+    """Refuse a component folder whose only weights are pickled (before torch is imported)."""
+    for folder in sorted(p for p in model_dir.iterdir() if p.is_dir() and p.name not in SKIPPED_COMPONENTS):
+        names = [f.name for f in folder.iterdir() if f.is_file()]
+        pickled = [n for n in names if n.endswith(PICKLE_SUFFIXES) and not n.startswith("openvino_")]
+        if pickled and not any(n.endswith(".safetensors") for n in names):
+            raise DiffshipError(f"{folder} holds {pickled[0]} and no .safetensors weights; {ALLOW_PICKLE_ADVICE}")
+
+
+def weights_advice(files, variant: str | None) -> str:
+    """What to do when diffusers finds no weights to load among `files` (a repo's or directory's file names): give
+    the variant the safetensors weights are saved as, or allow the pickled ones."""
+    variants = sorted({m.group(1) for f in files if (m := _VARIANT_WEIGHTS.search(PurePosixPath(f).name))})
+    if variants and variant not in variants:
+        return (f"its safetensors weights are saved as variant {' and '.join(variants)}: export with --variant "
+                f"{variants[0]} (variant={variants[0]!r})")
+    if any(PurePosixPath(f).name.endswith(PICKLE_SUFFIXES) for f in files):
+        return ALLOW_PICKLE_ADVICE
+    return f"export with --variant (the weights' variant) or, for pickled weights, {ALLOW_PICKLE_ADVICE}"
+
+
+def _download(repo_id: str, options: HubOptions, variant: str | None, allow_pickle: bool) -> tuple[Path, Snapshot]:
+    from diffusers import DiffusionPipeline
 
     try:
-        files = HfApi().list_repo_files(repo_id, revision=revision)
+        folder = DiffusionPipeline.download(
+            repo_id, **options.download_kwargs(), local_files_only=options.local_files_only, variant=variant,
+            use_safetensors=None if allow_pickle else True, **{name: None for name in SKIPPED_COMPONENTS})
     except Exception as e:
-        raise DiffshipError(f"could not reach hub repo {repo_id!r}: {e}. Download it and pass the directory.") from e
-    if MODEL_INDEX not in files:
-        raise NotAPipelineError(f"hub repo {repo_id!r} is not a diffusers pipeline (no model_index.json)")
-    ignore = list(_IGNORE)
-    if any(f.endswith(".safetensors") for f in files):
-        ignore.append("*.bin")  # safetensors weights are there; skip the pickled duplicates
-    return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, ignore_patterns=ignore))
+        message = " ".join(str(e).split())
+        if "safetensors" in message or "variant" in message:
+            try:
+                files, _ = repo_files(repo_id, options)
+            except DiffshipError:
+                files = []
+            raise DiffshipError(f"hub repo {repo_id!r}: {message}; {weights_advice(files, variant)}") from None
+        raise not_found(repo_id, e) from None
+    folder = Path(folder)
+    return folder, Snapshot(folder, repo_id, options.revision, folder.name)
 
 
 def read_model_index(model_dir: Path) -> dict:
     return json.loads((model_dir / MODEL_INDEX).read_text())
 
 
-def load_reference_pipeline(model_dir: Path):
-    """The diffusers pipeline in float32 on CPU, eval mode, ready to trace."""
+def load_reference_pipeline(model_dir: Path, variant: str | None = None, allow_pickle: bool = False):
+    """The diffusers pipeline in float32 on CPU, eval mode, ready to trace: `variant`'s weights where a component
+    has them (e.g. fp16, upcast to float32), safetensors only unless `allow_pickle`."""
     import torch
     from diffusers import DiffusionPipeline
 
     index = read_model_index(model_dir)
     # Components diffship does not export are not loaded (the safety checker needs its own weights).
-    skipped = {k: None for k in ("safety_checker", "feature_extractor", "image_encoder") if k in index}
+    skipped = {k: None for k in SKIPPED_COMPONENTS if k in index}
     try:
-        pipe = DiffusionPipeline.from_pretrained(model_dir, torch_dtype=torch.float32, **skipped)
+        pipe = DiffusionPipeline.from_pretrained(model_dir, torch_dtype=torch.float32, variant=variant,
+                                                 use_safetensors=None if allow_pickle else True, **skipped)
     except Exception as e:
-        raise NotAPipelineError(f"diffusers could not load the pipeline in {model_dir}: {e}") from e
+        files = [p.relative_to(model_dir).as_posix() for p in Path(model_dir).rglob("*") if p.is_file()]
+        advice = f"; {weights_advice(files, variant)}" if "safetensors" in str(e) or "variant" in str(e) else ""
+        raise NotAPipelineError(f"diffusers could not load the pipeline in {model_dir}: {e}{advice}") from e
     for name in (TEXT_ENCODER, TEXT_ENCODER_2):
         encoder = getattr(pipe, name, None)
         if encoder is not None and hasattr(encoder, "set_attn_implementation"):

@@ -74,8 +74,14 @@ class _AutoPipeline:
         return pipeline_class_for(cls.task, index.get("_class_name"), unet_config.get("in_channels"), model_dir)
 
     @classmethod
-    def from_pretrained(cls, model_dir, backend: str | None = None, **kwargs):
-        """Load an exported directory as this task's pipeline; `kwargs` go to the pipeline's from_pretrained."""
+    def from_pretrained(cls, model_dir, backend: str | None = None, *, revision: str | None = None, cache_dir=None,
+                        token: str | bool | None = None, local_files_only: bool = False, **kwargs):
+        """Load an exported pipeline (a directory or a hub repo id, fetched as DiffusionPipeline.from_pretrained
+        says) as this task's pipeline; `kwargs` go to the pipeline's from_pretrained."""
+        from diffship.hub import HubOptions, exported_pipeline
+
+        model_dir, backend = exported_pipeline(model_dir, backend, HubOptions(revision, cache_dir, token,
+                                                                              local_files_only))
         return cls.pipeline_class(model_dir).from_pretrained(model_dir, backend=backend, **kwargs)
 
     @classmethod

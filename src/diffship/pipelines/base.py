@@ -109,15 +109,28 @@ class DiffusionPipeline:
     # ---- loading -------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, model_dir, backend: str | None = None, compile: bool = True,
-                        inference_precision="auto", static_shapes: bool | None = None, **backend_options):
-        """Load an exported directory on `backend` ("onnxruntime", "openvino"; None: the one the export's graphs
-        are for, onnxruntime where it holds both). `inference_precision` ("auto": bf16 where the export measured
-        it within bound and the CPU has it, f32 elsewhere; "f32" for parity with PyTorch; see precision.py) and
-        `static_shapes` (OpenVINO compiles each request's shapes; its default) pick how each graph runs;
-        `backend_options` go to the session class, e.g. `providers=[...]` for onnxruntime, `device="GPU"`,
-        `cache_dir=...` (False: no compile cache) for OpenVINO.
+                        inference_precision="auto", static_shapes: bool | None = None, *,
+                        revision: str | None = None, cache_dir=None, token: str | bool | None = None,
+                        local_files_only: bool = False, compile_cache_dir=None, **backend_options):
+        """Load an exported pipeline, a local directory or a hub repo id, on `backend` ("onnxruntime", "openvino";
+        None: the one the export's graphs are for, onnxruntime where it holds both). `inference_precision`
+        ("auto": bf16 where the export measured it within bound and the CPU has it, f32 elsewhere; "f32" for
+        parity with PyTorch; see precision.py) and `static_shapes` (OpenVINO compiles each request's shapes; its
+        default) pick how each graph runs; `compile_cache_dir` is where compiled graphs are cached (runtimes/
+        cache.py; False: no compile cache); `backend_options` go to the session class, e.g. `providers=[...]` for
+        onnxruntime, `device="GPU"` for OpenVINO.
+
+        A hub repo id (`org/name`, where no such directory exists) is downloaded with huggingface_hub, only the
+        files the backend reads, as in diffusers: `revision`, `cache_dir` (the hub cache), `token`,
+        `local_files_only` (also `HF_HUB_OFFLINE=1`: the cached snapshot, no network).
 
         On DiffusionPipeline itself, as in diffusers: the pipeline class model_index.json's `_class_name` names."""
+        from diffship.hub import HubOptions, exported_pipeline
+
+        model_dir, backend = exported_pipeline(model_dir, backend, HubOptions(revision, cache_dir, token,
+                                                                              local_files_only))
+        if compile_cache_dir is not None:
+            backend_options["cache_dir"] = compile_cache_dir
         if cls is DiffusionPipeline:
             from diffship.pipelines.auto_pipeline import pipeline_class_named
 

@@ -52,9 +52,18 @@ def graph_folders(model_dir) -> list[Path]:
     return sorted(f for f in model_dir.iterdir() if f.is_dir() and holds_graph(f)) if model_dir.is_dir() else []
 
 
+def graphs_held(folder) -> set[str]:
+    """The graph files a component folder holds."""
+    return {g for g in GRAPH_FILES if (Path(folder) / g).is_file()}
+
+
 def backends_for(folders) -> list[str]:
     """The backends that can run the graph in every one of `folders`, in registry order."""
-    return [name for name, b in BACKENDS.items() if all(any((f / g).is_file() for g in b.reads) for f in folders)]
+    return _backends_for({str(f): graphs_held(f) for f in folders})
+
+
+def _backends_for(held: dict[str, set[str]]) -> list[str]:
+    return [name for name, b in BACKENDS.items() if all(set(b.reads) & graphs for graphs in held.values())]
 
 
 def choose_backend(folders, backend: str | None = None) -> str:
@@ -62,10 +71,15 @@ def choose_backend(folders, backend: str | None = None) -> str:
     them all; when None, the first in registry order whose own graph file every folder holds (what the export
     was made for), else the first that can run them all. Otherwise a BackendError naming the component, the graph
     files it holds and the backends that would run the directory."""
-    folders = [Path(f) for f in folders]
-    can = backends_for(folders)
+    return choose_backend_from({str(f): graphs_held(f) for f in folders}, backend)
+
+
+def choose_backend_from(held: dict[str, set[str]], backend: str | None = None) -> str:
+    """choose_backend on a listing: {component folder (as named in errors): the graph files it holds}. A hub repo's
+    file listing chooses this way before anything is downloaded."""
+    can = _backends_for(held)
     if backend is None:
-        native = [n for n in can if all((f / BACKENDS[n].model_file).is_file() for f in folders)]
+        native = [n for n in can if all(BACKENDS[n].model_file in graphs for graphs in held.values())]
         if native or can:
             return (native or can)[0]
         reads = {g for b in BACKENDS.values() for g in b.reads}
@@ -74,9 +88,9 @@ def choose_backend(folders, backend: str | None = None) -> str:
         if backend in can:
             return backend
         reads = set(BACKENDS[backend].reads)
-    lacking = next(f for f in folders if not any((f / g).is_file() for g in reads))
-    held = [g for g in GRAPH_FILES if (lacking / g).is_file()]
-    what = f"holds {' and '.join(held)} only" if held else "holds no graph"
+    lacking = next(f for f, graphs in held.items() if not graphs & reads)
+    held_there = [g for g in GRAPH_FILES if g in held[lacking]]
+    what = f"holds {' and '.join(held_there)} only" if held_there else "holds no graph"
     advice = (f"load it with backend={' or '.join(repr(b) for b in can)}" if can
               else "re-export it with `diffship export`")
     needs = f"the {backend} backend runs {' or '.join(BACKENDS[backend].reads)}" if backend else "no backend runs it"
@@ -94,4 +108,5 @@ def load_session(path, backend: str = "onnxruntime", **options) -> Session:
 
 
 __all__ = ["BACKENDS", "Backend", "Session", "TensorInfo", "backend_name", "backends_for", "choose_backend",
-           "graph_folders", "holds_graph", "input_info", "load_session", "session_class"]
+           "choose_backend_from", "graph_folders", "graphs_held", "holds_graph", "input_info", "load_session",
+           "session_class"]
