@@ -1,8 +1,8 @@
 """`diffship.export`: a diffusers pipeline -> one validated graph per component, in Optimum's layout.
 
 Every argument is checked before any model is loaded. The export writes into a staging directory beside the
-output and renames it at the end (output_directory.py), so a failed or interrupted export (a component beyond
-tolerance, SIGTERM, Ctrl-C) leaves nothing behind, and only a previous diffship export is ever replaced.
+output and renames it at the end (diffship/output_directory.py), so a failed or interrupted export (a component
+beyond tolerance, SIGTERM, Ctrl-C) leaves nothing behind, and only a previous diffship export is ever replaced.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from diffship.exporters.loading import load_reference_pipeline, resolve_model_di
 from diffship.exporters.component_export import export_component
 from diffship.exporters.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from diffship.exporters.optimize import ExportOptions
-from diffship.exporters.output_directory import EXPORTER, REPORT_FILE, ExportDirectory, check_output, list_files
+from diffship.output_directory import EXPORTER, REPORT_FILE, ExportDirectory, check_output, list_files
 from diffship.exporters.formats import EXPORT_FORMATS, format_name
 from diffship.families import family_for
 from diffship.graphs.external_data import TWO_GB
