@@ -33,7 +33,9 @@ from diffship.layout import (
     DEEP_FEATURES,
     FEATURE_EXTRACTOR,
     GRAPH_COMPONENTS,
+    IMAGE_ENCODER,
     MODEL_INDEX,
+    SAFETY_CHECKER,
     SOURCE_VAE,
     UNET,
     UNET_SHALLOW,
@@ -261,11 +263,11 @@ def _write_pipeline_files(family, source: Path, staging: Path, index: dict) -> N
         if (source / name).is_dir():
             shutil.copytree(source / name, staging / name)
     # The components that are not exported are removed from the index so that loaders do not look for them.
-    dropped = ("safety_checker", FEATURE_EXTRACTOR, "image_encoder")
+    dropped = (SAFETY_CHECKER, FEATURE_EXTRACTOR, IMAGE_ENCODER)
     if "depth_estimator" in index and (source / FEATURE_EXTRACTOR).is_dir():
         # Depth-to-image keeps its DPT feature extractor: the numpy pipeline reads its preprocessor_config.json.
         shutil.copytree(source / FEATURE_EXTRACTOR, staging / FEATURE_EXTRACTOR)
-        dropped = ("safety_checker", "image_encoder")
+        dropped = (SAFETY_CHECKER, IMAGE_ENCODER)
     index = {k: v for k, v in index.items() if k not in dropped}
     (staging / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
