@@ -80,8 +80,9 @@ def test_text_only_export_asked_for_img2img(exported_dirs, tmp_path):
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_from_pipe_reuses_sessions(backend, exported_dirs, tmp_path, capsys):
-    """from_pipe shares the session objects (identity), tokenizer and configs, reads nothing from disk (the
-    directory is gone when it runs), and generates what a pipeline loaded from the directory generates."""
+    """from_pipe shares the session objects (identity), tokenizer and configs (which travel with the sessions),
+    reads nothing from disk (the directory is gone when it runs), and generates what a pipeline loaded from the
+    directory generates."""
     model_dir = shutil.copytree(exported_dirs("sd1"), tmp_path / "model")
     start = time.perf_counter()
     text2img = AutoPipelineForText2Image.from_pretrained(model_dir, backend=backend, inference_precision="f32")
@@ -100,10 +101,10 @@ def test_from_pipe_reuses_sessions(backend, exported_dirs, tmp_path, capsys):
         pipe = auto.from_pipe(text2img)
         timings[name] = time.perf_counter() - start
         assert type(pipe) is EXPECTED["sd1"][name]
-        assert pipe.sessions is text2img.sessions
+        assert pipe.sessions == text2img.sessions
         for component in ("text_encoder", "unet", "vae_encoder", "vae_decoder"):
             assert getattr(pipe, component) is getattr(text2img, component)
-        assert pipe.tokenizer is text2img.tokenizer and pipe.configs is text2img.configs
+        assert pipe.tokenizer is text2img.tokenizer and pipe.unet_config is text2img.unet_config
         assert pipe.scheduler is not text2img.scheduler and dict(pipe.scheduler.config) == dict(text2img.scheduler.config)
 
     img2img = AutoPipelineForImage2Image.from_pipe(text2img)

@@ -17,7 +17,7 @@ import pytest
 
 from diffship.errors import DiffshipError, ValidationError
 from diffship.exporters import export
-from diffship.exporters.output_directory import ExportDirectory, remove_stale
+from diffship.output_directory import ExportDirectory, remove_stale
 
 
 @pytest.fixture(scope="module")

@@ -45,12 +45,29 @@ def test_generate_cli_without_torch(backend, exported_dirs, torch_blocked_env, t
     assert "UNet (" in result.stdout and "steps)" in result.stdout and "VAE decode" in result.stdout
 
 
+def test_save_pretrained_without_torch(exported_dirs, torch_blocked_env, tmp_path):
+    """A pipeline loads, swaps its scheduler and saves itself where torch cannot be imported."""
+    code = (
+        "import sys; from diffship import DiffusionPipeline, DDIMScheduler\n"
+        "pipe = DiffusionPipeline.from_pretrained(sys.argv[1])\n"
+        "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)\n"
+        "pipe.save_pretrained(sys.argv[2])\n"
+        "print(type(DiffusionPipeline.from_pretrained(sys.argv[2]).scheduler).__name__)"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(exported_dirs("sd1")), str(tmp_path / "saved")],
+                            env=torch_blocked_env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("DDIMScheduler")
+
+
 def test_runtime_modules_import_no_torch():
-    """Importing the public API, pipelines, schedulers and runtimes loads none of the torch stack."""
+    """Importing the public API, pipelines (saving included), schedulers and runtimes loads none of the torch
+    stack."""
     code = (
         "import sys, diffship, diffship.pipelines, diffship.schedulers, diffship.runtimes, "
         "diffship.runtimes.onnxruntime, diffship.runtimes.openvino, diffship.cli, diffship.families, "
-        "diffship.families.stable_diffusion, diffship.families.stable_diffusion_xl, diffship.layout\n"
+        "diffship.families.stable_diffusion, diffship.families.stable_diffusion_xl, diffship.layout, "
+        "diffship.output_directory, diffship.pipelines.saving\n"
         f"bad = [m for m in sys.modules if m.split('.')[0] in {BLOCKED!r}]\n"
         "print(bad); sys.exit(1 if bad else 0)"
     )

@@ -33,6 +33,10 @@ SCHEDULER = "scheduler"
 SCHEDULER_CONFIG = "scheduler_config.json"
 FEATURE_EXTRACTOR = "feature_extractor"
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
+# diffusers components diffship exports and runs nothing for: None in a pipeline's `components`, as diffusers has
+# them for a model without them.
+SAFETY_CHECKER = "safety_checker"
+IMAGE_ENCODER = "image_encoder"
 # The diffusers folder the VAE's two graphs come from.
 SOURCE_VAE = "vae"
 

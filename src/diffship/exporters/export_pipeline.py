@@ -1,8 +1,8 @@
 """`diffship.export`: a diffusers pipeline -> one validated graph per component, in Optimum's layout.
 
 Every argument is checked before any model is loaded. The export writes into a staging directory beside the
-output and renames it at the end (output_directory.py), so a failed or interrupted export (a component beyond
-tolerance, SIGTERM, Ctrl-C) leaves nothing behind, and only a previous diffship export is ever replaced.
+output and renames it at the end (diffship/output_directory.py), so a failed or interrupted export (a component
+beyond tolerance, SIGTERM, Ctrl-C) leaves nothing behind, and only a previous diffship export is ever replaced.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from diffship.exporters.loading import load_reference_pipeline, resolve_source
 from diffship.exporters.component_export import export_component
 from diffship.exporters.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from diffship.exporters.optimize import ExportOptions
-from diffship.exporters.output_directory import EXPORTER, REPORT_FILE, ExportDirectory, check_output, list_files
+from diffship.output_directory import EXPORTER, REPORT_FILE, ExportDirectory, check_output, list_files
 from diffship.exporters.formats import EXPORT_FORMATS, format_name
 from diffship.families import family_for
 from diffship.graphs.external_data import TWO_GB
@@ -34,7 +34,9 @@ from diffship.layout import (
     DEEP_FEATURES,
     FEATURE_EXTRACTOR,
     GRAPH_COMPONENTS,
+    IMAGE_ENCODER,
     MODEL_INDEX,
+    SAFETY_CHECKER,
     SOURCE_VAE,
     TOKENIZER,
     TOKENIZER_2,
@@ -295,11 +297,11 @@ def _write_pipeline_files(family, source: Path, staging: Path, index: dict) -> N
         if (source / name).is_dir():
             shutil.copytree(source / name, staging / name)
     # The components that are not exported are removed from the index so that loaders do not look for them.
-    dropped = ("safety_checker", FEATURE_EXTRACTOR, "image_encoder")
+    dropped = (SAFETY_CHECKER, FEATURE_EXTRACTOR, IMAGE_ENCODER)
     if "depth_estimator" in index and (source / FEATURE_EXTRACTOR).is_dir():
         # Depth-to-image keeps its DPT feature extractor: the numpy pipeline reads its preprocessor_config.json.
         shutil.copytree(source / FEATURE_EXTRACTOR, staging / FEATURE_EXTRACTOR)
-        dropped = ("safety_checker", "image_encoder")
+        dropped = (SAFETY_CHECKER, IMAGE_ENCODER)
     index = {k: v for k, v in index.items() if k not in dropped}
     (staging / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 

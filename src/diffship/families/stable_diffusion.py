@@ -28,6 +28,8 @@ from diffship.families.base import Family
 from diffship.layout import (
     DEPTH_ESTIMATOR,
     FEATURE_EXTRACTOR,
+    IMAGE_ENCODER,
+    SAFETY_CHECKER,
     SCHEDULER,
     TEXT_ENCODER,
     TOKENIZER,
@@ -132,6 +134,9 @@ class StableDiffusionFamilyPipeline(DiffusionPipeline):
     """The steps every Stable Diffusion 1.x/2.x task takes, and `generate`, its one denoising loop. Not a
     pipeline to call: the task pipelines below are."""
 
+    component_names = (VAE_ENCODER, VAE_DECODER, TEXT_ENCODER, TOKENIZER, UNET, SCHEDULER, SAFETY_CHECKER,
+                       FEATURE_EXTRACTOR, IMAGE_ENCODER)
+    unused_components = (SAFETY_CHECKER, FEATURE_EXTRACTOR, IMAGE_ENCODER)
     required_components = (TEXT_ENCODER, UNET, VAE_DECODER)
     optional_components = (VAE_ENCODER, UNET_SHALLOW)
     callback_tensor_inputs = CALLBACK_TENSOR_INPUTS
@@ -458,6 +463,9 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionFamilyPipeline):
     image's depth (5 input channels), given as `depth_map` or estimated by the exported `depth_estimator` (DPT)
     after its feature-extractor preprocessing, done here in numpy."""
 
+    component_names = (VAE_ENCODER, VAE_DECODER, TEXT_ENCODER, TOKENIZER, UNET, SCHEDULER, DEPTH_ESTIMATOR,
+                       FEATURE_EXTRACTOR)
+    unused_components = ()
     required_components = (TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER)
     optional_components = (DEPTH_ESTIMATOR, UNET_SHALLOW)
     unet_in_channels = (5,)

@@ -25,6 +25,8 @@ from diffship.checks import IMAGE_SIZE_MULTIPLE, check_image_size, check_int, ch
 from diffship.errors import DiffshipError
 from diffship.families.base import Family
 from diffship.layout import (
+    FEATURE_EXTRACTOR,
+    IMAGE_ENCODER,
     SCHEDULER,
     TEXT_ENCODER,
     TEXT_ENCODER_2,
@@ -116,6 +118,9 @@ class StableDiffusionXLFamilyPipeline(DiffusionPipeline):
     """The steps every SDXL task takes, and `generate`, its one denoising loop. Not a pipeline to call: the task
     pipelines below are."""
 
+    component_names = (VAE_ENCODER, VAE_DECODER, TEXT_ENCODER, TEXT_ENCODER_2, TOKENIZER, TOKENIZER_2, UNET,
+                       SCHEDULER, IMAGE_ENCODER, FEATURE_EXTRACTOR)
+    unused_components = (IMAGE_ENCODER, FEATURE_EXTRACTOR)
     required_components = (TEXT_ENCODER_2, UNET, VAE_DECODER)
     optional_components = (TEXT_ENCODER, VAE_ENCODER, UNET_SHALLOW)
     required_tokenizers = (TOKENIZER_2,)

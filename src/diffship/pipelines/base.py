@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from diffship.checks import check_fields, check_image_size, check_int, read_json_object
 from diffship.errors import DiffshipError, MissingComponentError, NotAPipelineError
 from diffship.layout import (
+    CONFIG,
     FEATURE_EXTRACTOR,
     FINAL_LAYER_NORM_FILE,
     GRAPH_COMPONENTS,
@@ -22,7 +23,6 @@ from diffship.layout import (
     PREPROCESSOR_CONFIG,
     SCHEDULER,
     SCHEDULER_CONFIG,
-    TEXT_ENCODER,
     TOKENIZER,
     TOKENIZER_2,
     UNET,
@@ -33,11 +33,13 @@ from diffship.layout import (
 )
 from diffship.pipelines.image_processing import VaeImageProcessor, postprocess
 from diffship.pipelines.precision import session_options
+from diffship.pipelines.saving import save_pipeline
 from diffship.pipelines.steps import guide, run_callback
 from diffship.pipelines.timing import STEP_STAGE
 from diffship.pipelines.tokenizer import CLIPTokenizer
-from diffship.runtimes import choose_backend, holds_graph, input_info, load_session
+from diffship.runtimes import Session, choose_backend, holds_graph, input_info, load_session
 from diffship.schedulers import scheduler_class
+from diffship.schedulers.config import FrozenConfig
 from diffship.schedulers.noise import randn
 
 # Plain-file components read at load: the folder and the file holding their settings.
@@ -62,8 +64,19 @@ _ANNOTATION_KINDS = {"int": int, "float": float, "bool": bool, "str": str, "None
 
 class DiffusionPipeline:
     """The loading half every family's pipelines share. Components are plain attributes: `text_encoder`,
-    `unet`, `vae_decoder`, ... are Sessions; `tokenizer` / `tokenizer_2` the numpy CLIP tokenizers."""
+    `unet`, `vae_decoder`, ... are Sessions, each carrying its component's config.json as `.config`;
+    `tokenizer` / `tokenizer_2` the numpy CLIP tokenizers.
 
+    Built as diffusers builds its pipelines: `from_pretrained(dir)`, `from_pipe(pipe)`, or from components by
+    name, `StableDiffusionImg2ImgPipeline(**pipe.components)`, which shares `pipe`'s sessions (nothing is
+    reloaded)."""
+
+    # diffusers' component names for this pipeline, in its order: what `components` holds and the constructor
+    # takes. The VAE is two graphs here (vae_encoder, vae_decoder); DeepCache's unet_shallow is taken too.
+    component_names: tuple[str, ...] = ()
+    # Those of component_names that diffship runs nothing for (safety_checker, ...): always None, as diffusers
+    # has them when a model has none.
+    unused_components: tuple[str, ...] = ()
     # Graph components this pipeline cannot run without, and those it uses when present.
     required_components: tuple[str, ...] = ()
     optional_components: tuple[str, ...] = ()
@@ -74,37 +87,76 @@ class DiffusionPipeline:
     # The current generation's step cache (pipelines/step_cache.py), set by generate; None: every step runs the UNet.
     step_cache = None
 
-    def __init__(self, sessions: dict, tokenizers: dict, scheduler, configs: dict, model_dir: Path | None,
-                 backend: str, load_seconds: float = 0.0):
+    def __init__(self, *, model_index: dict | None = None, **components):
+        """The pipeline on these components, by diffusers' names (`component_names`): Sessions for the graphs
+        (each with its `.config`), diffship's CLIPTokenizers, a numpy scheduler, and for depth-to-image the
+        feature extractor's settings (preprocessor_config.json as a dict). `model_index`: model_index.json's
+        contents (SDXL's force_zeros_for_empty_prompt and requires_aesthetics_score are read from it); by default
+        this class's name and diffusers' defaults, as `Pipeline(**components)` gives in diffusers."""
+        name = type(self).__name__
+        accepted = set(self.component_names) | {UNET_SHALLOW}
+        unknown = sorted(set(components) - accepted)
+        if unknown:
+            raise TypeError(f"{name} got unexpected components {unknown}; it takes {', '.join(self.component_names)}")
+        for key in self.unused_components:
+            if components.get(key) is not None:
+                raise ValueError(f"{name} runs no {key}: pass {key}=None (diffship does not run it)")
+        sessions = {key: components[key] for key in GRAPH_COMPONENTS if components.get(key) is not None}
+        for key, session in sessions.items():
+            if not isinstance(session, Session):
+                raise TypeError(f"{key} must be a diffship Session (a component of a pipeline loaded with "
+                                f"from_pretrained), got {type(session).__name__}")
+            if not session.config:
+                session.config = _config_beside(session)
+        tokenizers = {key: components[key] for key in (TOKENIZER, TOKENIZER_2) if components.get(key) is not None}
+        folders = {Path(session.path).parent.parent for session in sessions.values()}
+        model_dir = folders.pop() if len(folders) == 1 else None
         where = f" {model_dir}" if model_dir is not None else " this pipeline"
-        for name in self.required_components:
-            if sessions.get(name) is None:
-                on_disk = model_dir is not None and (Path(model_dir) / name).is_dir()
+        for key in self.required_components:
+            if sessions.get(key) is None:
+                on_disk = model_dir is not None and (model_dir / key).is_dir()
                 raise MissingComponentError(
-                    f"{type(self).__name__} needs the {name} component, which{where} does not have "
+                    f"{name} needs the {key} component, which{where} does not have "
                     + ("loaded; load it with from_pretrained" if on_disk
-                       else f"(no {name}/ folder with a graph); export the model again with `diffship export`")
+                       else f"(no {key}/ folder with a graph); export the model again with `diffship export`")
                 )
-        for name in self.required_tokenizers:
-            if tokenizers.get(name) is None:
-                raise MissingComponentError(f"{type(self).__name__} needs {name}/, which{where} does not have")
+        for key in self.required_tokenizers:
+            if tokenizers.get(key) is None:
+                raise MissingComponentError(f"{name} needs {key}/, which{where} does not have")
+        if components.get(SCHEDULER) is None:
+            raise MissingComponentError(f"{name} needs a scheduler, e.g. scheduler=PNDMScheduler.from_config(...)")
+        configs = {key: session.config for key, session in sessions.items()}
+        if components.get(FEATURE_EXTRACTOR) is not None:
+            configs[FEATURE_EXTRACTOR] = components[FEATURE_EXTRACTOR]
+        configs["model_index"] = dict(model_index) if model_index is not None else {"_class_name": name}
         in_channels = configs.get(UNET, {}).get("in_channels", 4)
         if in_channels not in self.unet_in_channels:
-            raise DiffshipError(f"{type(self).__name__} cannot run{where}: its UNet takes {in_channels} input "
+            raise DiffshipError(f"{name} cannot run{where}: its UNet takes {in_channels} input "
                                 f"channels; {_pipelines_for(in_channels)}")
         self.sessions = sessions
-        for name in GRAPH_COMPONENTS:
-            setattr(self, name, sessions.get(name))
+        for key in GRAPH_COMPONENTS:
+            setattr(self, key, sessions.get(key))
+        for key in self.unused_components:
+            setattr(self, key, None)
+        self.feature_extractor = components.get(FEATURE_EXTRACTOR)
         self.tokenizers = tokenizers
         self.tokenizer = tokenizers.get(TOKENIZER)
         self.tokenizer_2 = tokenizers.get(TOKENIZER_2)
-        self.scheduler = scheduler
+        self.scheduler = components[SCHEDULER]
         self.configs = configs
         self.model_dir = model_dir
-        self.backend = backend
-        self.load_seconds = load_seconds
+        self.backend = "+".join(sorted({session.backend for session in sessions.values()}))
+        self.load_seconds = 0.0
         self._progress_bar_config: dict = {}
         self._requests_seen: set = set()  # (batch, height, width, images per prompt, guidance) run before
+
+    @property
+    def components(self) -> dict:
+        """{name: component}, as diffusers' `pipe.components`: every name the constructor takes, so that
+        `OtherPipeline(**pipe.components)` builds another task's pipeline on the same sessions. The VAE is
+        vae_encoder and vae_decoder; unet_shallow is listed when a DeepCache export loaded it."""
+        names = self.component_names + ((UNET_SHALLOW,) if self.unet_shallow is not None else ())
+        return {name: getattr(self, name) for name in names}
 
     # ---- loading -------------------------------------------------------------------------------------------
     @classmethod
@@ -148,22 +200,22 @@ class DiffusionPipeline:
         backend = choose_backend([model_dir / n for n in present], backend)
         options = session_options(names, model_dir, backend, inference_precision, static_shapes)
         # Every settings file first: a malformed one fails before any graph is loaded.
-        tokenizers = {name: CLIPTokenizer.from_pretrained(_required_dir(model_dir, name))
+        components = {name: CLIPTokenizer.from_pretrained(_required_dir(model_dir, name))
                       for name in cls.required_tokenizers}
-        tokenizers.update({name: CLIPTokenizer.from_pretrained(model_dir / name)
-                           for name in (TOKENIZER, TOKENIZER_2) if name not in tokenizers and (model_dir / name).is_dir()})
-        scheduler = read_scheduler(_required_dir(model_dir, SCHEDULER) / SCHEDULER_CONFIG)
-        configs = {name: read_config(model_dir, name) for name in names if (model_dir / name).is_dir()}
-        configs.update({name: read_config(model_dir, name, file) for name, file in SETTINGS_FILES.items()
-                        if (model_dir / name / file).is_file()})
-        configs["model_index"] = index
-        sessions = {}
+        components.update({name: CLIPTokenizer.from_pretrained(model_dir / name) for name in (TOKENIZER, TOKENIZER_2)
+                           if name not in components and name in cls.component_names and (model_dir / name).is_dir()})
+        components[SCHEDULER] = read_scheduler(_required_dir(model_dir, SCHEDULER) / SCHEDULER_CONFIG)
+        configs = {name: read_config(model_dir, name) for name in present}
+        components.update({name: read_config(model_dir, name, file) for name, file in SETTINGS_FILES.items()
+                           if name in cls.component_names and name not in cls.unused_components
+                           and (model_dir / name / file).is_file()})
         for name in present:
             try:
-                sessions[name] = load_session(model_dir / name, backend, **options[name], **backend_options)
+                components[name] = load_session(model_dir / name, backend, **options[name], **backend_options)
             except TypeError as e:
                 raise DiffshipError(f"backend option not understood by {backend}: {e}") from e
-        pipe = cls(sessions, tokenizers, scheduler, configs, model_dir, backend)
+            components[name].config = configs[name]
+        pipe = cls(model_index=index, **components)
         if compile:
             pipe.compile()
         pipe.load_seconds = time.perf_counter() - start
@@ -171,20 +223,32 @@ class DiffusionPipeline:
 
     @classmethod
     def from_pipe(cls, pipe: "DiffusionPipeline", scheduler=None):
-        """This task's pipeline on `pipe`'s already-loaded sessions, tokenizers and configs: nothing is read from
-        disk, reloaded or recompiled. The scheduler is a new one of `pipe`'s scheduler class and config (stepping
-        state is per pipeline), or `scheduler` when given."""
+        """This task's pipeline on `pipe`'s components (its sessions, tokenizers and configs; those this class
+        does not take are left out): nothing is read from disk, reloaded or recompiled. The scheduler is a new
+        one of `pipe`'s scheduler class and config (stepping state is per pipeline), or `scheduler` when given."""
         start = time.perf_counter()
         if not isinstance(pipe, DiffusionPipeline):
             raise TypeError(f"from_pipe takes a diffship pipeline, got {type(pipe).__name__}")
         if scheduler is None:
             scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-        new = cls(pipe.sessions, pipe.tokenizers, scheduler, pipe.configs, pipe.model_dir, pipe.backend)
+        # diffusers' from_pipe: the components this class takes; those it runs nothing for are left at None.
+        accepted = set(cls.component_names) - set(cls.unused_components) | {UNET_SHALLOW}
+        components = {name: value for name, value in pipe.components.items() if name in accepted}
+        new = cls(model_index=pipe.configs["model_index"], **{**components, SCHEDULER: scheduler})
         new._progress_bar_config = dict(pipe._progress_bar_config)
         if hasattr(pipe, "_final_layer_norm"):
             new._final_layer_norm = pipe._final_layer_norm
         new.load_seconds = time.perf_counter() - start
         return new
+
+    def save_pretrained(self, save_directory) -> Path:
+        """Write this pipeline as an exported directory that from_pretrained loads again, with its current
+        scheduler (after `pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)`, the saved
+        scheduler_config.json and model_index.json name EulerDiscreteScheduler), as diffusers' save_pretrained.
+        The graphs, configs and tokenizers are copied from where they were loaded. `save_directory` must be new,
+        empty, or a directory diffship wrote (then replaced); never the one the pipeline was loaded from. An
+        interrupted save leaves nothing behind (pipelines/saving.py)."""
+        return save_pipeline(self, save_directory)
 
     # ---- facts read from configs and graphs ----------------------------------------------------------------
     @property
@@ -213,7 +277,8 @@ class DiffusionPipeline:
     def text_encoder_final_layer_norm(self):
         """(weight, bias, eps) of the text encoder's final layer norm, for clip_skip; None if not exported."""
         if not hasattr(self, "_final_layer_norm"):
-            path = self.model_dir / TEXT_ENCODER / FINAL_LAYER_NORM_FILE if self.model_dir else None
+            # Written at export beside the text encoder's graph: read from the session's own folder.
+            path = Path(self.text_encoder.path).parent / FINAL_LAYER_NORM_FILE if self.text_encoder else None
             if path is not None and path.is_file():
                 with np.load(path) as data:
                     self._final_layer_norm = (data["weight"], data["bias"], float(data["eps"]))
@@ -458,9 +523,17 @@ def _required_dir(model_dir: Path, name: str) -> Path:
     return model_dir / name
 
 
+def _config_beside(session) -> dict:
+    """The config.json in a session's component folder, for a session made by hand (from_pretrained sets it);
+    {} where there is none (the pipelines then use diffusers' defaults)."""
+    folder = Path(session.path).parent
+    return read_config(folder.parent, folder.name) if (folder / CONFIG).is_file() else {}
+
+
 def read_config(model_dir: Path, name: str, file: str = "config.json") -> dict:
-    """A component's settings file, with the fields the pipelines read type-checked (CONFIG_FIELDS)."""
-    return read_json_object(Path(model_dir) / name / file, CONFIG_FIELDS.get(name))
+    """A component's settings file, with the fields the pipelines read type-checked (CONFIG_FIELDS); read-only,
+    with attribute access (`pipe.unet.config.in_channels`), as diffusers' configs."""
+    return FrozenConfig(read_json_object(Path(model_dir) / name / file, CONFIG_FIELDS.get(name)))
 
 
 def read_scheduler(path: Path):

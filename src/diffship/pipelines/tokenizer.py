@@ -40,6 +40,7 @@ class CLIPTokenizer:
         self.bos_token_id = self._id(bos_token)
         self.eos_token_id = self._id(eos_token)
         self.pad_token_id = self._id(pad_token)
+        self.name_or_path: str | None = None  # the folder it was read from (transformers' name): what a save copies
 
     def _id(self, token: str) -> int:
         token_id = self._tokenizer.token_to_id(token)
@@ -77,6 +78,7 @@ class CLIPTokenizer:
         tokenizer.no_truncation()
         tokenizer.no_padding()
         result = cls(tokenizer, max_length, bos, eos, pad)
+        result.name_or_path = str(folder)
         # Post-processing adds <|startoftext|> ... <|endoftext|>, as CLIP was trained with.
         tokenizer.post_processor = processors.RobertaProcessing(
             (eos, result.eos_token_id), (bos, result.bos_token_id), trim_offsets=False, add_prefix_space=False

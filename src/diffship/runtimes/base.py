@@ -39,6 +39,9 @@ class Session(Protocol):
     outputs: list[TensorInfo]
     path: str
     can_reshape: bool
+    # The component's config.json (diffusers' `pipe.unet.config`), set by the pipeline that loads the session
+    # from an export folder; {} for a session made alone.
+    config: dict
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 

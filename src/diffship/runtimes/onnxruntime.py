@@ -59,6 +59,7 @@ class OnnxRuntimeSession:
         if not path.is_file():
             raise BackendError(f"no ONNX model at {path}: export the component first (diffship export)")
         self.path = str(path)
+        self.config: dict = {}  # the component's config.json, set by the pipeline that loads it
         options = session_options or ort.SessionOptions()
         # ONNX Runtime's optimized graph is cached for CPU sessions with diffship's own options (a user's
         # session_options may ask for anything; the cached graph would not honour it).

@@ -98,6 +98,7 @@ class OpenVINOSession:
         if path.suffix == ".xml" and not path.with_suffix(".bin").is_file():
             raise BackendError(f"{path} has no weights file {path.with_suffix('.bin').name} beside it")
         self.path = str(path)
+        self.config: dict = {}  # the component's config.json, set by the pipeline (OpenVINO's properties: _config)
         self.device = device
         self._core = core or ov.Core()
         self._config = dict(config or {})

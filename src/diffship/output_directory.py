@@ -1,4 +1,5 @@
-"""Where an export writes, and how it keeps the user's files safe.
+"""Where an export (or a pipeline's save_pretrained) writes, and how it keeps the user's files safe. Torch-free:
+the exporters and the run-time pipelines both write through it.
 
 - The export is built in a staging directory beside OUT (`.OUT.diffship-partial-XXXX/export`) and renamed to OUT
   at the end, so OUT is either absent, the previous export, or the new one: never half-written.
@@ -64,8 +65,9 @@ def _contains(parent: Path, child: Path) -> bool:
     return child == parent or parent in child.parents
 
 
-def check_output(output: Path, overwrite: bool, source: Path | None = None) -> None:
-    """Refuse, before any work, an output that the export would have to replace and must not."""
+def check_output(output: Path, overwrite: bool, source: Path | None = None, action: str = "--overwrite") -> None:
+    """Refuse, before any work, an output that the export would have to replace and must not. `action` names
+    what replaces a previous export, in messages (`--overwrite`, `save_pretrained`)."""
     if _contains(output, Path.cwd().resolve()):
         raise DiffshipError(f"output {output} is the current directory or holds it; export to a new folder "
                             "instead (e.g. OUT/exported)")
@@ -82,10 +84,10 @@ def check_output(output: Path, overwrite: bool, source: Path | None = None) -> N
     if not overwrite:
         raise DiffshipError(f"output {output} exists; pass --overwrite (overwrite=True) to replace a previous "
                             "diffship export, or choose a new folder")
-    check_previous_export(output)
+    check_previous_export(output, action)
 
 
-def check_previous_export(output: Path) -> None:
+def check_previous_export(output: Path, action: str = "--overwrite") -> None:
     """`output` is a diffship export holding nothing but what the export wrote; raise DiffshipError otherwise."""
     report_path = output / REPORT_FILE
     try:
@@ -94,13 +96,13 @@ def check_previous_export(output: Path) -> None:
         report = None
     if not isinstance(report, dict) or report.get("exporter") != EXPORTER or not isinstance(report.get("files"), list):
         raise DiffshipError(
-            f"--overwrite replaces only a previous diffship export, and {output} is not one (no {REPORT_FILE} "
+            f"{action} replaces only a previous diffship export, and {output} is not one (no {REPORT_FILE} "
             "listing its files); nothing was changed. Choose a new folder, or move it away yourself.")
     foreign = sorted(set(list_files(output)) - set(report["files"]))
     if foreign:
         shown = ", ".join(foreign[:_SHOWN]) + (f" and {len(foreign) - _SHOWN} more" if len(foreign) > _SHOWN else "")
         raise DiffshipError(
-            f"{output} is a diffship export but also holds files the export did not write ({shown}); --overwrite "
+            f"{output} is a diffship export but also holds files the export did not write ({shown}); {action} "
             "would delete them, so nothing was changed. Move them out, or choose a new folder.")
 
 
@@ -189,9 +191,10 @@ class ExportDirectory:
     removes stale leftovers, builds in `target.path`, and `target.commit()` puts it in place. Leaving the block
     without a commit (an error, a signal) removes everything the export wrote."""
 
-    def __init__(self, output: Path, overwrite: bool):
+    def __init__(self, output: Path, overwrite: bool, action: str = "--overwrite"):
         self.output = output
         self.overwrite = overwrite
+        self.action = action  # what replaces a previous export, for messages
         self._lock = _Lock(output)
         self._staging: Path | None = None
         self._saved_tempdir: str | None = None
@@ -226,7 +229,7 @@ class ExportDirectory:
 
     def commit(self) -> Path:
         """Put the finished export at OUT (replacing a previous export, checked again now) and return OUT."""
-        check_output(self.output, self.overwrite)  # OUT may have changed under us during a long export
+        check_output(self.output, self.overwrite, action=self.action)  # OUT may have changed during a long export
         if self.output.exists() and any(self.output.iterdir()):
             old = self.output.parent / f".{self.output.name}{_OLD}{uuid.uuid4().hex[:8]}"
             self.output.rename(old)
