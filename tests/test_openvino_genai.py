@@ -1,5 +1,5 @@
 """OpenVINO GenAI's C++ pipelines (`openvino_genai.Text2ImagePipeline`, `Image2ImagePipeline`,
-`InpaintingPipeline`) run diffship's OpenVINO exports as they are, and draw what they draw on Optimum Intel's export
+`InpaintingPipeline`) run diffship's OpenVINO exports (SD 1.x, SD 2.x, SDXL) as they are, and draw what they draw on Optimum Intel's export
 of the same model.
 
 The yardstick is GenAI itself, not diffusers: GenAI's own schedulers and image processing depart from diffusers
@@ -11,7 +11,7 @@ the same noise: a Python subclass of `openvino_genai.Generator` drawing from num
 Tolerance: 2/255 on GenAI's uint8 images. The two exports hold the same weights and the same maths, traced and
 converted by different tools, so their float outputs differ by float-operation order (about 1e-6 per graph, the
 exports' own validation figures); a difference that small flips a uint8 rounding here and there (1/255), and
-four steps of the sampler can carry one more. Measured: 1/255 at most, in every task, on both models. GenAI runs
+four steps of the sampler can carry one more. Measured: 1/255 at most, in every task, on the three models. GenAI runs
 with INFERENCE_PRECISION_HINT f32: its default on a CPU with bf16 is bf16, in which two graphs of one model round
 differently (measured 4/255).
 
@@ -35,8 +35,8 @@ import openvino as ov  # noqa: E402
 from diffship.layout import OPENVINO_DETOKENIZER, OPENVINO_MODEL, OPENVINO_TOKENIZER, TOKENIZER, UNET  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
-OPTIMUM = {"sd1": FIXTURES / "optimum", "sd2": FIXTURES / "optimum-sd2"}
-SOURCE = {"sd1": OPTIMUM["sd1"] / "tiny-sd1", "sd2": OPTIMUM["sd2"] / "tiny-sd2"}
+OPTIMUM = {"sd1": FIXTURES / "optimum", "sd2": FIXTURES / "optimum-sd2", "sdxl": FIXTURES / "optimum-sdxl"}
+SOURCE = {kind: OPTIMUM[kind] / f"tiny-{kind}" for kind in OPTIMUM}
 TOLERANCE = 2  # of 255: see the module docstring
 PROMPT = "a red circle on the left"
 SIZE = 64
@@ -70,20 +70,20 @@ def _weights(folder: Path) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def diffship_exports(exported_dirs, tiny_model_dirs, tmp_path_factory):
-    """kind -> diffship's OpenVINO export of the model Optimum's fixture was exported from. SD 2.x: the suite's
-    shared export, once its source is shown to hold the fixture's weights; SD 1.x: the fixture's source predates
-    the current tiny model, so it is exported here (OpenVINO only)."""
+    """kind -> diffship's OpenVINO export of the model Optimum's fixture was exported from. SD 2.x and SDXL: the
+    suite's shared export, once its source is shown to hold the fixture's weights; SD 1.x: the fixture's source
+    predates the current tiny model, so it is exported here (OpenVINO only)."""
     from diffship.exporters import export
 
     made = {}
 
     def get(kind: str) -> Path:
         if kind not in made:
-            if kind == "sd2":
+            if kind != "sd1":
                 ours, theirs = _weights(tiny_model_dirs(kind)), _weights(SOURCE[kind])
                 assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours), (
-                    "the tiny sd2 model no longer matches tests/fixtures/optimum-sd2: remake the fixture with "
-                    "benchmarks/peers/make_optimum_fixtures.sh --kind sd2 --force")
+                    f"the tiny {kind} model no longer matches {OPTIMUM[kind]}: remake the fixture with "
+                    f"benchmarks/peers/make_optimum_fixtures.sh --kind {kind} --force")
                 made[kind] = exported_dirs(kind)
             else:
                 made[kind] = export(SOURCE[kind], tmp_path_factory.mktemp("genai") / kind, ["openvino"],
@@ -125,7 +125,7 @@ def _draw(folder: Path, task: str) -> np.ndarray:
     return np.asarray(result.data).astype(np.int16)
 
 
-@pytest.mark.parametrize("kind", ["sd1", "sd2"])
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
 @pytest.mark.parametrize("task", ["text2image", "image2image", "inpainting"])
 def test_genai_draws_on_diffship_export_what_it_draws_on_optimums(diffship_exports, kind, task):
     ours = _draw(diffship_exports(kind), task)
