@@ -183,3 +183,29 @@ def test_diffship_runtime_feeds_the_genai_form_unet_unrounded(exported_dirs):
                           "encoder_hidden_states": hidden})["out_sample"]
     assert np.abs(ov_run(500.4) - reference).max() < 1e-4
     assert np.abs(ov_run(500.0) - reference).max() > 10 * np.abs(ov_run(500.4) - reference).max()
+
+
+def test_the_float_form_is_compiled_from_a_file_in_the_compile_cache(exported_dirs, tmp_path):
+    """With a compile cache, the float-timestep graph is a file there (XML rewritten, weights linked), so that a
+    second load does not hash the weights; it computes what the rewrite in memory computes. Without a cache, or
+    one that cannot be written, the session compiles the rewrite in memory."""
+    from diffship.runtimes.openvino import OpenVINOSession
+
+    folder = exported_dirs("sd1") / UNET
+    cached = OpenVINOSession(folder, cache_dir=tmp_path / "cache")
+    rewritten = Path(cached._path)
+    assert rewritten.is_relative_to(tmp_path / "cache") and rewritten.with_suffix(".bin").resolve() == (
+        folder / "openvino_model.bin").resolve()
+    assert OpenVINOSession(folder, cache_dir=tmp_path / "cache")._path == cached._path  # written once
+    in_memory = OpenVINOSession(folder, cache_dir=False)
+    unwritable = tmp_path / "a-file"  # a cache "folder" that is a file: nothing can be written under it, even as root
+    unwritable.write_text("")
+    fallback = OpenVINOSession(folder, cache_dir=unwritable)
+    assert Path(in_memory._path) == Path(fallback._path) == folder / OPENVINO_MODEL
+    rng = np.random.default_rng(1)
+    feeds = {"sample": rng.standard_normal((1, 4, 8, 8)).astype(np.float32),
+             "timestep": np.array([321.7], np.float32),
+             "encoder_hidden_states": rng.standard_normal((1, 77, in_memory.inputs[2].shape[2])).astype(np.float32)}
+    expected = in_memory.run(feeds)["out_sample"]
+    assert np.array_equal(cached.run(feeds)["out_sample"], expected)
+    assert np.array_equal(fallback.run(feeds)["out_sample"], expected)
