@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from diffship.errors import BackendError
 from diffship.layout import ONNX_MODEL, OPENVINO_MODEL, TIMESTEP
-from diffship.runtimes.cache import cache_root
+from diffship.runtimes.cache import cache_root, graph_key, remove_entry
 from diffship.runtimes.base import TensorInfo, check_feeds, run_error
 
 
@@ -69,18 +68,16 @@ def float_timestep_ir(path: Path, folder: Path) -> Path | None:
     load: 1.7 s instead of 3.2 s). The Parameter becomes float32 and the Convert after it converts float32 to
     float32, which compiles to nothing. None when the XML is not in the form genai_timestep writes, or the cache
     cannot be written: the session then compiles from memory."""
-    import hashlib
     import tempfile
     import xml.etree.ElementTree as ET
 
     weights = path.with_suffix(".bin")
     try:
-        text, stat = path.read_bytes(), weights.stat()
-        key = hashlib.sha256(text + f"|{weights.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
-        target = folder / key[:32] / OPENVINO_MODEL
+        # Keyed as every cache entry is (the files' paths, sizes and modification times): a re-export rewrites it.
+        target = folder / graph_key(path, "float-timestep") / OPENVINO_MODEL
         if target.is_file():
             return target
-        tree = ET.ElementTree(ET.fromstring(text))
+        tree = ET.parse(path)
         layers = {layer.get("id"): layer for layer in tree.iter("layer")}
         param = next((layer for layer in layers.values()
                       if layer.get("type") == "Parameter" and layer.get("name") == TIMESTEP), None)
@@ -103,7 +100,7 @@ def float_timestep_ir(path: Path, folder: Path) -> Path | None:
         try:
             staging.rename(target.parent)
         except OSError:  # another process wrote it first
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_entry(staging)
         return target if target.is_file() else None
     except (OSError, ET.ParseError, AttributeError, KeyError):
         return None
