@@ -21,6 +21,7 @@ from diffship.errors import DiffshipError
 from diffship.exporters.components import ExportShapes
 from diffship.exporters.memory import collect_only_new_objects, release
 from diffship.exporters.loading import load_reference_pipeline, resolve_source
+from diffship.exporters.lora import apply_loras, check_loras
 from diffship.exporters.component_export import export_component
 from diffship.exporters.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from diffship.exporters.optimize import ExportOptions
@@ -136,6 +137,7 @@ def export(
     calibration_prompts: list[str] | None = None,
     deepcache: bool = False,
     deepcache_branch: int = 0,
+    loras=None,
 ) -> Path:
     """Export `model` (a diffusers directory or hub id) to `output` for `backend` ("onnx", "openvino" or both).
 
@@ -158,6 +160,10 @@ def export(
     NNCF for OpenVINO); `quantize="hybrid"` also quantizes the UNet's activations (OpenVINO), calibrated on
     `calibration_prompts`.
 
+    `loras`: LoRA files baked into the weights, each a path (scale 1.0) or a (path, scale) pair: loaded with
+    diffusers' loaders (diffusers/PEFT and kohya formats), fused at their scales, recorded in the report with each
+    file's sha256 (exporters/lora.py). A LoRA that does not fit the model is refused, never partly applied.
+
     `deepcache=True` makes the UNet also output the deep feature DeepCache caches (`deep_features`, after
     `out_sample`) at `deepcache_branch` (0, the shallowest, to the UNet's layers per block), and adds the shallow
     UNet that the cached steps run (`unet_shallow/`); the pipelines then take `cache="deepcache"`.
@@ -171,6 +177,7 @@ def export(
                             quantize=quantize, vae_fp16=vae_fp16,
                             calibration_prompts=tuple(calibration_prompts) if calibration_prompts else None)
     options.check(formats)
+    adapters = check_loras(loras, allow_pickle)
     if "openvino" in formats:
         check_openvino_tokenizers()
     output = Path(output).expanduser().resolve()
@@ -193,6 +200,7 @@ def export(
 
     with ExportDirectory(output, overwrite) as target_dir, collect_only_new_objects():
         pipe = load_reference_pipeline(source, variant, allow_pickle)
+        apply_loras(pipe, adapters)
         default_size = pipe.unet.config.sample_size * scale
         tokenizer = getattr(pipe, "tokenizer", None) or pipe.tokenizer_2
         shapes = ExportShapes(
@@ -212,6 +220,7 @@ def export(
             family=family.name,
             source=str(model),
             hub=resolved.to_report(),
+            loras=[adapter.to_report() for adapter in adapters],
             variant=variant,
             formats=formats,
             opset=opset,
