@@ -124,6 +124,10 @@ def _add_export(sub) -> None:
     p.add_argument("--deepcache-branch", type=int, default=0,
                    help="with --deepcache: where the shallow UNet joins the cached feature, 0 (the shallowest and "
                         "fastest, the default) to the UNet's layers per block")
+    p.add_argument("--textual-inversion", action="append", metavar="FILE[:TOKEN]",
+                   help="a textual inversion embedding (diffusers or Automatic1111 format, multi-vector, SDXL's "
+                        "clip_l/clip_g) added to the tokenizers and text encoders under TOKEN (default: the file's "
+                        "own token, or its name); repeat for several")
     p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
                    help="a LoRA (.safetensors, diffusers/PEFT or kohya format) fused into the exported weights at "
                         "SCALE (default 1); repeat for several. UNet and text-encoder layers, convolutions too")
@@ -301,23 +305,28 @@ def cmd_export(args) -> None:
     from diffship.exporters import export
     from diffship.exporters.export_pipeline import check_arguments
     from diffship.exporters.lora import check_loras, parse_lora_flag
+    from diffship.exporters.textual_inversion import check_textual_inversions, parse_textual_inversion_flag
 
     # The checks export() makes, first under the flags' names.
     check_arguments(backend=args.backend or ["onnx"], height=args.height, width=args.width,
                     batch_size=args.batch_size, opset=args.opset, atol=args.atol, deepcache=args.deepcache,
                     deepcache_branch=args.deepcache_branch, name=lambda argument: "--" + argument.replace("_", "-"))
     loras = check_loras([parse_lora_flag(text) for text in args.lora or []], args.allow_pickle, "--lora")
+    embeddings = check_textual_inversions([parse_textual_inversion_flag(text) for text in args.textual_inversion or []],
+                                          args.allow_pickle, "--textual-inversion")
     out = export(args.model, args.out, backend=args.backend or ["onnx"], height=args.height, width=args.width,
                  batch_size=args.batch_size, static=args.static, opset=args.opset, atol=args.atol,
                  overwrite=args.overwrite, **_hub_kwargs(args), variant=args.variant, allow_pickle=args.allow_pickle,
                  dtype=args.dtype, optimize=args.optimize,
                  target=args.target, weight_format=args.weight_format, quantize=args.quantize,
                  vae_fp16=args.vae_fp16, deepcache=args.deepcache, deepcache_branch=args.deepcache_branch,
-                 loras=loras)
+                 loras=loras, textual_inversions=embeddings)
     report = json.loads((out / REPORT_FILE).read_text())
     print(f"exported to {out}")
     for lora in report.get("loras", []):
         print(f"  LoRA {lora['file']} fused at scale {lora['scale']:g} (sha256 {lora['sha256'][:12]})")
+    for embedding in report.get("textual_inversions", []):
+        print(f"  textual inversion {embedding['file']}: tokens {' '.join(embedding['tokens'])}")
     for name, entry in report["components"].items():
         figures = ", ".join(
             f"{b} {v['precision']} max abs {v['max_abs']:.2e} " + (f"(atol {v['atol']:g})" if "atol" in v

@@ -22,6 +22,7 @@ from diffship.exporters.components import ExportShapes
 from diffship.exporters.memory import collect_only_new_objects, release
 from diffship.exporters.loading import load_reference_pipeline, resolve_source
 from diffship.exporters.lora import apply_loras, check_loras
+from diffship.exporters.textual_inversion import apply_textual_inversions, check_textual_inversions
 from diffship.exporters.component_export import export_component
 from diffship.exporters.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from diffship.exporters.optimize import ExportOptions
@@ -138,6 +139,7 @@ def export(
     deepcache: bool = False,
     deepcache_branch: int = 0,
     loras=None,
+    textual_inversions=None,
 ) -> Path:
     """Export `model` (a diffusers directory or hub id) to `output` for `backend` ("onnx", "openvino" or both).
 
@@ -163,6 +165,9 @@ def export(
     `loras`: LoRA files baked into the weights, each a path (scale 1.0) or a (path, scale) pair: loaded with
     diffusers' loaders (diffusers/PEFT and kohya formats), fused at their scales, recorded in the report with each
     file's sha256 (exporters/lora.py). A LoRA that does not fit the model is refused, never partly applied.
+    `textual_inversions`: embeddings added to the tokenizers and text encoders, each a path or a (path, token)
+    pair (diffusers' and Automatic1111's formats, multi-vector ones, SDXL's clip_l/clip_g pairs;
+    exporters/textual_inversion.py); the exported tokenizers know the new tokens.
 
     `deepcache=True` makes the UNet also output the deep feature DeepCache caches (`deep_features`, after
     `out_sample`) at `deepcache_branch` (0, the shallowest, to the UNet's layers per block), and adds the shallow
@@ -178,6 +183,7 @@ def export(
                             calibration_prompts=tuple(calibration_prompts) if calibration_prompts else None)
     options.check(formats)
     adapters = check_loras(loras, allow_pickle)
+    embeddings = check_textual_inversions(textual_inversions, allow_pickle)
     if "openvino" in formats:
         check_openvino_tokenizers()
     output = Path(output).expanduser().resolve()
@@ -201,6 +207,7 @@ def export(
     with ExportDirectory(output, overwrite) as target_dir, collect_only_new_objects():
         pipe = load_reference_pipeline(source, variant, allow_pickle)
         apply_loras(pipe, adapters)
+        embedding_report = apply_textual_inversions(pipe, embeddings)
         default_size = pipe.unet.config.sample_size * scale
         tokenizer = getattr(pipe, "tokenizer", None) or pipe.tokenizer_2
         shapes = ExportShapes(
@@ -221,6 +228,7 @@ def export(
             source=str(model),
             hub=resolved.to_report(),
             loras=[adapter.to_report() for adapter in adapters],
+            textual_inversions=embedding_report,
             variant=variant,
             formats=formats,
             opset=opset,
@@ -230,7 +238,7 @@ def export(
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             versions=_versions(),
         )
-        _write_pipeline_files(family, source, staging, index)
+        _write_pipeline_files(family, source, staging, index, pipe if embeddings else None)
         if "openvino" in formats:
             report["tokenizers"] = _openvino_tokenizers(pipe, staging)
         # The list of every file the export wrote: what marks the directory as diffship's, and all that a later
@@ -300,10 +308,14 @@ def _save_config(spec, folder: Path) -> None:
         (folder / CONFIG).write_text(json.dumps(data, indent=2, default=list) + "\n")
 
 
-def _write_pipeline_files(family, source: Path, staging: Path, index: dict) -> None:
-    """The family's plain files (tokenizers, scheduler), and model_index.json without what was not exported."""
+def _write_pipeline_files(family, source: Path, staging: Path, index: dict, tokenizers_from=None) -> None:
+    """The family's plain files (tokenizers, scheduler), and model_index.json without what was not exported.
+    `tokenizers_from`: the pipeline whose tokenizers learnt new tokens (textual inversion): saved, not copied."""
     for name in family.copied:
-        if (source / name).is_dir():
+        tokenizer = getattr(tokenizers_from, name, None) if name in (TOKENIZER, TOKENIZER_2) else None
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging / name)
+        elif (source / name).is_dir():
             shutil.copytree(source / name, staging / name)
     # The components that are not exported are removed from the index so that loaders do not look for them.
     dropped = (SAFETY_CHECKER, FEATURE_EXTRACTOR, IMAGE_ENCODER)

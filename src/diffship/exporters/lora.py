@@ -75,35 +75,41 @@ def check_loras(loras, allow_pickle: bool = False, flag: str = "loras") -> list[
             raise ValueError(f"{flag}: each LoRA is a file path or a (path, scale) pair, got {item!r}")
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise ValueError(f"{flag} {path}: the scale must be a finite number, got {scale!r}")
-        checked.append(Lora(_check_file(Path(path).expanduser(), allow_pickle, flag), float(scale),
-                            _sha256(Path(path).expanduser())))
+        path = check_adapter_file(Path(path).expanduser(), allow_pickle, flag)
+        if path.suffix == ".safetensors" and not any("lora" in key for key in safetensors_keys(path, flag, "LoRA")):
+            raise DiffshipError(f"{flag} {path} holds no LoRA weights (no 'lora' key among its tensors); give a "
+                                "LoRA file, not a model's weights")
+        checked.append(Lora(path, float(scale), file_sha256(path)))
     return checked
 
 
-def _check_file(path: Path, allow_pickle: bool, flag: str) -> Path:
+def check_adapter_file(path: Path, allow_pickle: bool, flag: str, what: str = "LoRA") -> Path:
+    """An adapter file (a LoRA, an embedding) that exists and can be read: a .safetensors file whose header
+    safetensors reads, or a pickled one (.pt, .bin, ...) only with `allow_pickle`. Returns its absolute path."""
     if not path.exists():
         raise DiffshipError(f"{flag} {path}: no such file")
     if not path.is_file():
-        raise DiffshipError(f"{flag} {path}: not a file; give the LoRA's .safetensors file")
+        raise DiffshipError(f"{flag} {path}: not a file; give the {what}'s .safetensors file")
     if path.name.endswith(PICKLE_SUFFIXES):
         if not allow_pickle:
             raise DiffshipError(f"{flag} {path} is a pickled file; {ALLOW_PICKLE_ADVICE}")
         return path.resolve()
+    safetensors_keys(path, flag, what)
+    return path.resolve()
+
+
+def safetensors_keys(path: Path, flag: str, what: str) -> list[str]:
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="numpy") as f:
-            keys = list(f.keys())
+            return list(f.keys())
     except (SafetensorError, OSError, ValueError) as e:
-        raise DiffshipError(f"{flag} {path} is not a safetensors file that can be read ({_first_line(e)}); "
-                            "give a LoRA saved as .safetensors") from None
-    if not any("lora" in key for key in keys):
-        raise DiffshipError(f"{flag} {path} holds no LoRA weights (no 'lora' key among its {len(keys)} tensors); "
-                            "give a LoRA file, not a model's weights")
-    return path.resolve()
+        raise DiffshipError(f"{flag} {path} is not a safetensors file that can be read ({first_line(e)}); "
+                            f"give the {what} saved as .safetensors") from None
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -123,7 +129,7 @@ def apply_loras(pipe, loras: list[Lora], flag: str = "loras") -> None:
                 pipe.load_lora_weights(str(lora.path), adapter_name=name)
             except (RuntimeError, ValueError, KeyError, TypeError) as e:
                 raise DiffshipError(f"{flag} {lora.path} does not fit this {type(pipe).__name__}: "
-                                    f"{_first_line(e)}") from None
+                                    f"{first_line(e)}") from None
         for component, count in expected.items():
             found = _layers_in_model(getattr(pipe, component, None), name)
             if found < count:
@@ -146,7 +152,7 @@ def _layers_in_file(pipe, lora: Lora, flag: str) -> Counter:
     try:
         state_dict = pipe.lora_state_dict(str(lora.path))[0]
     except (RuntimeError, ValueError, KeyError, TypeError, OSError) as e:
-        raise DiffshipError(f"{flag} {lora.path}: diffusers cannot read it as a LoRA ({_first_line(e)})") from None
+        raise DiffshipError(f"{flag} {lora.path}: diffusers cannot read it as a LoRA ({first_line(e)})") from None
     counts = Counter(key.split(".", 1)[0] for key in state_dict if _LORA_DOWN.search(key))
     if not counts:
         raise DiffshipError(f"{flag} {lora.path} holds no LoRA layer diffusers recognises")
@@ -173,7 +179,7 @@ class _diffusers_warnings:
     def __enter__(self) -> list[str]:
         self.messages: list[str] = []
         self.handler = logging.Handler(logging.WARNING)
-        self.handler.emit = lambda record: self.messages.append(_first_line(record.getMessage()))
+        self.handler.emit = lambda record: self.messages.append(first_line(record.getMessage()))
         self.loggers = [logging.getLogger(name) for name in ("diffusers", "peft")]
         for logger in self.loggers:
             logger.addHandler(self.handler)
@@ -184,12 +190,12 @@ class _diffusers_warnings:
 
     def __exit__(self, *exc) -> None:
         self.caught.__exit__(*exc)
-        self.messages.extend(_first_line(record.message) for record in self.records)
+        self.messages.extend(first_line(record.message) for record in self.records)
         for logger in self.loggers:
             logger.removeHandler(self.handler)
 
 
-def _first_line(error) -> str:
+def first_line(error) -> str:
     """An error's first line, with the next one when it only introduces it (torch's "Error(s) in loading
     state_dict for UNet2DConditionModel:" / "size mismatch for ...")."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]

@@ -41,6 +41,8 @@ class CLIPTokenizer:
         self.eos_token_id = self._id(eos_token)
         self.pad_token_id = self._id(pad_token)
         self.name_or_path: str | None = None  # the folder it was read from (transformers' name): what a save copies
+        # Tokens added to the vocabulary (the special ones, and a textual inversion's: TOKEN, TOKEN_1, ...).
+        self.added_tokens = {token.content for token in tokenizer.get_added_tokens_decoder().values()}
 
     def _id(self, token: str) -> int:
         token_id = self._tokenizer.token_to_id(token)
@@ -85,11 +87,26 @@ class CLIPTokenizer:
         )
         return result
 
+    def maybe_convert_prompt(self, prompt: str) -> str:
+        """A multi-vector textual inversion token (TOKEN with TOKEN_1, TOKEN_2, ... in the vocabulary) written out
+        as all its tokens, "TOKEN TOKEN_1 TOKEN_2", as diffusers' pipelines rewrite every prompt before tokenizing
+        it (TextualInversionLoaderMixin.maybe_convert_prompt); any other prompt is returned as it is."""
+        for token in set(self._tokenizer.encode(prompt, add_special_tokens=False).tokens) & self.added_tokens:
+            count = 1
+            while f"{token}_{count}" in self.added_tokens:
+                count += 1
+            if count > 1:
+                prompt = prompt.replace(token, " ".join([token] + [f"{token}_{i}" for i in range(1, count)]))
+        return prompt
+
+    def _encode_batch(self, prompts: list[str]):
+        return self._tokenizer.encode_batch([self.maybe_convert_prompt(p) for p in prompts])
+
     def __call__(self, prompts: list[str], max_length: int | None = None, truncation: bool = True) -> np.ndarray:
         """ids [len(prompts), max_length], padded with the pad token and truncated keeping the end token."""
         max_length = max_length or self.model_max_length
         ids = np.full((len(prompts), max_length), self.pad_token_id, dtype=np.int64)
-        for row, encoding in enumerate(self._tokenizer.encode_batch(list(prompts))):
+        for row, encoding in enumerate(self._encode_batch(list(prompts))):
             tokens = encoding.ids
             if len(tokens) > max_length:
                 if not truncation:
@@ -103,10 +120,10 @@ class CLIPTokenizer:
         and the end token, decoded, as diffusers reports them."""
         max_length = max_length or self.model_max_length
         return [self.decode(e.ids[max_length - 1:-1]) if len(e.ids) > max_length else ""
-                for e in self._tokenizer.encode_batch(list(prompts))]
+                for e in self._encode_batch(list(prompts))]
 
     def untruncated_length(self, prompt: str) -> int:
-        return len(self._tokenizer.encode(prompt).ids)
+        return len(self._encode_batch([prompt])[0].ids)
 
     def decode(self, ids) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=True).replace("</w>", " ").strip()

@@ -1,4 +1,4 @@
-"""Tiny LoRA files for the tiny pipelines, made in code (seeded, offline), in the two formats users have:
+"""Tiny adapters for the tiny pipelines, made in code (seeded, offline). LoRA files in the two formats users have:
 diffusers/PEFT (`save_lora_weights`' keys: `unet.<module>.lora_A.weight`) and kohya / Automatic1111
 (`lora_unet_<module_with_underscores>.lora_down.weight`, `.lora_up.weight`, `.alpha`; text encoders `lora_te_`,
 or `lora_te1_` / `lora_te2_` for SDXL's two).
@@ -68,3 +68,38 @@ def _kohya(layers: dict, prefixes: dict, rank: int) -> dict:
             out[f"{stem}.lora_{'down' if matrix.startswith('A') else 'up'}.weight"] = value
             out[f"{stem}.alpha"] = torch.tensor(float(rank))
     return out
+
+
+# Textual inversion files: diffusers' {token: vectors}, Automatic1111's .pt ({"string_to_param": {"*": vectors},
+# "name": token}) and .safetensors ({"emb_params": vectors}, the file name is the token), SDXL's {"clip_l", "clip_g"}.
+EMBEDDING_FORMATS = ("diffusers", "a1111-pt", "a1111-safetensors", "sdxl")
+
+
+def save_tiny_embedding(model_dir: str | Path, path: str | Path, token: str, *, vectors: int = 1,
+                        fmt: str = "diffusers", seed: int = 0, std: float = 0.05) -> Path:
+    """Write a textual inversion embedding of `vectors` vectors for the text encoder(s) of the pipeline in
+    `model_dir` to `path`, in format `fmt` (EMBEDDING_FORMATS), and return it."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    if fmt not in EMBEDDING_FORMATS:
+        raise ValueError(f"fmt must be one of {EMBEDDING_FORMATS}, got {fmt!r}")
+    generator = torch.Generator().manual_seed(seed)
+
+    def vectors_for(encoder: str) -> torch.Tensor:
+        width = json.loads((Path(model_dir) / encoder / "config.json").read_text())["hidden_size"]
+        return torch.randn(vectors, width, generator=generator) * std
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "sdxl":
+        save_file({"clip_l": vectors_for("text_encoder"), "clip_g": vectors_for("text_encoder_2")}, str(path))
+    elif fmt == "diffusers":
+        save_file({token: vectors_for("text_encoder")}, str(path))
+    elif fmt == "a1111-safetensors":
+        save_file({"emb_params": vectors_for("text_encoder")}, str(path))
+    else:
+        torch.save({"string_to_param": {"*": vectors_for("text_encoder")}, "name": token}, str(path))
+    return path
