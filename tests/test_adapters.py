@@ -265,3 +265,21 @@ def test_embeddings_that_do_not_fit_are_refused(tiny_model_dirs, adapter_files, 
 ])
 def test_textual_inversion_flag(text, expected):
     assert parse_textual_inversion_flag(text) == expected
+
+
+def test_a_lora_with_a_layer_the_model_lacks_is_refused(tiny_model_dirs, adapter_files, tmp_path):
+    """One layer of an otherwise fitting LoRA renamed to a module the UNet does not have: diffusers would load the
+    rest and only warn; the export refuses the file instead of applying part of it."""
+    from safetensors.numpy import load_file, save_file
+
+    state = load_file(str(adapter_files("sd1")[0]["locon"]))
+    layer = next(k for k in state if k.startswith("unet.") and k.endswith(".to_q.lora_A.weight")).removesuffix(
+        ".to_q.lora_A.weight")
+    renamed = {k.replace(f"{layer}.to_q.", f"{layer}.to_nowhere."): v for k, v in state.items()}
+    broken = tmp_path / "inputs" / "broken.safetensors"
+    broken.parent.mkdir()
+    save_file(renamed, str(broken))
+    with pytest.raises(DiffshipError, match=rf"loras {broken} does not fit this StableDiffusionPipeline: .*"
+                                            r"(1 of its \d+ unet LoRA layers match no layer|to_nowhere)"):
+        export(tiny_model_dirs("sd1"), tmp_path / "out", "onnx", progress=False, loras=[broken])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs"]
