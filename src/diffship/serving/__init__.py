@@ -14,7 +14,9 @@ def build_app(args: dict):
     """Ray Serve application builder: `args` are ServeOptions' fields (a config file's `args:`, or `serve run`'s
     key=value pairs); `host`, `port` and `address` are the config file's `http_options` there, not read here."""
     options = options_from_args(args)
-    options.backend = check_model_dir(options.model_dir, options.backend)
+    # The node that builds the application (a cluster's head) need not hold the model: the replicas load it where
+    # they run, and say so when it is missing. Where it is here, it is checked now.
+    options.backend = check_model_dir(options.model_dir, options.backend, must_exist=False)
     return _app_module().build(options)
 
 

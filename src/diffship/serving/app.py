@@ -209,11 +209,12 @@ class DiffshipIngress:
                 except (RayActorError, ReplicaUnavailableError) as e:
                     logger.warning("request %s: model replica lost on attempt %d: %s", generation.request_id,
                                    attempt, type(e).__name__)
-                    if attempt == MAX_ATTEMPTS:
-                        raise _Answer(503, f"the model replica running request {generation.request_id} died "
-                                           f"({MAX_ATTEMPTS} attempts); retry later", "replica_died",
-                                      headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-                    continue
+                    if attempt < MAX_ATTEMPTS:
+                        self.metrics.retries.inc()
+                        continue
+                    raise _Answer(503, f"the model replica running request {generation.request_id} died "
+                                       f"({MAX_ATTEMPTS} attempts); retry later", "replica_died",
+                                  headers={"Retry-After": str(RETRY_AFTER_S)}) from None
                 except DeploymentUnavailableError as e:
                     raise _Answer(503, str(e), "unavailable", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
                 if result.error is not None:

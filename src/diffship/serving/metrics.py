@@ -35,6 +35,8 @@ class ServerMetrics:
                                 ["route", "status"], registry=self.registry)
         self.errors = Counter("diffship_errors", "requests answered with an error, by route and kind",
                               ["route", "kind"], registry=self.registry)
+        self.retries = Counter("diffship_retries", "model calls sent again because the replica running them died",
+                               registry=self.registry)
         self.images = Counter("diffship_images", "images generated", registry=self.registry)
         self.queue_length = Gauge("diffship_queue_length",
                                   "accepted generation requests waiting for a model replica's answer (queued or "

@@ -142,9 +142,11 @@ def local_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def check_model_dir(model_dir: str, backend: str | None, name=lambda argument: argument) -> str | None:
+def check_model_dir(model_dir: str, backend: str | None, name=lambda argument: argument,
+                    must_exist: bool = True) -> str | None:
     """A local directory holds graphs the backend runs (the backend it gets, as from_pretrained chooses); a hub
-    repo id is left to the replicas to fetch (None: its file listing chooses)."""
+    repo id is left to the replicas to fetch (None: its file listing chooses). `must_exist=False`: a path that is
+    not here (a cluster's replicas may see volumes this node does not) is left to the replicas too."""
     from diffship.hub import check_hub_id, is_local
     from diffship.runtimes import backend_name, choose_backend, graph_folders
 
@@ -154,6 +156,8 @@ def check_model_dir(model_dir: str, backend: str | None, name=lambda argument: a
         except DiffshipError as e:
             raise DiffshipError(f"{name('backend')}: {e}") from None
     if not is_local(model_dir):
+        if not must_exist:
+            return backend
         try:
             check_hub_id(model_dir)
         except DiffshipError as e:

@@ -227,7 +227,8 @@ def _resolved(body: dict, model: dict, task: str, prompt: str, height: int, widt
               mask, response_format: str, request_id: str) -> GenerationRequest:
     """The fields both routes share, checked and defaulted from the task pipeline's own defaults."""
     if task not in model["tasks"]:
-        field_name = "mask_image" if task == INPAINTING else "image" if task == IMAGE_TO_IMAGE else "prompt"
+        # What the request is missing or has too much of: the image inputs that choose the task.
+        field_name = "mask_image" if task == INPAINTING else "image"
         raise RequestError(field_name, f"this model cannot do {task}: {model['unavailable'].get(task, '')}")
     defaults = model["tasks"][task]
     negative = _string(body, "negative_prompt")
