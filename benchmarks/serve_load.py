@@ -10,7 +10,7 @@ answered twice or with another request's id. Across configurations the image of 
         [--out benchmarks/results/serve_load]
 
 Without --model, the tiny sd1 pipeline is built and exported once under out/serve_load/ (about a minute). Ray is
-started here on 127.0.0.1 and stopped at the end.
+started here (HTTP on 127.0.0.1) and stopped at the end.
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ def main() -> int:
     cpus = os.cpu_count() or 1
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     results = {"machine": machine_info(), "versions": versions(), "date": now(), "model": str(model),
                "backend": BACKEND, "size": args.size, "steps": args.steps, "requests": args.requests,

@@ -1,4 +1,4 @@
-"""`diffship serve`: a real local Ray (127.0.0.1) serving the tiny sd1 export, talked to over real HTTP.
+"""`diffship serve`: a real local Ray serving the tiny sd1 export, talked to over real HTTP on 127.0.0.1.
 
 One Ray instance and one application for the module (starting them is most of the cost): batching on (up to 4
 requests, gathered for 300 ms so that concurrent test requests meet), a small queue (so that overload is reached

@@ -256,7 +256,7 @@ def proxy_http_options(options: ServeOptions) -> dict:
 
 
 def start(options: ServeOptions, num_cpus: int | None = None, log_to_driver: bool = True) -> None:
-    """Start Ray here (127.0.0.1, no dashboard, no usage reports; `num_cpus`: Ray's default, every CPU) or join the
+    """Start Ray here (no dashboard, no usage reports; `num_cpus`: Ray's default, every CPU) or join the
     cluster at `options.address`, then run the application; returns once it is ready. A replica that fails to
     start is a DiffshipError (Ray logs its traceback). `log_to_driver`: the replicas' logs printed here too."""
     import os
@@ -268,8 +268,10 @@ def start(options: ServeOptions, num_cpus: int | None = None, log_to_driver: boo
     if not ray.is_initialized():
         if options.address is None:
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                     logging_level=logging.WARNING, log_to_driver=log_to_driver)
+            # HTTP listens on options.host (127.0.0.1 by default). Ray's own services register the machine's address
+            # (Ray maps 127.0.0.1 to it on Linux) and take connections with Ray's token authentication.
+            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+                     log_to_driver=log_to_driver)
         else:
             ray.init(address=options.address, logging_level=logging.WARNING, log_to_driver=log_to_driver)
     serve.start(http_options=proxy_http_options(options))
