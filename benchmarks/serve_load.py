@@ -360,8 +360,8 @@ def markdown(results: dict) -> str:
         lines.append(
             f"| {c['replicas']} | {c['max_batch_size']} | {c['threads_per_replica']} | {c['outcomes'].get('image', 0)} "
             f"| {c['outcomes'].get('rejected', 0)} | {other} | {c['throughput_rps']:.2f} | "
-            f"{c['latency_p50_s'] * 1e3:.0f} ms | {c['latency_p95_s'] * 1e3:.0f} ms | {c['latency_p99_s'] * 1e3:.0f} ms | "
-            f"{c['batch_size_mean']:.2f} | {c['batch_sizes']} | {c.get('loadavg_after', '-')} |")
+            f"{c['latency_p50_s'] * 1e3:.0f} ms | {c['latency_p95_s'] * 1e3:.0f} ms | "
+            f"{c['latency_p99_s'] * 1e3:.0f} ms | {c['batch_size_mean']:.2f} | {c['batch_sizes']} | {c.get('loadavg_after', '-')} |")
     lines += ["", "What batching buys here (batched / unbatched, same replicas):", ""]
     for replicas in sorted({c["replicas"] for c in results["configs"]}):
         off, on = (next(c for c in results["configs"] if c["replicas"] == replicas and (c["max_batch_size"] > 1) == b)

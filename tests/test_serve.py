@@ -288,7 +288,8 @@ def test_metrics(server):
     assert status == 200 and headers["Content-Type"].startswith("text/plain")
     for series in ('diffship_requests_total{route="/generate",status="200"}',
                    'diffship_errors_total{kind="invalid_request_error",route="/generate"}',
-                   "diffship_queue_length ", "diffship_batch_size_bucket", 'diffship_stage_seconds_bucket{le="0.001",stage="unet"}',
+                   "diffship_queue_length ", "diffship_batch_size_bucket",
+                   'diffship_stage_seconds_bucket{le="0.001",stage="unet"}',
                    'diffship_request_seconds_count{route="/generate"}'):
         assert series in text, series
 

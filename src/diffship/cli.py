@@ -240,8 +240,8 @@ def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="serve an exported pipeline over HTTP with Ray Serve (needs diffship[serve])",
                        description="A Ray Serve application: POST /generate (diffusers' argument names), POST "
                                    "/v1/images/generations (OpenAI's images API), GET /health, /ready, /metrics. "
-                                   "Ray is started here (no dashboard; HTTP on --host) unless --address names a cluster. "
-                                   "Ctrl-C drains the requests in flight and stops.")
+                                   "Ray is started here (no dashboard; HTTP on --host) unless --address names a "
+                                   "cluster. Ctrl-C drains the requests in flight and stops.")
     p.add_argument("model_dir", help=EXPORTED_HELP)
     p.add_argument("--backend", default=None,
                    help="onnxruntime or openvino (default: the one the export's graphs are for)")
