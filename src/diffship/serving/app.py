@@ -120,9 +120,11 @@ class DiffshipModel:
 class DiffshipIngress:
     """HTTP routes: checks, the model call (timeout, retry on a dead replica, 503 past the queue), metrics."""
 
-    def __init__(self, model, request_timeout_s: float):
+    def __init__(self, model, options: dict):
+        # The options are the ingress's arguments so that a new model or setting (a config file's update) starts a
+        # new ingress too: its cached model description is the current model's.
         self.model = model
-        self.request_timeout_s = request_timeout_s
+        self.request_timeout_s = ServeOptions(**options).request_timeout_s
         self.metrics = ServerMetrics()
         self._description = None
         self._describing = asyncio.Lock()
@@ -246,7 +248,7 @@ class DiffshipIngress:
 
 def build(options: ServeOptions):
     """The application for `options` (checked by the caller): the ingress bound to the model deployment."""
-    return DiffshipIngress.bind(model_deployment(options).bind(options.as_args()), options.request_timeout_s)
+    return DiffshipIngress.bind(model_deployment(options).bind(options.as_args()), options.as_args())
 
 
 def proxy_http_options(options: ServeOptions) -> dict:
