@@ -94,6 +94,7 @@ def test_health_ready(server):
     status, _, ready = _call(url + "/ready")
     assert status == 200 and ready["ready"] and ready["backend"] == BACKEND
     assert ready["tasks"] == ["image-to-image", "inpainting", "text-to-image"]
+    assert ready["model_replicas"] == {"RUNNING": 1}
 
 
 def test_generate_json_and_png(server):
@@ -283,6 +284,7 @@ def test_overload_gets_503_with_retry_after(server):
 def test_metrics(server):
     url, _ = server
     _generate(url, seed=1)
+    _generate(url, num_inference_steps=0)
     status, headers, text = _call(url + "/metrics")
     text = text.decode()
     assert status == 200 and headers["Content-Type"].startswith("text/plain")

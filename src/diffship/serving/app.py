@@ -67,6 +67,13 @@ class _Answer(Exception):
                                        "code": None}}, status_code=self.status, headers=self.headers)
 
 
+def _model_replicas() -> dict:
+    """The model deployment's replicas by state (RUNNING, STARTING, ...), as Serve's controller reports them."""
+    context = serve.get_replica_context()
+    application = serve.status().applications[context.app_name]
+    return dict(application.deployments[MODEL_DEPLOYMENT].replica_states)
+
+
 async def _awaited(response):
     """A DeploymentResponse as a coroutine, for asyncio.wait_for."""
     return await response
@@ -150,7 +157,7 @@ class DiffshipIngress:
             return JSONResponse({"ready": False, "reason": f"{type(e).__name__}: {e}"}, status_code=503)
         self._description = self._description or description
         return {"ready": True, "pipeline": description["pipeline"], "backend": description["backend"],
-                "tasks": sorted(description["tasks"])}
+                "tasks": sorted(description["tasks"]), "model_replicas": await asyncio.to_thread(_model_replicas)}
 
     @api.get("/metrics")
     async def metrics(self):
