@@ -61,13 +61,14 @@ def test_save_pretrained_without_torch(exported_dirs, torch_blocked_env, tmp_pat
 
 
 def test_runtime_modules_import_no_torch():
-    """Importing the public API, pipelines (saving included), schedulers and runtimes loads none of the torch
-    stack."""
+    """Importing the public API, pipelines (saving included), schedulers, runtimes and the serving layer loads none
+    of the torch stack."""
     code = (
         "import sys, diffship, diffship.pipelines, diffship.schedulers, diffship.runtimes, "
         "diffship.runtimes.onnxruntime, diffship.runtimes.openvino, diffship.cli, diffship.families, "
         "diffship.families.stable_diffusion, diffship.families.stable_diffusion_xl, diffship.layout, "
-        "diffship.output_directory, diffship.pipelines.saving\n"
+        "diffship.output_directory, diffship.pipelines.saving, diffship.serving, diffship.serving.options, "
+        "diffship.serving.requests, diffship.serving.model, diffship.serving.metrics, diffship.serving.app\n"
         f"bad = [m for m in sys.modules if m.split('.')[0] in {BLOCKED!r}]\n"
         "print(bad); sys.exit(1 if bad else 0)"
     )

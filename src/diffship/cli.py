@@ -5,6 +5,7 @@
   diffship generate DIR --prompt ...  generate images with the numpy pipeline, print per-stage timings
   diffship inspect PATH               describe a graph or an exported directory
   diffship bench DIR                  per-stage latency on each backend, side by side
+  diffship serve DIR                  serve it over HTTP with Ray Serve (replicas, batching, OpenAI's images API)
 """
 
 from __future__ import annotations
@@ -233,6 +234,48 @@ def _add_bench(sub) -> None:
                    help="replace --json / --markdown / --plot files that exist although diffship did not write them")
 
 
+def _add_serve(sub) -> None:
+    from diffship.serving.options import (
+        DEFAULT_BATCH_WAIT_MS,
+        DEFAULT_HOST,
+        DEFAULT_MAX_BATCH_SIZE,
+        DEFAULT_MAX_QUEUED_REQUESTS,
+        DEFAULT_PORT,
+        DEFAULT_REQUEST_TIMEOUT_S,
+    )
+
+    p = sub.add_parser("serve", help="serve an exported pipeline over HTTP with Ray Serve (needs diffship[serve])",
+                       description="A Ray Serve application: POST /generate (diffusers' argument names), POST "
+                                   "/v1/images/generations (OpenAI's images API), GET /health, /ready, /metrics. "
+                                   "Ray is started here (no dashboard; HTTP on --host) unless --address names a "
+                                   "cluster. Ctrl-C drains the requests in flight and stops.")
+    p.add_argument("model_dir", help=EXPORTED_HELP)
+    p.add_argument("--backend", default=None,
+                   help="onnxruntime or openvino (default: the one the export's graphs are for)")
+    p.add_argument("--replicas", type=int, default=None, help="model replicas, at least 1 (default 1)")
+    p.add_argument("--autoscale", default=None,
+                   help="MIN:MAX: Ray Serve adds and removes model replicas between MIN (at least 1) and MAX with "
+                        "the load, instead of --replicas")
+    p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
+                   help="concurrent requests with the same size, steps, scheduler and guidance run as one batch of "
+                        f"up to this many; 1 turns batching off (default {DEFAULT_MAX_BATCH_SIZE})")
+    p.add_argument("--batch-wait-ms", type=float, default=DEFAULT_BATCH_WAIT_MS,
+                   help=f"how long a batch waits to fill, in ms, 0 or more (default {DEFAULT_BATCH_WAIT_MS:g})")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads per replica's graphs, and the Ray CPUs each replica reserves (default: the "
+                        "backend's, every core, reserving 1)")
+    p.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED_REQUESTS,
+                   help="requests that may wait for a model replica; past them the server answers 503 with "
+                        f"Retry-After (default {DEFAULT_MAX_QUEUED_REQUESTS})")
+    p.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S,
+                   help=f"seconds a request may take before it is answered 504 (default {DEFAULT_REQUEST_TIMEOUT_S:g})")
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}; 0.0.0.0: "
+                                                        "every interface)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"HTTP port, 1 to 65535 (default {DEFAULT_PORT})")
+    p.add_argument("--address", default=None,
+                   help="an existing Ray cluster's address (e.g. ray://head:10001 or auto); default: start Ray here")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with its errors on one line, like diffship's own (the usage is one --help away)."""
 
@@ -248,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_inspect(sub)
     _add_bench(sub)
+    _add_serve(sub)
     return parser
 
 
@@ -599,8 +643,31 @@ def cmd_bench(args) -> None:
         raise DiffshipError("every backend failed; see the errors above")
 
 
+# serve's options -> the flags that set them, for errors.
+SERVE_FLAGS = {"model_dir": "DIR", "max_batch_size": "--max-batch-size", "batch_wait_ms": "--batch-wait-ms",
+               "max_queued_requests": "--max-queued-requests", "request_timeout_s": "--request-timeout"}
+
+
+def cmd_serve(args) -> None:
+    from diffship.serving import _app_module
+    from diffship.serving.options import ServeOptions, check_model_dir, check_options, local_cpus, parse_autoscale
+
+    def name(argument: str) -> str:
+        return SERVE_FLAGS.get(argument, "--" + argument.replace("_", "-"))
+
+    autoscale = None if args.autoscale is None else parse_autoscale(args.autoscale)
+    options = ServeOptions(model_dir=args.model_dir, backend=args.backend, replicas=args.replicas,
+                           autoscale=autoscale, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+                           threads=args.threads, max_queued_requests=args.max_queued_requests,
+                           request_timeout_s=args.request_timeout, host=args.host, port=args.port,
+                           address=args.address)
+    check_options(options, name, local_cpus=None if args.address else local_cpus())
+    options.backend = check_model_dir(options.model_dir, options.backend, name)
+    _app_module().run_until_stopped(options)
+
+
 COMMANDS = {"tiny-model": cmd_tiny_model, "export": cmd_export, "generate": cmd_generate, "inspect": cmd_inspect,
-            "bench": cmd_bench}
+            "bench": cmd_bench, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
