@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -122,6 +123,31 @@ def test_a_failed_export_leaves_nothing_and_restores_tempdir(tiny_model_dirs, tm
     with pytest.raises(DiffshipError):
         export(tiny_model_dirs("sd1"), tmp_path / "out", "onnx", atol={"vae_decoder": 1e-12}, progress=False)
     assert list(tmp_path.iterdir()) == [] and tempfile.gettempdir() == before
+
+
+def _block_forever():
+    lock = threading.Lock()
+    lock.acquire()
+    lock.acquire()  # never released: only a signal ends this process
+
+
+def test_a_child_forked_mid_export_dies_of_sigterm(tmp_path):
+    """A library's child process forked during an export (OpenVINO's telemetry sends from one, and terminates it
+    when the send hangs) dies of SIGTERM as outside an export: the export's handler, which only raises in Python
+    code, is not inherited (otherwise a child stuck in C code lives on, holding the caller's stdout)."""
+    import multiprocessing
+
+    from diffship.output_directory import ExportDirectory
+
+    with ExportDirectory(tmp_path / "out", overwrite=False):
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # the export's own handler is installed
+        child = multiprocessing.get_context("fork").Process(target=_block_forever, daemon=True)
+        child.start()
+        time.sleep(0.5)
+        child.terminate()
+        child.join(10)
+        assert child.exitcode == -signal.SIGTERM, f"the child ended with {child.exitcode} (alive: {child.is_alive()})"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_a_graph_baked_at_one_latent_size_fails_validation_naming_component_and_size(tiny_model_dirs, tmp_path,

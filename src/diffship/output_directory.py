@@ -12,6 +12,10 @@ the exporters and the run-time pipelines both write through it.
   shell (`cmd &` in a script, CI runners) inherits SIGINT ignored and Python then installs no KeyboardInterrupt
   for it: a `kill -INT` would be ignored, and the export finish. After a `kill -9` nothing runs: the next export
   beside OUT finds the staging directories whose lock nobody holds and removes them.
+  A process forked while the handlers are installed gets the caller's handlers back at once (os.register_at_fork):
+  the children libraries fork mid-export (OpenVINO's telemetry sends from one, and terminates it when the send
+  hangs, as it does offline) must die of that SIGTERM, not set a flag for Python code they never get back to: such
+  a child lived on, orphaned, holding the caller's stdout (`diffship export ... | tee log` never ended).
 - `overwrite` replaces only a previous diffship export: a directory whose export_report.json lists every file in
   it (`files`). Never the current directory or one above it, never the model being exported or a folder
   holding it, never a file, never a directory with files diffship did not write.
@@ -261,8 +265,26 @@ class ExportDirectory:
 
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             self._saved_handlers[signum] = signal.signal(signum, interrupt)
+        _HANDLERS_IN_FORKED_CHILDREN.append(self._saved_handlers)
 
     def _restore_signal_handlers(self) -> None:
         for signum, handler in self._saved_handlers.items():
             signal.signal(signum, handler)
+        _HANDLERS_IN_FORKED_CHILDREN[:] = [h for h in _HANDLERS_IN_FORKED_CHILDREN if h is not self._saved_handlers]
         self._saved_handlers = {}
+
+
+# The caller's signal handlers, saved by each ExportDirectory whose own are installed (see the module docstring):
+# what a child forked meanwhile gets back.
+_HANDLERS_IN_FORKED_CHILDREN: list[dict] = []
+
+
+def _caller_handlers_in_child() -> None:
+    if _HANDLERS_IN_FORKED_CHILDREN:
+        for signum, handler in _HANDLERS_IN_FORKED_CHILDREN[0].items():  # the outermost export's: the caller's
+            with contextlib.suppress(ValueError, TypeError, OSError):
+                signal.signal(signum, handler)
+        _HANDLERS_IN_FORKED_CHILDREN.clear()
+
+
+os.register_at_fork(after_in_child=_caller_handlers_in_child)
