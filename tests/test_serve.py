@@ -273,9 +273,11 @@ def test_overload_gets_503_with_retry_after(server):
     """Past the queue (per replica 2 x max batch running or gathering, plus MAX_QUEUED_REQUESTS waiting) a request
     is answered at once with 503 and Retry-After; every request is answered."""
     url, _ = server
-    count = 2 * MAX_BATCH_SIZE + MAX_QUEUED_REQUESTS + 6
+    # Three times what the queue holds, each long enough (40 steps) that the replica cannot drain the queue while
+    # the burst arrives (with 8 steps and one capacity's worth plus 6, it sometimes did: no 503).
+    count = 3 * (2 * MAX_BATCH_SIZE + MAX_QUEUED_REQUESTS)
     with ThreadPoolExecutor(count) as pool:
-        answers = list(pool.map(lambda seed: _generate(url, seed=seed, height=64, width=64, num_inference_steps=8),
+        answers = list(pool.map(lambda seed: _generate(url, seed=seed, height=64, width=64, num_inference_steps=40),
                                 range(count)))
     statuses = sorted(status for status, _, _ in answers)
     assert set(statuses) == {200, 503}, statuses
