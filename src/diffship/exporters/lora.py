@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import re
 import warnings
@@ -24,6 +23,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from diffship.checks import check_number
 from diffship.errors import DiffshipError
 from diffship.exporters.loading import ALLOW_PICKLE_ADVICE, PICKLE_SUFFIXES
 
@@ -73,8 +73,7 @@ def check_loras(loras, allow_pickle: bool = False, flag: str = "loras") -> list[
         path, scale = (item if isinstance(item, (tuple, list)) and len(item) == 2 else (item, 1.0))
         if not isinstance(path, (str, os.PathLike)):
             raise ValueError(f"{flag}: each LoRA is a file path or a (path, scale) pair, got {item!r}")
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise ValueError(f"{flag} {path}: the scale must be a finite number, got {scale!r}")
+        check_number(scale, f"{flag} {path}: the scale")
         path = check_adapter_file(Path(path).expanduser(), allow_pickle, flag)
         if path.suffix == ".safetensors" and not any("lora" in key for key in safetensors_keys(path, flag, "LoRA")):
             raise DiffshipError(f"{flag} {path} holds no LoRA weights (no 'lora' key among its tensors); give a "
