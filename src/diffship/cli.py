@@ -129,6 +129,9 @@ def _add_export(sub) -> None:
                    help="a textual inversion embedding (diffusers or Automatic1111 format, multi-vector, SDXL's "
                         "clip_l/clip_g) added to the tokenizers and text encoders under TOKEN (default: the file's "
                         "own token, or its name); repeat for several")
+    p.add_argument("--controlnet", action="append", metavar="MODEL",
+                   help="a ControlNet (a diffusers ControlNetModel folder or hub id) exported beside the model; "
+                        "repeat for several (controlnet/, controlnet_1/, ...). The UNet then takes their residuals")
     p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
                    help="a LoRA (.safetensors, diffusers/PEFT or kohya format) fused into the exported weights at "
                         "SCALE (default 1); repeat for several. UNet and text-encoder layers, convolutions too")
@@ -358,17 +361,26 @@ def cmd_export(args) -> None:
     loras = check_loras([parse_lora_flag(text) for text in args.lora or []], args.allow_pickle, "--lora")
     embeddings = check_textual_inversions([parse_textual_inversion_flag(text) for text in args.textual_inversion or []],
                                           args.allow_pickle, "--textual-inversion")
+    from diffship.exporters.controlnet import check_controlnets, controlnet_folder
+    from diffship.hub import HubOptions
+
+    # --revision is the model's; a ControlNet hub id is fetched at its default branch.
+    controlnets = check_controlnets(args.controlnet, HubOptions(None, args.cache_dir, args.token,
+                                                                args.local_files_only), args.allow_pickle,
+                                    "--controlnet")
     out = export(args.model, args.out, backend=args.backend or ["onnx"], height=args.height, width=args.width,
                  batch_size=args.batch_size, static=args.static, opset=args.opset, atol=args.atol,
                  overwrite=args.overwrite, **_hub_kwargs(args), variant=args.variant, allow_pickle=args.allow_pickle,
                  dtype=args.dtype, optimize=args.optimize,
                  target=args.target, weight_format=args.weight_format, quantize=args.quantize,
                  vae_fp16=args.vae_fp16, deepcache=args.deepcache, deepcache_branch=args.deepcache_branch,
-                 loras=loras, textual_inversions=embeddings)
+                 loras=loras, textual_inversions=embeddings, controlnet=controlnets or None)
     report = json.loads((out / REPORT_FILE).read_text())
     print(f"exported to {out}")
     for lora in report.get("loras", []):
         print(f"  LoRA {lora['file']} fused at scale {lora['scale']:g} (sha256 {lora['sha256'][:12]})")
+    for i, controlnet in enumerate(report.get("controlnets", [])):
+        print(f"  ControlNet {controlnet['source']} -> {controlnet_folder(i)}/")
     for embedding in report.get("textual_inversions", []):
         print(f"  textual inversion {embedding['file']}: tokens {' '.join(embedding['tokens'])}")
     for name, entry in report["components"].items():

@@ -22,7 +22,16 @@ DEPTH_ESTIMATOR = "depth_estimator"
 # DeepCache's shallow UNet (`export --deepcache`): the steps between two full UNet steps run it on the deep feature
 # the last full step output beside out_sample. Not in model_index.json: Optimum's loaders know no such component.
 UNET_SHALLOW = "unet_shallow"
-GRAPH_COMPONENTS = (TEXT_ENCODER, TEXT_ENCODER_2, UNET, UNET_SHALLOW, VAE_ENCODER, VAE_DECODER, DEPTH_ESTIMATOR)
+# ControlNets (`export --controlnet`): the first in controlnet/, the next in controlnet_1/, controlnet_2/, ... (the
+# folders diffusers' MultiControlNetModel.save_pretrained writes). Their UNet takes the residuals they output.
+CONTROLNET = "controlnet"
+GRAPH_COMPONENTS = (TEXT_ENCODER, TEXT_ENCODER_2, UNET, UNET_SHALLOW, VAE_ENCODER, VAE_DECODER, DEPTH_ESTIMATOR,
+                    CONTROLNET)
+# A ControlNet's outputs, and the UNet inputs they are added at (diffusers' UNet2DConditionModel.forward arguments).
+DOWN_BLOCK_RES_SAMPLE = "down_block_res_samples.{}"
+MID_BLOCK_RES_SAMPLE = "mid_block_res_sample"
+DOWN_BLOCK_ADDITIONAL_RESIDUAL = "down_block_additional_residuals.{}"
+MID_BLOCK_ADDITIONAL_RESIDUAL = "mid_block_additional_residual"
 # The tensor a DeepCache export's UNet outputs second (after out_sample) and its unet_shallow takes.
 DEEP_FEATURES = "deep_features"
 
@@ -61,6 +70,11 @@ FINAL_LAYER_NORM_FILE = "final_layer_norm.npz"
 # Image sides are multiples of 8 (diffusers' rule for Stable Diffusion, whose VAE scales by 8; a VAE with a larger
 # factor asks for multiples of its own).
 IMAGE_SIZE_MULTIPLE = 8
+
+
+def controlnet_folder(index: int) -> str:
+    """The folder of an export's `index`-th ControlNet (from 0): controlnet, controlnet_1, controlnet_2, ..."""
+    return CONTROLNET if index == 0 else f"{CONTROLNET}_{index}"
 
 
 def vae_scale_factor(block_out_channels) -> int:

@@ -11,7 +11,18 @@ from typing import Callable
 import torch
 
 from diffship.errors import DiffshipError
-from diffship.layout import DEEP_FEATURES, DEPTH_ESTIMATOR, UNET, UNET_SHALLOW, VAE_DECODER, VAE_ENCODER
+from diffship.layout import (
+    DEEP_FEATURES,
+    DEPTH_ESTIMATOR,
+    DOWN_BLOCK_ADDITIONAL_RESIDUAL,
+    DOWN_BLOCK_RES_SAMPLE,
+    MID_BLOCK_ADDITIONAL_RESIDUAL,
+    MID_BLOCK_RES_SAMPLE,
+    UNET,
+    UNET_SHALLOW,
+    VAE_DECODER,
+    VAE_ENCODER,
+)
 
 
 @dataclass
@@ -71,9 +82,13 @@ class _TextEncoder(torch.nn.Module):
 _ADDED_CONDITIONS = ("text_embeds", "time_ids")
 
 
+_DOWN_RESIDUAL_PREFIX = DOWN_BLOCK_ADDITIONAL_RESIDUAL.format("")
+
+
 class _UNet(torch.nn.Module):
     """sample, timestep, then the conditioning inputs by name: encoder_hidden_states, timestep_cond (LCM), and
-    text_embeds / time_ids (SDXL's added conditions)."""
+    text_embeds / time_ids (SDXL's added conditions); with ControlNet, the residuals (down_block_additional_
+    residuals.N in order, then mid_block_additional_residual)."""
 
     def __init__(self, unet, conditioning: list[str]):
         super().__init__()
@@ -83,7 +98,28 @@ class _UNet(torch.nn.Module):
     def forward(self, sample, timestep, *conditioning):
         given = dict(zip(self.conditioning, conditioning))
         added = {k: given.pop(k) for k in _ADDED_CONDITIONS if k in given}
+        down = tuple(given.pop(k) for k in self.conditioning if k.startswith(_DOWN_RESIDUAL_PREFIX))
+        if down:
+            given["down_block_additional_residuals"] = down
+            given["mid_block_additional_residual"] = given.pop(MID_BLOCK_ADDITIONAL_RESIDUAL)
         return self.unet(sample, timestep, added_cond_kwargs=added or None, return_dict=False, **given)[0]
+
+
+class _ControlNet(torch.nn.Module):
+    """sample, timestep, the UNet's conditioning inputs by name (encoder_hidden_states; SDXL's text_embeds and
+    time_ids), controlnet_cond (the control image, [B, 3, H, W] in [0, 1]) and conditioning_scale (rank 0) ->
+    down_block_res_samples.0..N, mid_block_res_sample."""
+
+    def __init__(self, controlnet, conditioning: list[str]):
+        super().__init__()
+        self.controlnet = controlnet
+        self.conditioning = conditioning
+
+    def forward(self, sample, timestep, *inputs):
+        given = dict(zip(self.conditioning + ["controlnet_cond", "conditioning_scale"], inputs))
+        added = {k: given.pop(k) for k in _ADDED_CONDITIONS if k in given}
+        down, mid = self.controlnet(sample, timestep, added_cond_kwargs=added or None, return_dict=False, **given)
+        return (*down, mid)
 
 
 # DeepCache (Ma et al. 2023): the UNet's deep features change little from one step to the next, so the steps between
@@ -317,6 +353,70 @@ def unet_spec(unet, shapes: ExportShapes, vae_scale_factor: int, conditioning: d
         atol=atol,
         other_shapes=[] if shapes.static else [{"sample": (shapes.batch_size, c, *size), **single}
                                                for size in dict.fromkeys((requested, not_multiple))],
+    )
+
+
+def _residual_shapes(unet, sample_shape) -> dict[str, tuple[int, ...]]:
+    from diffship.pipelines.controlnet import residual_shapes
+
+    shapes = residual_shapes(unet.config, sample_shape[0], *sample_shape[2:])
+    names = [DOWN_BLOCK_ADDITIONAL_RESIDUAL.format(i) for i in range(len(shapes) - 1)] + [MID_BLOCK_ADDITIONAL_RESIDUAL]
+    return dict(zip(names, shapes))
+
+
+def with_controlnet_residuals(unet, spec: ComponentSpec) -> ComponentSpec:
+    """`spec` (unet_spec's) taking, after its inputs, the residuals a ControlNet of its family outputs: one per skip
+    of the down path and the mid block's, each dynamic in batch and size, validated at every shape the UNet is."""
+    traced = _residual_shapes(unet, spec.example_inputs["sample"].shape)
+    sample_axes = spec.dynamic_axes["sample"]
+    axes = {name: ({0: "batch_size", 2: f"{name}_height", 3: f"{name}_width"} if sample_axes else {})
+            for name in traced}
+    spec.module = _UNet(unet, [*spec.module.conditioning, *traced])
+    spec.example_inputs = {**spec.example_inputs, **{name: torch.randn(shape) for name, shape in traced.items()}}
+    spec.dynamic_axes = {**spec.dynamic_axes, **axes}
+    spec.other_shapes = [{**other, **_residual_shapes(unet, other["sample"])} for other in spec.other_shapes]
+    return spec
+
+
+def controlnet_spec(name: str, controlnet, unet_spec: ComponentSpec, vae_scale_factor: int,
+                    atol: float = 1e-3) -> ComponentSpec:
+    """A ControlNet beside its UNet's spec (unet_spec's, before with_controlnet_residuals): the UNet's sample (in
+    the ControlNet's own channels: 4 for an inpainting UNet's 9), timestep and conditioning inputs, the control
+    image at the latent's size times the VAE's factor, and the scale; traced, dynamic and validated at the UNet's
+    shapes. Outputs are named after diffusers' (down_block_res_samples.N, mid_block_res_sample)."""
+    conditioning = list(unet_spec.module.conditioning)
+    conditioning = [c for c in conditioning if c in ("encoder_hidden_states", *_ADDED_CONDITIONS)]
+    channels = controlnet.config.in_channels
+    image_channels = controlnet.config.conditioning_channels
+
+    def inputs_at(sample_shape):
+        batch, _, h, w = sample_shape
+        return {"sample": (batch, channels, h, w),
+                "controlnet_cond": (batch, image_channels, h * vae_scale_factor, w * vae_scale_factor)}
+
+    traced = inputs_at(unet_spec.example_inputs["sample"].shape)
+    example = {"sample": torch.randn(traced["sample"]), "timestep": unet_spec.example_inputs["timestep"],
+               **{c: unet_spec.example_inputs[c] for c in conditioning},
+               "controlnet_cond": torch.rand(traced["controlnet_cond"]),
+               "conditioning_scale": torch.tensor(1.0)}
+    residuals = _residual_shapes(controlnet, traced["sample"])
+    outputs = [DOWN_BLOCK_RES_SAMPLE.format(i) for i in range(len(residuals) - 1)] + [MID_BLOCK_RES_SAMPLE]
+    static = not unet_spec.dynamic_axes["sample"]
+    output_axes = {name: {} if static else {0: "batch_size", 2: f"{name}_height", 3: f"{name}_width"}
+                   for name in outputs}
+    return ComponentSpec(
+        name=name,
+        module=_ControlNet(controlnet, conditioning),
+        example_inputs=example,
+        output_names=outputs,
+        dynamic_axes={"sample": unet_spec.dynamic_axes["sample"],
+                      **{c: unet_spec.dynamic_axes[c] for c in conditioning},
+                      "controlnet_cond": {} if static else {0: "batch_size", 2: "image_height", 3: "image_width"},
+                      **output_axes},
+        config_source=controlnet.config,
+        atol=atol,
+        other_shapes=[{**{c: other[c] for c in conditioning if c in other}, **inputs_at(other["sample"])}
+                      for other in unet_spec.other_shapes],
     )
 
 

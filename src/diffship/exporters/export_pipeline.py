@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from diffship.checks import check_image_size, check_int, check_number, read_json_object
 from diffship.errors import DiffshipError
 from diffship.exporters.components import ExportShapes
+from diffship.exporters.controlnet import check_controlnets, check_fits, controlnet_index_entry, load_controlnets
 from diffship.exporters.memory import collect_only_new_objects, release
 from diffship.exporters.loading import load_reference_pipeline, resolve_source
 from diffship.exporters.lora import apply_loras, check_loras
@@ -33,6 +34,7 @@ from diffship.graphs.external_data import TWO_GB
 from diffship.hub import HubOptions
 from diffship.layout import (
     CONFIG,
+    CONTROLNET,
     DEEP_FEATURES,
     FEATURE_EXTRACTOR,
     GRAPH_COMPONENTS,
@@ -140,6 +142,7 @@ def export(
     deepcache_branch: int = 0,
     loras=None,
     textual_inversions=None,
+    controlnet=None,
 ) -> Path:
     """Export `model` (a diffusers directory or hub id) to `output` for `backend` ("onnx", "openvino" or both).
 
@@ -169,6 +172,11 @@ def export(
     pair (diffusers' and Automatic1111's formats, multi-vector ones, SDXL's clip_l/clip_g pairs;
     exporters/textual_inversion.py); the exported tokenizers know the new tokens.
 
+    `controlnet`: a ControlNet (a diffusers ControlNetModel folder or hub id) or a list of them, exported beside the
+    model as controlnet/, controlnet_1/, ... (exporters/controlnet.py); the UNet then takes their residuals as
+    inputs (down_block_additional_residuals.N, mid_block_additional_residual) and runs with any ControlNet of its
+    family. model_index.json names the family's ControlNet pipeline, as diffusers saves one.
+
     `deepcache=True` makes the UNet also output the deep feature DeepCache caches (`deep_features`, after
     `out_sample`) at `deepcache_branch` (0, the shallowest, to the UNet's layers per block), and adds the shallow
     UNet that the cached steps run (`unet_shallow/`); the pipelines then take `cache="deepcache"`.
@@ -192,7 +200,13 @@ def export(
 
     if variant is not None and (not isinstance(variant, str) or not variant.strip()):
         raise ValueError(f"variant must be a weight variant's name such as 'fp16', got {variant!r}")
-    resolved = resolve_source(model, HubOptions(revision, cache_dir, token, local_files_only), variant, allow_pickle)
+    hub_options = HubOptions(revision, cache_dir, token, local_files_only)
+    # `revision` is the model's; a ControlNet hub id is fetched at its default branch.
+    controlnets = check_controlnets(controlnet, HubOptions(None, cache_dir, token, local_files_only), allow_pickle)
+    if controlnets and deepcache:
+        raise DiffshipError("controlnet and deepcache: DeepCache's shallow UNet takes no ControlNet residuals; "
+                            "export one or the other")
+    resolved = resolve_source(model, hub_options, variant, allow_pickle)
     source = resolved.path
     if source != local:  # a hub id: its snapshot in the cache must not be replaced either
         check_output(output, overwrite, source)
@@ -203,11 +217,14 @@ def export(
     check_image_size({"height": height, "width": width}, multiple=max(scale, 8))
     if deepcache:
         check_deepcache(family, source, deepcache_branch)
+    if controlnets:
+        check_controlnet_model(family, source, index, controlnets)
 
     with ExportDirectory(output, overwrite) as target_dir, collect_only_new_objects():
         pipe = load_reference_pipeline(source, variant, allow_pickle)
         apply_loras(pipe, adapters)
         embedding_report = apply_textual_inversions(pipe, embeddings)
+        controlnet_models = load_controlnets(controlnets, allow_pickle)
         default_size = pipe.unet.config.sample_size * scale
         tokenizer = getattr(pipe, "tokenizer", None) or pipe.tokenizer_2
         shapes = ExportShapes(
@@ -219,7 +236,8 @@ def export(
         )
         staging = target_dir.path
         report = _export_components(family, pipe, shapes, staging, formats, atols, opset, external_data_threshold,
-                                    progress, options, deepcache_branch if deepcache else None)
+                                    progress, options, deepcache_branch if deepcache else None, controlnet_models)
+        del controlnet_models
         if deepcache:
             report["deepcache"] = {"branch": deepcache_branch, "output": DEEP_FEATURES, "component": UNET_SHALLOW}
         report.update(
@@ -229,6 +247,7 @@ def export(
             hub=resolved.to_report(),
             loras=[adapter.to_report() for adapter in adapters],
             textual_inversions=embedding_report,
+            controlnets=[source.to_report() for source in controlnets],
             variant=variant,
             formats=formats,
             opset=opset,
@@ -238,6 +257,9 @@ def export(
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             versions=_versions(),
         )
+        if controlnets:  # diffusers' ControlNet pipeline of the model's task, and its controlnet entry
+            index = {**index, "_class_name": family.controlnet_class_name(index.get("_class_name")),
+                     CONTROLNET: controlnet_index_entry(len(controlnets))}
         _write_pipeline_files(family, source, staging, index, pipe if embeddings else None)
         if "openvino" in formats:
             report["tokenizers"] = _openvino_tokenizers(pipe, staging)
@@ -249,7 +271,7 @@ def export(
 
 
 def _export_components(family, pipe, shapes, staging, formats, atols, opset, threshold, progress, options,
-                       deepcache_branch=None) -> dict:
+                       deepcache_branch=None, controlnets=()) -> dict:
     calibration = None
     if options.quantize == "hybrid":
         from diffship.exporters.calibration import DEFAULT_PROMPTS, unet_calibration_feeds
@@ -257,7 +279,7 @@ def _export_components(family, pipe, shapes, staging, formats, atols, opset, thr
         calibration = unet_calibration_feeds(pipe, shapes.height, shapes.width,
                                              options.calibration_prompts or DEFAULT_PROMPTS, progress=progress)
     components = {}
-    specs = family.specs(pipe, shapes, deepcache_branch)
+    specs = family.specs(pipe, shapes, deepcache_branch, controlnets)
     bar = tqdm(specs, desc="export", unit="component", disable=not progress)
     for i, spec in enumerate(bar):
         folder = staging / spec.name
@@ -270,6 +292,22 @@ def _export_components(family, pipe, shapes, staging, formats, atols, opset, thr
             spec.write_extra(folder)
         release()
     return {"components": components}
+
+
+def check_controlnet_model(family, source: Path, index: dict, controlnets) -> None:
+    """ControlNets need a model whose task the family has a ControlNet pipeline for (not depth-to-image), and each
+    must mirror its UNet (exporters/controlnet.check_fits), before anything is loaded."""
+    from diffship.families import diffusers_class_name
+
+    class_name = diffusers_class_name(index.get("_class_name") or "StableDiffusionPipeline")
+    unet_config = read_json_object(source / UNET / CONFIG, {"in_channels": int})
+    pipeline_name = family.controlnet_class_name(class_name)
+    pipeline = next((p for p in family.controlnet_tasks.values() if p.__name__ == pipeline_name), None)
+    if pipeline is None or unet_config.get("in_channels", 4) not in pipeline.unet_in_channels:
+        raise DiffshipError(f"controlnet: {source} is a {class_name} whose UNet takes "
+                            f"{unet_config.get('in_channels', 4)} input channels; diffship runs ControlNets with "
+                            f"{', '.join(p.__name__ for p in family.controlnet_tasks.values())} models")
+    check_fits(controlnets, unet_config, family.name)
 
 
 def check_deepcache(family, source: Path, branch: int) -> None:

@@ -27,21 +27,39 @@ class Family:
     copied: tuple[str, ...] = ()
     # Step caches its export can add graphs for (`export(..., deepcache=True)`; the pipelines' `cache=`).
     step_caches: tuple[str, ...] = ()
+    # task -> the pipeline that runs it with ControlNets (an export made with --controlnet).
+    controlnet_tasks: dict[str, type] = field(default_factory=dict)
 
-    def specs(self, pipe, shapes, deepcache_branch: int | None = None) -> list:
+    def specs(self, pipe, shapes, deepcache_branch: int | None = None, controlnets=()) -> list:
         module, function = self.export_specs.split(":")
         export_specs = getattr(importlib.import_module(module), function)
-        if deepcache_branch is None:
-            return export_specs(pipe, shapes)
-        return export_specs(pipe, shapes, deepcache_branch=deepcache_branch)
+        options = {"deepcache_branch": deepcache_branch} if deepcache_branch is not None else {}
+        if controlnets:
+            options["controlnets"] = list(controlnets)
+        return export_specs(pipe, shapes, **options)
 
     def pipelines(self) -> list[type]:
         """Every pipeline class of the family, once each."""
         classes = [c for by_channels in self.tasks.values() for c in by_channels.values()]
         classes += [c for by_task in self.by_class.values() for c in by_task.values()]
+        classes += list(self.controlnet_tasks.values())
         return list(dict.fromkeys(classes))
 
-    def pipeline_for(self, task: str, class_name: str, in_channels: int) -> type | None:
-        """The pipeline that runs `task` on a model of `class_name` whose UNet takes `in_channels`; None if none."""
+    def pipeline_for(self, task: str, class_name: str, in_channels: int, controlnet: bool = False) -> type | None:
+        """The pipeline that runs `task` on a model of `class_name` whose UNet takes `in_channels` (`controlnet`:
+        with the export's ControlNets); None if none."""
+        if controlnet:
+            pipeline = self.controlnet_tasks.get(task)
+            return pipeline if pipeline is not None and in_channels in pipeline.unet_in_channels else None
         override = self.by_class.get(class_name, {}).get(task)
         return override or self.tasks.get(task, {}).get(in_channels)
+
+    def controlnet_class_name(self, class_name: str) -> str | None:
+        """The diffusers class name of a ControlNet pipeline for a model of `class_name` (model_index.json's), as
+        diffusers saves a ControlNet pipeline; None where the family has none for that model's task."""
+        task = next((task for task, by_channels in self.tasks.items()
+                     if any(c.__name__ == class_name for c in by_channels.values())), "text-to-image")
+        if "Img2Img" in class_name:
+            task = "image-to-image"
+        pipeline = self.controlnet_tasks.get(task)
+        return pipeline.__name__ if pipeline is not None else None

@@ -26,6 +26,7 @@ from diffship.checks import IMAGE_SIZE_MULTIPLE, check_image_size, check_int
 from diffship.errors import DiffshipError, MissingComponentError
 from diffship.families.base import Family
 from diffship.layout import (
+    CONTROLNET,
     DEPTH_ESTIMATOR,
     FEATURE_EXTRACTOR,
     IMAGE_ENCODER,
@@ -37,9 +38,11 @@ from diffship.layout import (
     UNET_SHALLOW,
     VAE_DECODER,
     VAE_ENCODER,
+    controlnet_folder,
     vae_scale_factor,
 )
 from diffship.pipelines.base import DiffusionPipeline
+from diffship.pipelines.controlnet import ControlNetConditioning, image_size  # noqa: F401 (image_size: re-used by SDXL)
 from diffship.pipelines.image_processing import dpt_preprocess, interpolate_bicubic
 from diffship.pipelines.prompts import check_clip_skip, check_negative_prompt, encode_prompt
 from diffship.pipelines.steps import (
@@ -63,14 +66,17 @@ logger = logging.getLogger(__name__)
 # exact equality is not expected; these sit well above what correct exports show (about 1e-6 to 1e-5 on the tiny
 # models, 1e-4 on full-size UNets) and well below what a wrong graph gives. The VAE decoder's outputs are pixels
 # after about 30 convolutions at full size, hence twice the bound.
-ATOL = {TEXT_ENCODER: 1e-3, UNET: 1e-3, VAE_ENCODER: 1e-3, VAE_DECODER: 2e-3, DEPTH_ESTIMATOR: 1e-3}
+ATOL = {TEXT_ENCODER: 1e-3, UNET: 1e-3, VAE_ENCODER: 1e-3, VAE_DECODER: 2e-3, DEPTH_ESTIMATOR: 1e-3,
+        CONTROLNET: 1e-3}
 
 
-def export_specs(pipe, shapes, deepcache_branch: int | None = None) -> list:
+def export_specs(pipe, shapes, deepcache_branch: int | None = None, controlnets=()) -> list:
     """The components a Stable Diffusion 1.x/2.x pipeline (any task: the UNet's in_channels say which; LCM UNets
     take the guidance embedding as timestep_cond) is exported as; with `deepcache_branch`, the UNet also outputs
-    its deep feature there and DeepCache's shallow UNet follows it."""
+    its deep feature there and DeepCache's shallow UNet follows it; with `controlnets` (ControlNetModels), each is
+    exported (controlnet, controlnet_1, ...) and the UNet takes their residuals."""
     from diffship.exporters.components import (
+        controlnet_spec,
         depth_estimator_spec,
         final_layer_norm_writer,
         text_encoder_spec,
@@ -78,6 +84,7 @@ def export_specs(pipe, shapes, deepcache_branch: int | None = None) -> list:
         unet_spec,
         vae_decoder_spec,
         vae_encoder_spec,
+        with_controlnet_residuals,
     )
 
     scale = vae_scale_factor(pipe.vae.config.block_out_channels)
@@ -88,6 +95,9 @@ def export_specs(pipe, shapes, deepcache_branch: int | None = None) -> list:
     # LCM runs no unconditional batch.
     unet = unet_spec(pipe.unet, shapes, scale, conditioning, guided=not lcm, atol=ATOL[UNET],
                      deepcache_branch=deepcache_branch)
+    nets = [controlnet_spec(controlnet_folder(i), net, unet, scale, ATOL[CONTROLNET]) for i, net in enumerate(controlnets)]
+    if controlnets:
+        unet = with_controlnet_residuals(pipe.unet, unet)
     specs = [
         text_encoder_spec(TEXT_ENCODER, pipe.text_encoder, shapes, ATOL[TEXT_ENCODER],
                           write_extra=final_layer_norm_writer(pipe.text_encoder)),
@@ -95,6 +105,7 @@ def export_specs(pipe, shapes, deepcache_branch: int | None = None) -> list:
         *([unet_shallow_spec(pipe.unet, unet, deepcache_branch)] if deepcache_branch is not None else []),
         vae_encoder_spec(pipe.vae, shapes, scale, ATOL[VAE_ENCODER]),
         vae_decoder_spec(pipe.vae, shapes, scale, ATOL[VAE_DECODER]),
+        *nets,
     ]
     if getattr(pipe, "depth_estimator", None) is not None:
         specs.append(depth_estimator_spec(pipe.depth_estimator, shapes, ATOL[DEPTH_ESTIMATOR]))
@@ -184,10 +195,11 @@ class StableDiffusionFamilyPipeline(DiffusionPipeline):
                  generator=None, latents=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil",
                  return_dict=True, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
                  clip_skip=None, guidance_rescale=0.0, set_timesteps_kwargs=None, cache=None, cache_interval=3,
-                 cache_start=0):
+                 cache_start=0, control: ControlNetConditioning | None = None):
         """One generation, for every task (see the module's docstring); inputs are checked by the caller. `cache`:
         a step cache ("deepcache": a full UNet step every `cache_interval` steps from `cache_start` on, every step
-        before it, and the shallow UNet on the cached deep feature at the others; pipelines/step_cache.py)."""
+        before it, and the shallow UNet on the cached deep feature at the others; pipelines/step_cache.py).
+        `control`: the ControlNets' inputs (pipelines/controlnet.py), preprocessed by the caller."""
         start = time.perf_counter()
         timer = StageTimer()
         height, width = task.size(self, height, width)
@@ -226,9 +238,12 @@ class StableDiffusionFamilyPipeline(DiffusionPipeline):
         latents = task.prepare_latents(self, images, height, width, generator, latents, timesteps,
                                        do_classifier_free_guidance, timer)
         step_kwargs = extra_step_kwargs(self.scheduler, generator, eta)
+        if control is not None:  # the control images over the batch, each net's scale at each step
+            control.start(images, num_images_per_prompt, do_classifier_free_guidance, timesteps)
+        self.control = control
 
-        # 6. Denoising loop (DiffusionPipeline.denoise), the UNet fed by denoiser_inputs (or, at the steps a step
-        # cache takes, what it runs in its place).
+        # 6. Denoising loop (DiffusionPipeline.denoise), the UNet fed by denoiser_inputs (and the ControlNets'
+        # residuals), or, at the steps a step cache takes, what it runs in its place.
         self.step_cache = step_cache(cache, cache_interval, cache_start)
         latents = self.denoise(task, timesteps, {"latents": latents, "prompt_embeds": prompt_embeds,
                                                  "negative_prompt_embeds": negative_prompt_embeds},
@@ -563,10 +578,201 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionFamilyPipeline):
                              cache=cache, cache_interval=cache_interval, cache_start=cache_start)
 
 
+# ---- ControlNet ------------------------------------------------------------------------------------------------
+
+def prompt_batch(prompt, prompt_embeds) -> int:
+    """How many prompts a call has (the control images must be one, or one per prompt)."""
+    if prompt is not None:
+        return 1 if isinstance(prompt, str) else len(prompt)
+    return len(prompt_embeds) if prompt_embeds is not None else 1
+
+
+def prepare_control(pipe, control: ControlNetConditioning, image, height, width, batch_size, crops_coords=None,
+                    resize_mode="default") -> tuple[int, int]:
+    """The control images preprocessed (numpy only: before any graph runs) at height x width, or at their own size
+    (which must be one); for a task that edits `image`, that size must be the one `image` comes out at: a control
+    image of another size is refused, naming both. Returns the generation's size."""
+    control.preprocess(pipe, height, width, batch_size, crops_coords, resize_mode)
+    if image is None:  # text-to-image: the control images' size
+        return control.height, control.width
+    size = image_size(pipe, image, height, width, "image")
+    if crops_coords is None:
+        control.check_size(*size, "image")
+    return size
+
+
+CONTROLNET_COMPONENTS = (VAE_ENCODER, VAE_DECODER, TEXT_ENCODER, TOKENIZER, UNET, CONTROLNET, SCHEDULER,
+                         SAFETY_CHECKER, FEATURE_EXTRACTOR, IMAGE_ENCODER)
+
+
+class StableDiffusionControlNetPipeline(StableDiffusionFamilyPipeline):
+    """Text-to-image guided by ControlNets, as diffusers' StableDiffusionControlNetPipeline: `image` is the
+    control image (a list, one per ControlNet, for several); the size is its own unless height and width are
+    given. The ControlNets run at each step inside the one denoising loop (pipelines/controlnet.py)."""
+
+    component_names = CONTROLNET_COMPONENTS
+    required_components = (TEXT_ENCODER, UNET, CONTROLNET, VAE_DECODER)
+    optional_components = (VAE_ENCODER,)
+
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image=None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator=None,
+        latents: np.ndarray | None = None,
+        prompt_embeds: np.ndarray | None = None,
+        negative_prompt_embeds: np.ndarray | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        controlnet_conditioning_scale: float | list[float] = 1.0,
+        guess_mode: bool = False,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
+        clip_skip: int | None = None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+    ):
+        control = ControlNetConditioning(self, image, controlnet_conditioning_scale, control_guidance_start,
+                                         control_guidance_end, guess_mode, name="image")
+        check_image_size({"height": height, "width": width}, max(IMAGE_SIZE_MULTIPLE, self.vae_scale_factor))
+        height, width = prepare_control(self, control, None, height, width, prompt_batch(prompt, prompt_embeds))
+        self.check_inputs(prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                          output_type, callback_on_step_end_tensor_inputs, num_images_per_prompt,
+                          num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
+                          guidance_scale=guidance_scale, eta=eta, clip_skip=clip_skip)
+        return self.generate(Task(), prompt, height, width, num_inference_steps, timesteps, sigmas, guidance_scale,
+                             negative_prompt, num_images_per_prompt, eta, generator, latents, prompt_embeds,
+                             negative_prompt_embeds, output_type, return_dict, callback_on_step_end,
+                             callback_on_step_end_tensor_inputs, clip_skip, control=control)
+
+
+class StableDiffusionControlNetImg2ImgPipeline(StableDiffusionFamilyPipeline):
+    """Image-to-image guided by ControlNets, as diffusers' StableDiffusionControlNetImg2ImgPipeline: `image` is
+    edited, `control_image` guides; both come out at height x width (their own size when not given, which must
+    then be one)."""
+
+    component_names = CONTROLNET_COMPONENTS
+    required_components = (TEXT_ENCODER, UNET, CONTROLNET, VAE_ENCODER, VAE_DECODER)
+    optional_components = ()
+
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image=None,
+        control_image=None,
+        height: int | None = None,
+        width: int | None = None,
+        strength: float = 0.8,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator=None,
+        latents: np.ndarray | None = None,
+        prompt_embeds: np.ndarray | None = None,
+        negative_prompt_embeds: np.ndarray | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        controlnet_conditioning_scale: float | list[float] = 0.8,
+        guess_mode: bool = False,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
+        clip_skip: int | None = None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+    ):
+        control = ControlNetConditioning(self, control_image, controlnet_conditioning_scale, control_guidance_start,
+                                         control_guidance_end, guess_mode, name="control_image")
+        self.check_inputs(prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds, output_type,
+                          callback_on_step_end_tensor_inputs, num_images_per_prompt,
+                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
+                          clip_skip=clip_skip)
+        check_image_task(self, image, strength, num_inference_steps)
+        prepare_control(self, control, image, height, width, prompt_batch(prompt, prompt_embeds))
+        return self.generate(ImageToImage(image, strength, height=height, width=width), prompt, None, None,
+                             num_inference_steps, None, None, guidance_scale, negative_prompt, num_images_per_prompt,
+                             eta, generator, None, prompt_embeds, negative_prompt_embeds, output_type, return_dict,
+                             callback_on_step_end, callback_on_step_end_tensor_inputs, clip_skip, control=control)
+
+
+class StableDiffusionControlNetInpaintPipeline(StableDiffusionFamilyPipeline):
+    """Inpainting guided by ControlNets, as diffusers' StableDiffusionControlNetInpaintPipeline, with a regular
+    4-channel UNet or a 9-channel inpainting one (the ControlNets see the 4 latent channels). The size is the
+    image's unless height and width are given; the control image comes out at it (with padding_mask_crop,
+    cropped as image and mask are)."""
+
+    component_names = CONTROLNET_COMPONENTS
+    required_components = (TEXT_ENCODER, UNET, CONTROLNET, VAE_ENCODER, VAE_DECODER)
+    optional_components = ()
+    unet_in_channels = (4, 9)
+    callback_tensor_inputs = (*CALLBACK_TENSOR_INPUTS, "mask", "masked_image_latents")
+
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image=None,
+        mask_image=None,
+        control_image=None,
+        height: int | None = None,
+        width: int | None = None,
+        padding_mask_crop: int | None = None,
+        strength: float = 1.0,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator=None,
+        latents: np.ndarray | None = None,
+        prompt_embeds: np.ndarray | None = None,
+        negative_prompt_embeds: np.ndarray | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        controlnet_conditioning_scale: float | list[float] = 0.5,
+        guess_mode: bool = False,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
+        clip_skip: int | None = None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+    ):
+        control = ControlNetConditioning(self, control_image, controlnet_conditioning_scale, control_guidance_start,
+                                         control_guidance_end, guess_mode, name="control_image")
+        check_inpaint_inputs(image, mask_image, strength, output_type, padding_mask_crop, num_inference_steps)
+        self.check_inputs(prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds, output_type,
+                          callback_on_step_end_tensor_inputs, num_images_per_prompt,
+                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
+                          clip_skip=clip_skip)
+        crops_coords, resize_mode = None, "default"
+        if padding_mask_crop is not None:
+            height, width = image_size(self, image, height, width, "image")
+            crops_coords = self.mask_processor.get_crop_region(mask_image, width, height, pad=padding_mask_crop)
+            resize_mode = "fill"
+        height, width = prepare_control(self, control, image, height, width, prompt_batch(prompt, prompt_embeds),
+                                        crops_coords, resize_mode)
+        task = Inpaint(image, mask_image, None, strength, padding_mask_crop)
+        return self.generate(task, prompt, height, width, num_inference_steps, None, None, guidance_scale,
+                             negative_prompt, num_images_per_prompt, eta, generator, latents, prompt_embeds,
+                             negative_prompt_embeds, output_type, return_dict, callback_on_step_end,
+                             callback_on_step_end_tensor_inputs, clip_skip, control=control)
+
+
 FAMILY = Family(
     name="stable-diffusion",
     class_names=("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
-                 "StableDiffusionDepth2ImgPipeline", "LatentConsistencyModelPipeline"),
+                 "StableDiffusionDepth2ImgPipeline", "LatentConsistencyModelPipeline",
+                 "StableDiffusionControlNetPipeline", "StableDiffusionControlNetImg2ImgPipeline",
+                 "StableDiffusionControlNetInpaintPipeline"),
     components=ATOL,
     export_specs=f"{__name__}:export_specs",
     # 4: a regular model (inpainting then blends latents with the mask); 9: a dedicated inpainting model; 5: a
@@ -579,4 +785,7 @@ FAMILY = Family(
     by_class={"LatentConsistencyModelPipeline": {"text-to-image": LatentConsistencyModelPipeline}},
     copied=(TOKENIZER, SCHEDULER),
     step_caches=("deepcache",),
+    controlnet_tasks={"text-to-image": StableDiffusionControlNetPipeline,
+                      "image-to-image": StableDiffusionControlNetImg2ImgPipeline,
+                      "inpainting": StableDiffusionControlNetInpaintPipeline},
 )

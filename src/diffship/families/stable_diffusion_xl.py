@@ -25,6 +25,7 @@ from diffship.checks import IMAGE_SIZE_MULTIPLE, check_image_size, check_int, ch
 from diffship.errors import DiffshipError
 from diffship.families.base import Family
 from diffship.layout import (
+    CONTROLNET,
     FEATURE_EXTRACTOR,
     IMAGE_ENCODER,
     SCHEDULER,
@@ -36,9 +37,11 @@ from diffship.layout import (
     UNET_SHALLOW,
     VAE_DECODER,
     VAE_ENCODER,
+    controlnet_folder,
     vae_scale_factor,
 )
 from diffship.pipelines.base import DiffusionPipeline
+from diffship.pipelines.controlnet import ControlNetConditioning
 from diffship.pipelines.prompts import check_negative_prompt, hidden_state_outputs, run_text_encoder, warn_truncated
 from diffship.pipelines.steps import (
     as_generator,
@@ -58,18 +61,23 @@ logger = logging.getLogger(__name__)
 # ---- what is exported ------------------------------------------------------------------------------------------
 
 # fp32 max-abs bounds, as for Stable Diffusion 1.x/2.x (see there): the same kinds of graph, only larger.
-ATOL = {TEXT_ENCODER: 1e-3, TEXT_ENCODER_2: 1e-3, UNET: 1e-3, VAE_ENCODER: 1e-3, VAE_DECODER: 2e-3}
+ATOL = {TEXT_ENCODER: 1e-3, TEXT_ENCODER_2: 1e-3, UNET: 1e-3, VAE_ENCODER: 1e-3, VAE_DECODER: 2e-3,
+        CONTROLNET: 1e-3}
 
 
-def export_specs(pipe, shapes, deepcache_branch: int | None = None) -> list:
+def export_specs(pipe, shapes, deepcache_branch: int | None = None, controlnets=()) -> list:
     """The components an SDXL pipeline (base, refiner, inpainting; Turbo and LCM alike) is exported as; with
-    `deepcache_branch`, the UNet also outputs its deep feature there and DeepCache's shallow UNet follows it."""
+    `deepcache_branch`, the UNet also outputs its deep feature there and DeepCache's shallow UNet follows it; with
+    `controlnets`, each is exported (controlnet, controlnet_1, ...; they take the UNet's added conditions too) and
+    the UNet takes their residuals."""
     from diffship.exporters.components import (
+        controlnet_spec,
         text_encoder_spec,
         unet_shallow_spec,
         unet_spec,
         vae_decoder_spec,
         vae_encoder_spec,
+        with_controlnet_residuals,
     )
 
     scale = vae_scale_factor(pipe.vae.config.block_out_channels)
@@ -88,12 +96,16 @@ def export_specs(pipe, shapes, deepcache_branch: int | None = None) -> list:
         specs.append(text_encoder_spec(TEXT_ENCODER, pipe.text_encoder, shapes, ATOL[TEXT_ENCODER]))
     unet = unet_spec(pipe.unet, shapes, scale, conditioning, guided=not lcm, atol=ATOL[UNET],
                      deepcache_branch=deepcache_branch)
+    nets = [controlnet_spec(controlnet_folder(i), net, unet, scale, ATOL[CONTROLNET]) for i, net in enumerate(controlnets)]
+    if controlnets:
+        unet = with_controlnet_residuals(pipe.unet, unet)
     specs += [
         text_encoder_spec(TEXT_ENCODER_2, pipe.text_encoder_2, shapes, ATOL[TEXT_ENCODER_2]),
         unet,
         *([unet_shallow_spec(pipe.unet, unet, deepcache_branch)] if deepcache_branch is not None else []),
         vae_encoder_spec(pipe.vae, shapes, scale, ATOL[VAE_ENCODER]),
         vae_decoder_spec(pipe.vae, shapes, scale, ATOL[VAE_DECODER]),
+        *nets,
     ]
     return specs
 
@@ -273,9 +285,10 @@ class StableDiffusionXLFamilyPipeline(DiffusionPipeline):
                  negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score=6.0,
                  negative_aesthetic_score=2.5, clip_skip=None, callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs=("latents",), cache=None, cache_interval=3,
-                 cache_start=0):
+                 cache_start=0, control: ControlNetConditioning | None = None):
         """One generation, for every task; inputs are checked by the caller. `cache`: a step cache, as for Stable
-        Diffusion (StableDiffusionFamilyPipeline.generate)."""
+        Diffusion (StableDiffusionFamilyPipeline.generate). `control`: the ControlNets' inputs, preprocessed by the
+        caller (pipelines/controlnet.py)."""
         start = time.perf_counter()
         timer = StageTimer()
         height, width = task.size(self, height, width)
@@ -347,8 +360,12 @@ class StableDiffusionXLFamilyPipeline(DiffusionPipeline):
             w = np.full((images,), guidance_scale - 1, dtype=np.float32)
             conditioning["timestep_cond"] = guidance_scale_embedding(w, time_cond_proj_dim)
 
-        # 7. Denoising loop (DiffusionPipeline.denoise), the UNet fed by denoiser_inputs (or, at the steps a step
-        # cache takes, what it runs in its place).
+        if control is not None:  # the control images over the batch, each net's scale at each step
+            control.start(images, num_images_per_prompt, do_classifier_free_guidance, timesteps)
+        self.control = control
+
+        # 7. Denoising loop (DiffusionPipeline.denoise), the UNet fed by denoiser_inputs (and the ControlNets'
+        # residuals, which take the same conditioning), or, at the steps a step cache takes, what it runs in its place.
         self.step_cache = step_cache(cache, cache_interval, cache_start)
         tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds,
                    "add_text_embeds": add_text_embeds, "add_time_ids": add_time_ids,
@@ -494,9 +511,146 @@ class StableDiffusionXLInpaintPipeline(StableDiffusionXLFamilyPipeline):
                              cache=cache, cache_interval=cache_interval, cache_start=cache_start)
 
 
+# ---- ControlNet ------------------------------------------------------------------------------------------------
+
+CONTROLNET_COMPONENTS = (VAE_ENCODER, VAE_DECODER, TEXT_ENCODER, TEXT_ENCODER_2, TOKENIZER, TOKENIZER_2, UNET,
+                         CONTROLNET, SCHEDULER, IMAGE_ENCODER, FEATURE_EXTRACTOR)
+
+
+class StableDiffusionXLControlNetPipeline(StableDiffusionXLFamilyPipeline):
+    """Text-to-image guided by ControlNets, as diffusers' StableDiffusionXLControlNetPipeline: `image` is the
+    control image (a list, one per ControlNet, for several); the size is its own unless height and width are
+    given. The ControlNets take SDXL's added conditions as the UNet does."""
+
+    component_names = CONTROLNET_COMPONENTS
+    required_tokenizers = (TOKENIZER, TOKENIZER_2)
+    required_components = (TEXT_ENCODER, TEXT_ENCODER_2, UNET, CONTROLNET, VAE_DECODER)
+    optional_components = (VAE_ENCODER,)
+
+    def __call__(self, prompt=None, prompt_2=None, image=None, height=None, width=None, num_inference_steps=50,
+                 timesteps=None, sigmas=None, denoising_end=None, guidance_scale=5.0, negative_prompt=None,
+                 negative_prompt_2=None, num_images_per_prompt=1, eta=0.0, generator=None, latents=None,
+                 prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
+                 negative_pooled_prompt_embeds=None, output_type="pil", return_dict=True,
+                 controlnet_conditioning_scale=1.0, guess_mode=False, control_guidance_start=0.0,
+                 control_guidance_end=1.0, original_size=None, crops_coords_top_left=(0, 0), target_size=None,
+                 negative_original_size=None, negative_crops_coords_top_left=(0, 0), negative_target_size=None,
+                 clip_skip=None, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",)):
+        from diffship.families.stable_diffusion import prepare_control, prompt_batch
+
+        control = ControlNetConditioning(self, image, controlnet_conditioning_scale, control_guidance_start,
+                                         control_guidance_end, guess_mode, name="image")
+        check_image_size({"height": height, "width": width}, max(IMAGE_SIZE_MULTIPLE, self.vae_scale_factor))
+        height, width = prepare_control(self, control, None, height, width, prompt_batch(prompt, prompt_embeds))
+        self.check_inputs(prompt, prompt_2, height, width, negative_prompt, negative_prompt_2, prompt_embeds,
+                          negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, output_type,
+                          callback_on_step_end_tensor_inputs, num_images_per_prompt,
+                          num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
+                          guidance_scale=guidance_scale, eta=eta, clip_skip=clip_skip, denoising_end=denoising_end)
+        return self.generate(Task(), prompt, prompt_2, height, width, num_inference_steps, timesteps, sigmas,
+                             denoising_end, guidance_scale, negative_prompt, negative_prompt_2, num_images_per_prompt,
+                             eta, generator, latents, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+                             negative_pooled_prompt_embeds, output_type, return_dict, 0.0, original_size,
+                             crops_coords_top_left, target_size, negative_original_size,
+                             negative_crops_coords_top_left, negative_target_size, clip_skip=clip_skip,
+                             callback_on_step_end=callback_on_step_end,
+                             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, control=control)
+
+
+class StableDiffusionXLControlNetImg2ImgPipeline(StableDiffusionXLFamilyPipeline):
+    """Image-to-image guided by ControlNets, as diffusers' StableDiffusionXLControlNetImg2ImgPipeline: `image` is
+    edited, `control_image` guides; both come out at height x width (their own size, which must then be one)."""
+
+    component_names = CONTROLNET_COMPONENTS
+    required_components = (TEXT_ENCODER_2, UNET, CONTROLNET, VAE_ENCODER, VAE_DECODER)
+    optional_components = (TEXT_ENCODER,)
+
+    def __call__(self, prompt=None, prompt_2=None, image=None, control_image=None, height=None, width=None,
+                 strength=0.8, num_inference_steps=50, guidance_scale=5.0, negative_prompt=None,
+                 negative_prompt_2=None, num_images_per_prompt=1, eta=0.0, generator=None, latents=None,
+                 prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
+                 negative_pooled_prompt_embeds=None, output_type="pil", return_dict=True,
+                 controlnet_conditioning_scale=0.8, guess_mode=False, control_guidance_start=0.0,
+                 control_guidance_end=1.0, original_size=None, crops_coords_top_left=(0, 0), target_size=None,
+                 negative_original_size=None, negative_crops_coords_top_left=(0, 0), negative_target_size=None,
+                 aesthetic_score=6.0, negative_aesthetic_score=2.5, clip_skip=None, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=("latents",)):
+        from diffship.families.stable_diffusion import prepare_control, prompt_batch
+
+        control = ControlNetConditioning(self, control_image, controlnet_conditioning_scale, control_guidance_start,
+                                         control_guidance_end, guess_mode, name="control_image")
+        self.check_inputs(prompt, prompt_2, height, width, negative_prompt, negative_prompt_2, prompt_embeds,
+                          negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, output_type,
+                          callback_on_step_end_tensor_inputs, num_images_per_prompt,
+                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
+                          clip_skip=clip_skip)
+        check_image_task(self, image, strength, num_inference_steps)
+        prepare_control(self, control, image, height, width, prompt_batch(prompt, prompt_embeds))
+        task = ImageToImage(image, strength, height=height, width=width)
+        return self.generate(task, prompt, prompt_2, None, None, num_inference_steps, None, None, None,
+                             guidance_scale, negative_prompt, negative_prompt_2, num_images_per_prompt, eta,
+                             generator, None, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+                             negative_pooled_prompt_embeds, output_type, return_dict, 0.0, original_size,
+                             crops_coords_top_left, target_size, negative_original_size,
+                             negative_crops_coords_top_left, negative_target_size, aesthetic_score,
+                             negative_aesthetic_score, clip_skip, callback_on_step_end,
+                             callback_on_step_end_tensor_inputs, control=control)
+
+
+class StableDiffusionXLControlNetInpaintPipeline(StableDiffusionXLFamilyPipeline):
+    """Inpainting guided by ControlNets, as diffusers' StableDiffusionXLControlNetInpaintPipeline, with a regular
+    4-channel SDXL UNet or a 9-channel inpainting one. The size is the image's unless height and width are given."""
+
+    component_names = CONTROLNET_COMPONENTS
+    required_components = (TEXT_ENCODER_2, UNET, CONTROLNET, VAE_ENCODER, VAE_DECODER)
+    optional_components = (TEXT_ENCODER,)
+    unet_in_channels = (4, 9)
+    callback_tensor_inputs = (*CALLBACK_TENSOR_INPUTS, "mask", "masked_image_latents")
+
+    def __call__(self, prompt=None, prompt_2=None, image=None, mask_image=None, control_image=None, height=None,
+                 width=None, padding_mask_crop=None, strength=0.9999, num_inference_steps=50, denoising_start=None,
+                 denoising_end=None, guidance_scale=5.0, negative_prompt=None, negative_prompt_2=None,
+                 num_images_per_prompt=1, eta=0.0, generator=None, latents=None, prompt_embeds=None,
+                 negative_prompt_embeds=None, pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None,
+                 output_type="pil", return_dict=True, controlnet_conditioning_scale=1.0, guess_mode=False,
+                 control_guidance_start=0.0, control_guidance_end=1.0, guidance_rescale=0.0, original_size=None,
+                 crops_coords_top_left=(0, 0), target_size=None, aesthetic_score=6.0, negative_aesthetic_score=2.5,
+                 clip_skip=None, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",)):
+        from diffship.families.stable_diffusion import image_size, prepare_control, prompt_batch
+
+        control = ControlNetConditioning(self, control_image, controlnet_conditioning_scale, control_guidance_start,
+                                         control_guidance_end, guess_mode, name="control_image")
+        start_at = denoising_start if valid_fraction(denoising_start) else None
+        check_inpaint_inputs(image, mask_image, strength, output_type, padding_mask_crop,
+                             None if start_at is not None else num_inference_steps)
+        self.check_inputs(prompt, prompt_2, height, width, negative_prompt, negative_prompt_2, prompt_embeds,
+                          negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, output_type,
+                          callback_on_step_end_tensor_inputs, num_images_per_prompt,
+                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
+                          clip_skip=clip_skip, guidance_rescale=guidance_rescale, denoising_start=denoising_start,
+                          denoising_end=denoising_end)
+        crops_coords, resize_mode = None, "default"
+        if padding_mask_crop is not None:
+            height, width = image_size(self, image, height, width, "image")
+            crops_coords = self.mask_processor.get_crop_region(mask_image, width, height, pad=padding_mask_crop)
+            resize_mode = "fill"
+        height, width = prepare_control(self, control, image, height, width, prompt_batch(prompt, prompt_embeds),
+                                        crops_coords, resize_mode)
+        task = Inpaint(image, mask_image, None, strength, padding_mask_crop, start_at)
+        return self.generate(task, prompt, prompt_2, height, width, num_inference_steps, None, None, denoising_end,
+                             guidance_scale, negative_prompt, negative_prompt_2, num_images_per_prompt, eta,
+                             generator, latents, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+                             negative_pooled_prompt_embeds, output_type, return_dict, guidance_rescale,
+                             original_size, crops_coords_top_left, target_size, None, (0, 0), None, aesthetic_score,
+                             negative_aesthetic_score, clip_skip, callback_on_step_end,
+                             callback_on_step_end_tensor_inputs, control=control)
+
+
 FAMILY = Family(
     name="stable-diffusion-xl",
-    class_names=("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"),
+    class_names=("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
+                 "StableDiffusionXLControlNetPipeline", "StableDiffusionXLControlNetImg2ImgPipeline",
+                 "StableDiffusionXLControlNetInpaintPipeline"),
     components=ATOL,
     export_specs=f"{__name__}:export_specs",
     tasks={
@@ -506,4 +660,7 @@ FAMILY = Family(
     },
     copied=(TOKENIZER, TOKENIZER_2, SCHEDULER),
     step_caches=("deepcache",),
+    controlnet_tasks={"text-to-image": StableDiffusionXLControlNetPipeline,
+                      "image-to-image": StableDiffusionXLControlNetImg2ImgPipeline,
+                      "inpainting": StableDiffusionXLControlNetInpaintPipeline},
 )

@@ -1,6 +1,7 @@
 """AutoPipelineForText2Image, AutoPipelineForImage2Image, AutoPipelineForInpainting: the pipeline class for a task,
-picked from what a model is (model_index.json's `_class_name`, the UNet's input channels), as diffusers'
-AutoPipeline classes do. `from_pipe` builds the task's pipeline on an already-loaded pipeline's sessions.
+picked from what a model is (model_index.json's `_class_name`, the UNet's input channels, whether the export holds
+ControlNets), as diffusers' AutoPipeline classes do (with `controlnet=`: the task's ControlNet pipeline).
+`from_pipe` builds the task's pipeline on an already-loaded pipeline's sessions.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffship.errors import DiffshipError
-from diffship.layout import UNET
+from diffship.layout import CONTROLNET, UNET
 from diffship.pipelines.base import _read_index, read_config
 
 # What a UNet's input width says about a model, for errors: 9, a dedicated inpainting model; 5, depth-to-image.
@@ -22,15 +23,20 @@ _KINDS = {
 }
 
 
-def pipeline_class_for(task: str, class_name: str | None, in_channels: int | None, where) -> type:
-    """The diffship pipeline class that runs `task` on a model of `class_name` whose UNet takes `in_channels`."""
+def pipeline_class_for(task: str, class_name: str | None, in_channels: int | None, where,
+                       controlnet: bool = False) -> type:
+    """The diffship pipeline class that runs `task` on a model of `class_name` whose UNet takes `in_channels`
+    (`controlnet`: with the model's ControlNets, the task's ControlNet pipeline)."""
     from diffship.families import diffusers_class_name, family_for
 
     family = family_for(class_name, where)
     name = diffusers_class_name(class_name or "StableDiffusionPipeline")
     if in_channels is None:
         in_channels = 5 if name == "StableDiffusionDepth2ImgPipeline" else 4
-    pipeline_class = family.pipeline_for(task, name, in_channels)
+    pipeline_class = family.pipeline_for(task, name, in_channels, controlnet)
+    if pipeline_class is None and controlnet:
+        raise DiffshipError(f"{where} has ControlNets but diffship has no {family.name} ControlNet pipeline for "
+                            f"{task} on a UNet of {in_channels} input channels")
     if pipeline_class is None:
         kind, use = _KINDS.get(in_channels, (f"a model whose UNet takes {in_channels} input channels", None))
         raise DiffshipError(f"{where} is {kind}; it cannot do {task}" + (f": use {use}" if use else ""))
@@ -71,7 +77,10 @@ class _AutoPipeline:
         model_dir = Path(model_dir).expanduser()
         index = _read_index(model_dir)
         unet_config = read_config(model_dir, UNET) if (model_dir / UNET).is_dir() else {}
-        return pipeline_class_for(cls.task, index.get("_class_name"), unet_config.get("in_channels"), model_dir)
+        from diffship.runtimes import holds_graph
+
+        return pipeline_class_for(cls.task, index.get("_class_name"), unet_config.get("in_channels"), model_dir,
+                                  controlnet=holds_graph(model_dir / CONTROLNET))
 
     @classmethod
     def from_pretrained(cls, model_dir, backend: str | None = None, *, revision: str | None = None, cache_dir=None,
@@ -91,7 +100,8 @@ class _AutoPipeline:
         where = pipe.model_dir if getattr(pipe, "model_dir", None) is not None else f"the {type(pipe).__name__}"
         configs = getattr(pipe, "configs", {})
         pipeline_class = pipeline_class_for(cls.task, configs.get("model_index", {}).get("_class_name"),
-                                            configs.get(UNET, {}).get("in_channels"), where)
+                                            configs.get(UNET, {}).get("in_channels"), where,
+                                            controlnet=bool(getattr(pipe, "controlnets", None)))
         return pipeline_class.from_pipe(pipe, **kwargs)
 
 

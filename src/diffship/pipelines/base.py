@@ -15,10 +15,13 @@ from diffship.checks import check_fields, check_image_size, check_int, read_json
 from diffship.errors import DiffshipError, MissingComponentError, NotAPipelineError
 from diffship.layout import (
     CONFIG,
+    CONTROLNET,
+    DOWN_BLOCK_ADDITIONAL_RESIDUAL,
     FEATURE_EXTRACTOR,
     FINAL_LAYER_NORM_FILE,
     GRAPH_COMPONENTS,
     IMAGE_SIZE_MULTIPLE,
+    MID_BLOCK_ADDITIONAL_RESIDUAL,
     MODEL_INDEX,
     PREPROCESSOR_CONFIG,
     SCHEDULER,
@@ -29,6 +32,7 @@ from diffship.layout import (
     UNET_SHALLOW,
     VAE_DECODER,
     VAE_ENCODER,
+    controlnet_folder,
     vae_scale_factor,
 )
 from diffship.pipelines.image_processing import VaeImageProcessor, postprocess
@@ -86,6 +90,9 @@ class DiffusionPipeline:
     unet_in_channels: tuple[int, ...] = (4,)
     # The current generation's step cache (pipelines/step_cache.py), set by generate; None: every step runs the UNet.
     step_cache = None
+    # The current generation's ControlNet inputs (pipelines/controlnet.py), set by generate; None: no ControlNet runs
+    # (a UNet that takes residuals gets zeros).
+    control = None
 
     def __init__(self, *, model_index: dict | None = None, **components):
         """The pipeline on these components, by diffusers' names (`component_names`): Sessions for the graphs
@@ -101,7 +108,13 @@ class DiffusionPipeline:
         for key in self.unused_components:
             if components.get(key) is not None:
                 raise ValueError(f"{name} runs no {key}: pass {key}=None (diffship does not run it)")
-        sessions = {key: components[key] for key in GRAPH_COMPONENTS if components.get(key) is not None}
+        # controlnet: one Session, or a list of them (diffusers' MultiControlNetModel): controlnet, controlnet_1, ...
+        controlnets = components.get(CONTROLNET)
+        controlnets = list(controlnets) if isinstance(controlnets, (list, tuple)) else \
+            [controlnets] if controlnets is not None else []
+        sessions = {key: components[key] for key in GRAPH_COMPONENTS
+                    if key != CONTROLNET and components.get(key) is not None}
+        sessions.update({controlnet_folder(i): session for i, session in enumerate(controlnets)})
         for key, session in sessions.items():
             if not isinstance(session, Session):
                 raise TypeError(f"{key} must be a diffship Session (a component of a pipeline loaded with "
@@ -136,6 +149,12 @@ class DiffusionPipeline:
         self.sessions = sessions
         for key in GRAPH_COMPONENTS:
             setattr(self, key, sessions.get(key))
+        self.controlnets = [sessions[controlnet_folder(i)] for i in range(len(controlnets))]
+        self.controlnet = self.controlnets if len(self.controlnets) > 1 else sessions.get(CONTROLNET)
+        if self.controlnets:
+            from diffship.pipelines.controlnet import check_controlnets
+
+            check_controlnets(self.controlnets, self.unet, where)
         for key in self.unused_components:
             setattr(self, key, None)
         self.feature_extractor = components.get(FEATURE_EXTRACTOR)
@@ -192,6 +211,10 @@ class DiffusionPipeline:
         model_dir = Path(model_dir).expanduser()
         index = _read_index(model_dir)
         names = [n for n in cls.required_components + cls.optional_components]
+        if CONTROLNET in cls.component_names:  # the export's further ControlNets: controlnet_1, controlnet_2, ...
+            from diffship.pipelines.controlnet import controlnet_names
+
+            names += controlnet_names(model_dir)[1:]
         present = [n for n in names if holds_graph(model_dir / n)]
         for name in cls.required_components:
             if name not in present:
@@ -215,6 +238,10 @@ class DiffusionPipeline:
             except TypeError as e:
                 raise DiffshipError(f"backend option not understood by {backend}: {e}") from e
             components[name].config = configs[name]
+        controlnets = [components.pop(controlnet_folder(i)) for i in range(len(present))
+                       if controlnet_folder(i) in components]
+        if controlnets:
+            components[CONTROLNET] = controlnets if len(controlnets) > 1 else controlnets[0]
         pipe = cls(model_index=index, **components)
         if compile:
             pipe.compile()
@@ -374,6 +401,17 @@ class DiffusionPipeline:
         batches = {UNET: images * (2 if guided else 1), VAE_DECODER: images, VAE_ENCODER: images}
         sizes = {UNET: latent, VAE_DECODER: latent, VAE_ENCODER: (height, width)}
         batches[UNET_SHALLOW], sizes[UNET_SHALLOW] = batches[UNET], latent  # DeepCache's: the UNet's inputs
+        for name in self.sessions:  # ControlNets: the UNet's batch and latent (guess_mode aside), images full size
+            if name.startswith(CONTROLNET):
+                batches[name], sizes[name] = batches[UNET], latent
+        # The UNet's ControlNet residuals: one size per level of its down path.
+        from diffship.pipelines.controlnet import residual_shapes
+
+        residuals = residual_shapes(self.unet_config, batches[UNET], *latent) if self.unet_config.get(
+            "block_out_channels") else []
+        residuals = {name: shape for name, shape in zip(
+            [DOWN_BLOCK_ADDITIONAL_RESIDUAL.format(k) for k in range(len(residuals) - 1)]
+            + [MID_BLOCK_ADDITIONAL_RESIDUAL], residuals)}
         request = {}
         for name, session in self.sessions.items():
             shapes = {}
@@ -382,7 +420,11 @@ class DiffusionPipeline:
                     continue  # timestep, and inputs already static
                 shape = list(info.shape)
                 shape[0] = batches.get(name, batch_size)
-                if info.rank == 4 and name in sizes:
+                if name == UNET and info.name in residuals:
+                    shape = list(residuals[info.name])
+                elif info.name == "controlnet_cond":
+                    shape[2:] = (height, width)
+                elif info.rank == 4 and name in sizes:
                     shape[2:] = sizes[name]
                 elif info.rank >= 2 and not isinstance(shape[1], int):
                     shape[1] = sequence
@@ -434,14 +476,18 @@ class DiffusionPipeline:
         for i, t in enumerate(self.progress_bar(timesteps)):
             latents = tensors["latents"]
             latent_model_input = np.concatenate([latents] * 2) if do_classifier_free_guidance else latents
-            latent_model_input = task.model_input(self.scheduler.scale_model_input(latent_model_input, t))
+            latent_model_input = self.scheduler.scale_model_input(latent_model_input, t).astype(np.float32,
+                                                                                                copy=False)
+            sample = task.model_input(latent_model_input)
 
-            noise_pred = self.run_denoiser(i, {
-                "sample": latent_model_input.astype(np.float32, copy=False),
-                "timestep": self.timestep_feed(t, latent_model_input.shape[0]),
+            feeds = {
+                "sample": sample.astype(np.float32, copy=False),
+                "timestep": self.timestep_feed(t, sample.shape[0]),
                 **self.denoiser_inputs(tensors),
                 **conditioning,
-            }, timer)
+            }
+            feeds.update(self.control_residuals(i, t, latent_model_input, feeds, timer))
+            noise_pred = self.run_denoiser(i, feeds, timer)
 
             if do_classifier_free_guidance:
                 noise_pred = guide(noise_pred, guidance_scale, guidance_rescale)
@@ -451,6 +497,16 @@ class DiffusionPipeline:
             tensors = run_callback(self, callback_on_step_end, i, t, tensors, callback_on_step_end_tensor_inputs)
             task.tensors = {k: tensors[k] for k in task.tensors}
         return tensors["latents"]
+
+    def control_residuals(self, i: int, t, latent_model_input: np.ndarray, feeds: dict, timer) -> dict:
+        """The UNet's ControlNet residual inputs at step i (none for a UNet that takes none): what the generation's
+        ControlNets give (pipelines/controlnet.py), from the step's latents before a task's extra channels and the
+        UNet's conditioning in `feeds`; zeros without ControlNets."""
+        if self.control is not None:
+            return self.control.residuals(self, i, t, latent_model_input, feeds, timer)
+        from diffship.pipelines.controlnet import zero_residuals
+
+        return zero_residuals(self, feeds)
 
     def run_denoiser(self, i: int, feeds: dict[str, np.ndarray], timer) -> np.ndarray:
         """Step i's noise prediction: the UNet's, or, when the generation has a step cache (generate sets
@@ -468,9 +524,10 @@ class DiffusionPipeline:
             image = self.decode_latents(latents)
         return postprocess(image, output_type)
 
-    def timestep_feed(self, t, batch: int) -> np.ndarray:
-        """The timestep in the form this UNet graph takes: float rank-0 (Optimum's ONNX) or [B] of its dtype."""
-        info = input_info(self.unet, "timestep")
+    def timestep_feed(self, t, batch: int, session=None) -> np.ndarray:
+        """The timestep in the form this UNet graph (or `session`'s: a ControlNet) takes: float rank-0 (Optimum's
+        ONNX) or [B] of its dtype."""
+        info = input_info(session if session is not None else self.unet, "timestep")
         dtype = info.dtype if info is not None else np.dtype(np.float32)
         if info is not None and info.rank == 0:
             return np.asarray(t, dtype=dtype)

@@ -83,12 +83,14 @@ class ImageToImage(Task):
     """The latents start from `image`, encoded and noised to where `strength` starts the schedule. With
     `denoising_start` (a fraction of the schedule, SDXL's base -> refiner hand-off) the schedule starts there
     instead, and the image -- latents, usually -- is taken as it is, not noised again. `accepts_latents`: whether
-    the family takes latents as `image`."""
+    the family takes latents as `image`. `height`, `width`: the size the image is resized to (its own when None;
+    diffusers' ControlNet image-to-image pipelines take them)."""
 
-    def __init__(self, image, strength, denoising_start=None, accepts_latents=False):
+    def __init__(self, image, strength, denoising_start=None, accepts_latents=False, height=None, width=None):
         super().__init__()
         self.image, self.strength, self.denoising_start = image, strength, denoising_start
         self.accepts_latents = accepts_latents
+        self.height, self.width = height, width
 
     def size(self, pipe, height, width):
         return None, None  # the image's (preprocess keeps it, rounded to the VAE's multiple)
@@ -99,7 +101,7 @@ class ImageToImage(Task):
         if latents is not None:
             self.image = latents
             return
-        self.image = pipe.image_processor.preprocess(self.image, name="image")
+        self.image = pipe.image_processor.preprocess(self.image, height=self.height, width=self.width, name="image")
         check_image_channels(self.image, pipe.vae_config.get("in_channels", 3))
 
     def schedule(self, pipe, timesteps, num_inference_steps):

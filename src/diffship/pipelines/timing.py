@@ -7,6 +7,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 
 from diffship.layout import (
+    CONTROLNET,
     DEPTH_ESTIMATOR,
     TEXT_ENCODER,
     TEXT_ENCODER_2,
@@ -22,7 +23,9 @@ STEP_STAGE = "unet"
 SHALLOW_STEP_STAGE = "unet_shallow"
 COMPONENT_STAGES = {TEXT_ENCODER: "text_encoder", TEXT_ENCODER_2: "text_encoder", UNET: STEP_STAGE,
                     UNET_SHALLOW: SHALLOW_STEP_STAGE, VAE_ENCODER: "vae_encode", VAE_DECODER: "vae_decode",
-                    DEPTH_ESTIMATOR: "depth_estimator"}
+                    DEPTH_ESTIMATOR: "depth_estimator", CONTROLNET: "controlnet"}
+# The ControlNets' calls (all of a step's nets together): what ControlNet adds to each step.
+CONTROLNET_STAGE = "controlnet"
 
 
 def stage_of(component: str) -> str:
@@ -71,9 +74,13 @@ class StageTimer:
             out["unet_shallow_steps"] = len(self.shallow_steps)
         if "depth_estimator" in named:
             out["depth_estimator"] = named["depth_estimator"]
+        if CONTROLNET_STAGE in named:
+            out["controlnet"] = named[CONTROLNET_STAGE]
+            steps = len(self.unet_steps) + len(self.shallow_steps)
+            out["controlnet_per_step"] = named[CONTROLNET_STAGE] / steps if steps else 0.0
         out["scheduler_and_glue"] = max(
             total - out["text_encoder"] - out["unet"] - out.get("unet_shallow", 0.0) - out["vae_encode"]
-            - out["vae_decode"] - out.get("depth_estimator", 0.0), 0.0
+            - out["vae_decode"] - out.get("depth_estimator", 0.0) - out.get("controlnet", 0.0), 0.0
         )
         out["total"] = total
         if load is not None:
@@ -92,6 +99,9 @@ def format_timings(timings: dict[str, float]) -> str:
     if timings.get("unet_shallow_steps"):
         rows += [(f"UNet shallow ({timings['unet_shallow_steps']} cached steps)", timings["unet_shallow"], True),
                  ("  shallow per step", timings["unet_shallow_per_step"], False)]
+    if timings.get("controlnet"):
+        rows += [("ControlNet", timings["controlnet"], True),
+                 ("  ControlNet per step", timings["controlnet_per_step"], False)]
     rows.append(("scheduler and glue", timings.get("scheduler_and_glue", 0.0), True))
     if timings.get("vae_encode"):
         rows.append(("VAE encode", timings["vae_encode"], True))
