@@ -293,3 +293,54 @@ def test_missing_controlnets_are_named(tiny_model_dirs, exported_dirs, tmp_path,
     with pytest.raises(DiffshipError, match=r"controlnet is missing: StableDiffusionControlNetPipeline needs the "
                                             r"controlnet component"):
         StableDiffusionControlNetPipeline.from_pretrained(exported_dirs("sd1"))
+
+
+def test_controlnet_pipelines_run_without_torch(controlnet_exports, tmp_path):
+    """The ControlNet pipelines are runtime code: they run where torch, diffusers and transformers cannot be
+    imported (tests/test_no_torch.py's shadow packages)."""
+    import os
+    import subprocess
+    import sys
+
+    shadow = tmp_path / "shadow"
+    for name in ("torch", "diffusers", "transformers"):
+        (shadow / name).mkdir(parents=True)
+        (shadow / name / "__init__.py").write_text(f"raise ImportError('{name} is blocked in this test')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shadow), os.environ.get("PYTHONPATH", "")])}
+    code = (
+        "import sys, numpy as np; from diffship import AutoPipelineForText2Image\n"
+        "pipe = AutoPipelineForText2Image.from_pretrained(sys.argv[1], backend=sys.argv[2])\n"
+        "image = np.random.default_rng(0).random((64, 64, 3)).astype(np.float32)\n"
+        "out = pipe('a red circle', image=[image, image], num_inference_steps=2, output_type='np')\n"
+        "print(type(pipe).__name__, out.images.shape, out.timings['controlnet_per_step'] > 0)"
+    )
+    for backend in BACKENDS:
+        result = subprocess.run([sys.executable, "-c", code, str(controlnet_exports("sd1")), backend], env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "StableDiffusionControlNetPipeline (1, 64, 64, 3) True"
+
+
+def test_generate_cli_with_control_images(controlnet_exports, exported_dirs, tmp_path, capsys):
+    """`diffship generate EXPORT --control-image A --control-image B`: one per ControlNet; the timing table shows
+    the ControlNets' share. Without control images on such an export, and with them on one without ControlNets, a
+    one-line error naming the flag."""
+    files = []
+    for seed in (3, 4):
+        files.append(tmp_path / f"control-{seed}.png")
+        rgb_image(64, 64, seed=seed).save(files[-1])
+    out = tmp_path / "image.png"
+    base = ["generate", str(controlnet_exports("sd1")), "--prompt", "a red circle", "--steps", "2", "--seed", "0",
+            "--no-progress", "--out", str(out)]
+    code = main([*base, "--control-image", str(files[0]), "--control-image", str(files[1]),
+                 "--controlnet-scale", "0.5", "--controlnet-scale", "1.0"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert out.is_file() and "StableDiffusionControlNetPipeline" in captured.out and "ControlNet per step" in captured.out
+    code = main(base)
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "has 2 ControlNet(s): give --control-image, one per ControlNet" in line
+    code = main(["generate", str(exported_dirs("sd1")), "--prompt", "a red circle", "--steps", "2", "--no-progress",
+                 "--out", str(tmp_path / "other.png"), "--control-image", str(files[0])])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "--control-image needs an export with ControlNets" in line

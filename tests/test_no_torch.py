@@ -67,6 +67,7 @@ def test_runtime_modules_import_no_torch():
         "import sys, diffship, diffship.pipelines, diffship.schedulers, diffship.runtimes, "
         "diffship.runtimes.onnxruntime, diffship.runtimes.openvino, diffship.cli, diffship.families, "
         "diffship.families.stable_diffusion, diffship.families.stable_diffusion_xl, diffship.layout, "
+        "diffship.pipelines.controlnet, diffship.pipelines.tasks, "
         "diffship.output_directory, diffship.pipelines.saving, diffship.serving, diffship.serving.options, "
         "diffship.serving.requests, diffship.serving.model, diffship.serving.metrics, diffship.serving.app\n"
         f"bad = [m for m in sys.modules if m.split('.')[0] in {BLOCKED!r}]\n"

@@ -183,6 +183,12 @@ def _add_generate(sub) -> None:
     p.add_argument("--mask", type=Path, help="inpainting mask (white: repaint, black: keep); needs --image")
     p.add_argument("--strength", type=float, default=None,
                    help="how far to move from --image, 0..1 (default: the pipeline's, 0.8 or 1.0 for inpainting)")
+    p.add_argument("--control-image", type=Path, action="append",
+                   help="a ControlNet's conditioning image (an export made with --controlnet); repeat it, one per "
+                        "ControlNet, in the export's order")
+    p.add_argument("--controlnet-scale", type=float, action="append",
+                   help="controlnet_conditioning_scale: one for all ControlNets or one per ControlNet (default: the "
+                        "pipeline's, 1.0 for text-to-image)")
     p.add_argument("--depth-map", type=Path,
                    help="depth-to-image: a depth image (8/16-bit grayscale) instead of the model's estimator")
     _add_step_cache_flags(p)
@@ -506,13 +512,22 @@ def _generate_task(args):
             raise ValueError(f"{flag} needs --image, the input picture")
     if args.mask is not None and args.depth_map is not None:
         raise ValueError("--depth-map is for depth-to-image; it does not go with --mask (inpainting)")
+    if args.controlnet_scale is not None and not args.control_image:
+        raise ValueError("--controlnet-scale needs --control-image, the ControlNet's conditioning image")
+    control = {}
+    if args.control_image:
+        images = [_read_image(path, "--control-image") for path in args.control_image]
+        control["image" if args.image is None else "control_image"] = images[0] if len(images) == 1 else images
+        if args.controlnet_scale:
+            scales = args.controlnet_scale
+            control["controlnet_conditioning_scale"] = scales[0] if len(scales) == 1 else scales
     if args.image is None:
-        return AutoPipelineForText2Image, {"height": args.height, "width": args.width}
+        return AutoPipelineForText2Image, {"height": args.height, "width": args.width, **control}
     if args.static:
         raise ValueError("--static reshapes for text-to-image only; leave it out with --image")
     if args.mask is None and (args.height or args.width):
         raise ValueError("image-to-image takes its size from --image; leave out --height/--width")
-    kwargs = {"image": _read_image(args.image, "--image")}
+    kwargs = {"image": _read_image(args.image, "--image"), **control}
     if args.strength is not None:
         kwargs["strength"] = args.strength
     if args.mask is not None:
@@ -541,6 +556,14 @@ def cmd_generate(args) -> None:
     auto_pipeline, task_kwargs = _generate_task(args)
     pipe = auto_pipeline.from_pretrained(args.model_dir, backend=args.backend, **_hub_kwargs(args),
                                          inference_precision=args.inference_precision, **options)
+    controlnets = len(getattr(pipe, "controlnets", []))
+    if controlnets and not args.control_image:
+        raise ValueError(f"{args.model_dir} has {controlnets} ControlNet(s): give --control-image, one per ControlNet")
+    if args.control_image and not controlnets:
+        raise ValueError(f"--control-image needs an export with ControlNets (diffship export ... --controlnet MODEL); "
+                         f"{args.model_dir} has none")
+    if controlnets and args.cache:
+        raise ValueError("--cache: DeepCache does not run with ControlNets")
     if "depth_map" in task_kwargs and not hasattr(pipe, "estimate_depth"):
         raise ValueError(f"--depth-map needs a depth-to-image model; {args.model_dir} runs {type(pipe).__name__}")
     if args.scheduler:
@@ -558,9 +581,11 @@ def cmd_generate(args) -> None:
         # One negative prompt for every prompt, or one per prompt (checked above); the pipeline takes prompt's type.
         negatives = args.negative_prompt * (len(args.prompt) // len(args.negative_prompt))
         negative = negatives[0] if isinstance(prompt, str) else negatives
+    if not controlnets:  # the ControlNet pipelines take no step cache (as diffusers')
+        task_kwargs.update(cache=args.cache, cache_interval=args.cache_interval, cache_start=args.cache_start)
     result = pipe(prompt, negative_prompt=negative, num_inference_steps=args.steps, guidance_scale=args.guidance,
                   num_images_per_prompt=args.num_images, eta=args.eta, generator=args.seed, clip_skip=args.clip_skip,
-                  cache=args.cache, cache_interval=args.cache_interval, cache_start=args.cache_start, **task_kwargs)
+                  **task_kwargs)
     paths = _image_paths(args.out, len(result.images))
     for image, path in zip(result.images, paths):
         path.parent.mkdir(parents=True, exist_ok=True)

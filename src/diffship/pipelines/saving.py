@@ -20,6 +20,7 @@ from pathlib import Path
 
 from diffship.errors import DiffshipError
 from diffship.layout import (
+    CONTROLNET,
     DEPTH_ESTIMATOR,
     FEATURE_EXTRACTOR,
     MODEL_INDEX,
@@ -94,6 +95,11 @@ def _model_index(pipe, staging: Path) -> dict:
     index.setdefault("_diffusers_version", DIFFUSERS_REFERENCE_VERSION)
     index[SCHEDULER] = ["diffusers", type(pipe.scheduler).__name__]
     saved = {SOURCE_VAE if p.name in (VAE_ENCODER, VAE_DECODER) else p.name for p in staging.iterdir() if p.is_dir()}
+    # ControlNets: diffusers' entry for as many as were saved (controlnet, controlnet_1, ...), none without them.
+    count = sum(1 for name in saved if name == CONTROLNET or name.startswith(CONTROLNET + "_"))
+    index.pop(CONTROLNET, None)
+    if count:
+        index[CONTROLNET] = ["diffusers", "ControlNetModel" if count == 1 else "MultiControlNetModel"]
     for name in sorted(saved & set(_INDEX_ENTRIES)):
         if not isinstance(index.get(name), list) or not index[name] or index[name][0] is None:
             index[name] = _INDEX_ENTRIES[name]
