@@ -3,6 +3,7 @@ depend on weight values), CPU, ONNX Runtime and OpenVINO.
 
     python benchmarks/controlnet_step.py build   # out/full-size, out/full-size-controlnet, the export (minutes, ~8 GB)
     python benchmarks/controlnet_step.py time --write   # -> benchmarks/results/controlnet_step.{json,md}
+    python benchmarks/controlnet_step.py report         # the .md again from the .json
 
 `build` writes SD 1.5's pipeline (`diffship tiny-model out/full-size --kind full-size`, kept if there), SD 1.5's
 ControlNet architecture (lllyasviel's sd-controlnet-*: the UNet's down path, conditioning channels 16/32/96/256;
@@ -13,7 +14,8 @@ testing/tiny_controlnets.save_full_size_controlnet) and exports both at 256x256 
 sessions, as StableDiffusionPipeline (`from_pipe`: no ControlNet runs and the UNet is fed zero residuals, which is
 the UNet without ControlNet plus 13 additions), run in turn after a warm-up of each, guidance on (batch 2 through
 UNet and ControlNet). Figures are medians over the runs: the UNet's time per step, the ControlNet's per step
-(pipelines' `controlnet` stage), and the whole step with and without, and their ratio.
+(pipelines' `controlnet` stage), and the whole step with and without, and their ratio; and the ControlNet's time
+over the UNet's in the same steps (`ControlNet / UNet`), the figure a loaded machine disturbs least.
 """
 
 from __future__ import annotations
@@ -111,22 +113,23 @@ def markdown(result: dict) -> str:
         f"Machine: {m.get('cpu')} ({m.get('cores')} cores), {m.get('memory_gb')} GB; load average at start "
         f"{m.get('loadavg_start')}; {result['date']}.",
         "",
-        "| backend | inference precision | pipeline | UNet ms / step | ControlNet ms / step | step ms | step vs without | "
-        "total s |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| backend | inference precision | pipeline | UNet ms / step | ControlNet ms / step | ControlNet / UNet | "
+        "step ms | step vs without | total s |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for backend in result["backends"]:
         precision = backend["inference_precision"].get("unet", "f32")
         for name, row in backend["rows"].items():
+            share = row["controlnet_ms_per_step"] / row["unet_ms_per_step"] if row["unet_ms_per_step"] else 0.0
             lines.append(f"| {backend['backend']} | {precision} | {name} | {row['unet_ms_per_step']} | "
-                         f"{row['controlnet_ms_per_step']} | {row['step_ms']} | {row.get('step_ratio', 1.0)}x | "
-                         f"{row['total_s']} |")
-    return "\n".join(lines) + "\n"
+                         f"{row['controlnet_ms_per_step']} | {share:.2f} | {row['step_ms']} | "
+                         f"{row.get('step_ratio', 1.0)}x | {row['total_s']} |")
+    return "\n".join(lines) + "\n" + (f"\n{result['note']}\n" if result.get("note") else "")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", choices=["build", "time"])
+    parser.add_argument("phase", choices=["build", "time", "report"])
     parser.add_argument("--backend", default="onnxruntime,openvino")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--runs", type=int, default=3)
@@ -136,6 +139,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.phase == "build":
         build()
+        return
+    if args.phase == "report":
+        result = json.loads((RESULTS / "controlnet_step.json").read_text())
+        (RESULTS / "controlnet_step.md").write_text(markdown(result))
+        print(markdown(result))
         return
     from diffship.benchmarking.machine import machine_info, now
 
