@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-BLOCKED = ("torch", "diffusers", "transformers")
-
-
-@pytest.fixture
-def torch_blocked_env(tmp_path):
-    """PYTHONPATH shadows torch, diffusers and transformers with packages whose import raises ImportError."""
-    shadow = tmp_path / "shadow"
-    for name in BLOCKED:
-        (shadow / name).mkdir(parents=True)
-        (shadow / name / "__init__.py").write_text(f"raise ImportError('{name} is blocked in this test')\n")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(shadow), env.get("PYTHONPATH", "")])
-    return env
 
 
 def test_shadow_really_blocks_torch(torch_blocked_env):

@@ -132,6 +132,10 @@ def _add_export(sub) -> None:
     p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
                    help="a LoRA (.safetensors, diffusers/PEFT or kohya format) fused into the exported weights at "
                         "SCALE (default 1); repeat for several. UNet and text-encoder layers, convolutions too")
+    p.add_argument("--swappable-lora", action="store_true",
+                   help="keep the weights LoRA adapts swappable, so that pipe.load_lora_weights / set_adapters / "
+                        "unload_lora_weights change them at run time without re-exporting (no --optimize, "
+                        "--weight-format, --quantize or --deepcache with it)")
 
 
 def _add_generate(sub) -> None:
@@ -364,7 +368,7 @@ def cmd_export(args) -> None:
                  dtype=args.dtype, optimize=args.optimize,
                  target=args.target, weight_format=args.weight_format, quantize=args.quantize,
                  vae_fp16=args.vae_fp16, deepcache=args.deepcache, deepcache_branch=args.deepcache_branch,
-                 loras=loras, textual_inversions=embeddings)
+                 loras=loras, textual_inversions=embeddings, swappable_lora=args.swappable_lora)
     report = json.loads((out / REPORT_FILE).read_text())
     print(f"exported to {out}")
     for lora in report.get("loras", []):

@@ -55,6 +55,12 @@ OPENVINO_TOKENIZER = "openvino_tokenizer.xml"
 OPENVINO_DETOKENIZER = "openvino_detokenizer.xml"
 TIMESTEP = "timestep"
 
+# The components LoRA files adapt in the UNet families (diffusers' `_lora_loadable_modules`), and the map written
+# beside each of their graphs in a `swappable_lora` export: which graph weight holds which layer's weight
+# (graphs/weight_map.py), what run-time LoRA (pipelines/lora.py) swaps.
+LORA_COMPONENTS = (UNET, TEXT_ENCODER, TEXT_ENCODER_2)
+LORA_WEIGHTS = "lora_weights.json"
+
 # Written at export beside a CLIP text encoder graph: clip_skip applies this norm to an earlier hidden state.
 FINAL_LAYER_NORM_FILE = "final_layer_norm.npz"
 

@@ -22,7 +22,11 @@ from diffship.exporters.components import ExportShapes
 from diffship.exporters.memory import collect_only_new_objects, release
 from diffship.exporters.loading import load_reference_pipeline, resolve_source
 from diffship.exporters.lora import apply_loras, check_loras
-from diffship.exporters.textual_inversion import apply_textual_inversions, check_textual_inversions
+from diffship.exporters.textual_inversion import (
+    apply_textual_inversions,
+    check_textual_inversions,
+    reserve_token_rows,
+)
 from diffship.exporters.component_export import export_component
 from diffship.exporters.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from diffship.exporters.optimize import ExportOptions
@@ -30,6 +34,7 @@ from diffship.output_directory import EXPORTER, REPORT_FILE, ExportDirectory, ch
 from diffship.exporters.formats import EXPORT_FORMATS, format_name
 from diffship.families import family_for
 from diffship.graphs.external_data import TWO_GB
+from diffship.graphs.weight_map import layer_digests, write_weight_map
 from diffship.hub import HubOptions
 from diffship.layout import (
     CONFIG,
@@ -37,6 +42,8 @@ from diffship.layout import (
     FEATURE_EXTRACTOR,
     GRAPH_COMPONENTS,
     IMAGE_ENCODER,
+    LORA_COMPONENTS,
+    LORA_WEIGHTS,
     MODEL_INDEX,
     SAFETY_CHECKER,
     SOURCE_VAE,
@@ -140,6 +147,7 @@ def export(
     deepcache_branch: int = 0,
     loras=None,
     textual_inversions=None,
+    swappable_lora: bool = False,
 ) -> Path:
     """Export `model` (a diffusers directory or hub id) to `output` for `backend` ("onnx", "openvino" or both).
 
@@ -168,6 +176,11 @@ def export(
     `textual_inversions`: embeddings added to the tokenizers and text encoders, each a path or a (path, token)
     pair (diffusers' and Automatic1111's formats, multi-vector ones, SDXL's clip_l/clip_g pairs;
     exporters/textual_inversion.py); the exported tokenizers know the new tokens.
+    `swappable_lora=True` keeps the weights LoRA adapts (every Linear, Conv2d and Embedding of the UNet and text
+    encoders) swappable: each component's `lora_weights.json` maps its layers to graph weights, and the pipelines'
+    `load_lora_weights` / `set_adapters` / `fuse_lora` / `unload_lora_weights` replace them at run time
+    (pipelines/lora.py) with no re-export; the text encoders' token tables get RESERVED_TOKEN_ROWS spare rows
+    that `load_textual_inversion` fills at run time (pipelines/textual_inversion.py).
 
     `deepcache=True` makes the UNet also output the deep feature DeepCache caches (`deep_features`, after
     `out_sample`) at `deepcache_branch` (0, the shallowest, to the UNet's layers per block), and adds the shallow
@@ -180,7 +193,10 @@ def export(
                                      deepcache_branch=deepcache_branch)
     options = ExportOptions(dtype=dtype, optimize=optimize, target=target, weight_format=weight_format,
                             quantize=quantize, vae_fp16=vae_fp16,
-                            calibration_prompts=tuple(calibration_prompts) if calibration_prompts else None)
+                            calibration_prompts=tuple(calibration_prompts) if calibration_prompts else None,
+                            swappable_lora=swappable_lora)
+    if not isinstance(swappable_lora, bool):
+        raise ValueError(f"swappable_lora must be True or False, got {swappable_lora!r}")
     options.check(formats)
     adapters = check_loras(loras, allow_pickle)
     embeddings = check_textual_inversions(textual_inversions, allow_pickle)
@@ -203,11 +219,15 @@ def export(
     check_image_size({"height": height, "width": width}, multiple=max(scale, 8))
     if deepcache:
         check_deepcache(family, source, deepcache_branch)
+        if swappable_lora:  # the shallow UNet would keep the base weights while the UNet's are swapped
+            raise DiffshipError("swappable_lora and deepcache cannot be combined: export one or the other")
 
     with ExportDirectory(output, overwrite) as target_dir, collect_only_new_objects():
         pipe = load_reference_pipeline(source, variant, allow_pickle)
         apply_loras(pipe, adapters)
         embedding_report = apply_textual_inversions(pipe, embeddings)
+        if swappable_lora:
+            reserve_token_rows(pipe)
         default_size = pipe.unet.config.sample_size * scale
         tokenizer = getattr(pipe, "tokenizer", None) or pipe.tokenizer_2
         shapes = ExportShapes(
@@ -262,9 +282,18 @@ def _export_components(family, pipe, shapes, staging, formats, atols, opset, thr
     for i, spec in enumerate(bar):
         folder = staging / spec.name
         _hand_over(pipe, spec, specs[i + 1:])
+        status = lambda text, name=spec.name: bar.set_description(f"export {name}: {text}")  # noqa: E731
+        layers = None
+        if options.swappable_lora and spec.name in LORA_COMPONENTS:
+            status("hashing the weights LoRA adapts")
+            layers = layer_digests(next(spec.module.children()), options.dtype)
         components[spec.name] = export_component(
             spec, folder, formats, options, opset, threshold, atols, calibration if spec.name == UNET else None,
-            status=lambda text, name=spec.name: bar.set_description(f"export {name}: {text}"))
+            status=status)
+        if layers is not None:
+            status("mapping LoRA layers to graph weights")
+            components[spec.name]["lora_weights"] = write_weight_map(folder, spec.name, layers)
+            components[spec.name]["files"].append(LORA_WEIGHTS)
         _save_config(spec, folder)
         if spec.write_extra is not None:
             spec.write_extra(folder)

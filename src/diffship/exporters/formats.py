@@ -14,7 +14,7 @@ from diffship.exporters.memory import release
 from diffship.exporters.validate import BF16_RTOL, DEFAULT_RTOL
 from diffship.graphs.external_data import save_model
 from diffship.graphs.model_io import on_disk
-from diffship.layout import ONNX_MODEL
+from diffship.layout import LORA_COMPONENTS, ONNX_MODEL
 
 
 @dataclass
@@ -64,7 +64,10 @@ def export_onnx(traced: Traced, folder: Path, bounds, entry: dict) -> None:
             record.update(_measure_onnx(model, traced.reference))
         entry["passes"].append(record)
     status("writing ONNX")
-    files = save_model(model, folder / ONNX_MODEL, traced.external_data_threshold)
+    # Swappable LoRA weights are read by the runtime where they lie: every weight goes to the external data file.
+    swappable = options.swappable_lora and spec.name in LORA_COMPONENTS
+    files = save_model(model, folder / ONNX_MODEL, 0 if swappable else traced.external_data_threshold,
+                       size_threshold=0 if swappable else 1024)
     if model is traced.fp32 and openvino_converts_traced_graph(options):
         # The file just written is the graph OpenVINO converts: it reads it from there, and the weights (10 GB
         # for a full-size SDXL UNet) need not stay in memory while ONNX Runtime loads its own copy.

@@ -93,6 +93,29 @@ def apply_textual_inversions(pipe, embeddings: list[Embedding], flag: str = "tex
     return entries
 
 
+# A swappable export's text encoders get this many spare rows in their token embedding tables (zeros, named by no
+# token), which pipe.load_textual_inversion fills at run time (pipelines/textual_inversion.py): a graph weight
+# cannot grow. 64 rows hold several multi-vector embeddings; more need the embedding baked in at export.
+RESERVED_TOKEN_ROWS = 64
+
+
+def reserve_token_rows(pipe, rows: int = RESERVED_TOKEN_ROWS) -> dict[str, int]:
+    """Add `rows` zero rows to each text encoder's token embedding table; {encoder: rows in its table now}."""
+    import torch
+
+    tables = {}
+    for name in ("text_encoder", "text_encoder_2"):
+        model = getattr(pipe, name, None)
+        if model is None:
+            continue
+        used = model.get_input_embeddings().weight.shape[0]
+        model.resize_token_embeddings(used + rows, mean_resizing=False)
+        with torch.no_grad():
+            model.get_input_embeddings().weight[used:] = 0
+        tables[name] = used + rows
+    return tables
+
+
 def _load(pipe, embedding: Embedding) -> None:
     state = _read(embedding.path)
     token = embedding.token

@@ -32,9 +32,11 @@ from diffship.layout import (
     vae_scale_factor,
 )
 from diffship.pipelines.image_processing import VaeImageProcessor, postprocess
+from diffship.pipelines.lora import LoraLoaderMixin
 from diffship.pipelines.precision import session_options
 from diffship.pipelines.saving import save_pipeline
 from diffship.pipelines.steps import guide, run_callback
+from diffship.pipelines.textual_inversion import TextualInversionLoaderMixin
 from diffship.pipelines.timing import STEP_STAGE
 from diffship.pipelines.tokenizer import CLIPTokenizer
 from diffship.runtimes import Session, choose_backend, holds_graph, input_info, load_session
@@ -62,7 +64,7 @@ CONFIG_FIELDS = {
 _ANNOTATION_KINDS = {"int": int, "float": float, "bool": bool, "str": str, "None": None}
 
 
-class DiffusionPipeline:
+class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
     """The loading half every family's pipelines share. Components are plain attributes: `text_encoder`,
     `unet`, `vae_decoder`, ... are Sessions, each carrying its component's config.json as `.config`;
     `tokenizer` / `tokenizer_2` the numpy CLIP tokenizers.

@@ -42,6 +42,7 @@ class OnnxRuntimeSession:
 
     backend = "onnxruntime"
     can_reshape = False  # every dynamic dimension is taken as it comes
+    can_swap_weights = True
 
     def __init__(
         self,
@@ -60,6 +61,10 @@ class OnnxRuntimeSession:
             raise BackendError(f"no ONNX model at {path}: export the component first (diffship export)")
         self.path = str(path)
         self.config: dict = {}  # the component's config.json, set by the pipeline that loads it
+        self._load_arguments = {"providers": providers, "provider_options": provider_options,
+                                "session_options": session_options, "intra_op_num_threads": intra_op_num_threads,
+                                "cache_dir": cache_dir}
+        self._swapped = None  # (names, OrtValues) of the weights swap_weights replaced; None: the file's
         options = session_options or ort.SessionOptions()
         # ONNX Runtime's optimized graph is cached for CPU sessions with diffship's own options (a user's
         # session_options may ask for anything; the cached graph would not honour it).
@@ -119,6 +124,33 @@ class OnnxRuntimeSession:
 
     def compile(self) -> None:
         """Nothing to do: the session was compiled when it was created."""
+
+    def swap_weights(self, values: dict[str, np.ndarray]) -> None:
+        """A new session on the same graph with these initializers (by name) in place of the file's, given to ONNX
+        Runtime as external initializers before it optimizes the graph; `{}`: the file's own weights again, as
+        loaded first (the optimized-graph cache is for the file's weights only)."""
+        if not values:
+            if self._swapped is not None:
+                self._session = OnnxRuntimeSession(self.path, **self._load_arguments)._session
+                self._swapped = None
+            return
+        ort = _ort()
+        current = self._session.get_session_options()
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        options.intra_op_num_threads = current.intra_op_num_threads
+        options.graph_optimization_level = current.graph_optimization_level
+        names = list(values)
+        # ONNX Runtime reads these buffers for the session's life without copying them: kept with it.
+        arrays = [np.ascontiguousarray(values[name]) for name in names]
+        ort_values = [ort.OrtValue.ortvalue_from_numpy(array) for array in arrays]
+        options.add_external_initializers(names, ort_values)
+        try:
+            session = ort.InferenceSession(self.path, sess_options=options, providers=self._session.get_providers())
+        except Exception as e:  # onnxruntime's own exception types: an unknown name, a wrong shape or dtype
+            raise BackendError(f"onnxruntime could not load {self.path} with replaced weights: "
+                               f"{' '.join(str(e).split())}") from e
+        self._session, self._swapped = session, (names, arrays, ort_values)
 
     def settings(self) -> dict:
         options = self._session.get_session_options()
