@@ -24,9 +24,9 @@ import pytest
 from diffship.cli import main
 from diffship.errors import DiffshipError
 from diffship.exporters import export
-from diffship.exporters.lora import parse_lora_flag
-from diffship.exporters.textual_inversion import parse_textual_inversion_flag
 from diffship.pipelines import AutoPipelineForText2Image
+from diffship.pipelines.lora import parse_lora_flag
+from diffship.pipelines.textual_inversion import parse_textual_inversion_flag
 from diffship.pipelines.tokenizer import CLIPTokenizer
 from diffship.testing.tiny_adapters import save_tiny_embedding, save_tiny_lora
 from image_tasks import (

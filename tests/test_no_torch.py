@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import BLOCKED
 
 
 def test_shadow_really_blocks_torch(torch_blocked_env):
@@ -53,7 +54,8 @@ def test_runtime_modules_import_no_torch():
         "diffship.runtimes.onnxruntime, diffship.runtimes.openvino, diffship.cli, diffship.families, "
         "diffship.families.stable_diffusion, diffship.families.stable_diffusion_xl, diffship.layout, "
         "diffship.output_directory, diffship.pipelines.saving, diffship.serving, diffship.serving.options, "
-        "diffship.serving.requests, diffship.serving.model, diffship.serving.metrics, diffship.serving.app\n"
+        "diffship.serving.requests, diffship.serving.model, diffship.serving.metrics, diffship.serving.app, "
+        "diffship.pipelines.lora, diffship.pipelines.textual_inversion\n"
         f"bad = [m for m in sys.modules if m.split('.')[0] in {BLOCKED!r}]\n"
         "print(bad); sys.exit(1 if bad else 0)"
     )

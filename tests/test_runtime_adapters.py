@@ -189,6 +189,35 @@ def test_bad_runtime_loras_are_refused(swappable_exports, lora_files, exported_d
         pipe.set_adapters("nothing-loaded")
 
 
+def test_generate_cli_applies_adapters_at_run_time(swappable_exports, lora_files, embedding_files, tmp_path,
+                                                   capsys):
+    """`diffship generate --lora FILE:SCALE --textual-inversion FILE` draws what the Python calls draw."""
+    from PIL import Image
+
+    from diffship.cli import main
+
+    folder, lora, embedding = swappable_exports("sd1"), lora_files("sd1")["locon"], embedding_files("sd1")["<rt-cat>"]
+    prompt = "a <rt-cat> on the left"
+    code = main(["generate", str(folder), "--prompt", prompt, "--steps", "2", "--seed", "0", "--backend",
+                 "onnxruntime", "--lora", f"{lora}:0.6", "--textual-inversion", str(embedding), "--no-progress",
+                 "--out", str(tmp_path / "cli.png")])
+    assert code == 0, capsys.readouterr().err
+    pipe = _pipeline(folder, "onnxruntime")
+    pipe.load_lora_weights(str(lora), adapter_name="style")
+    pipe.set_adapters(["style"], [0.6])
+    pipe.load_textual_inversion(str(embedding))
+    expected = pipe(prompt, num_inference_steps=2, generator=0).images[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "cli.png")), np.asarray(expected))
+    # Bad flags: one line naming the flag and the file, before anything loads.
+    for flags, message in [(["--lora", str(tmp_path / "missing.safetensors")], "no such file"),
+                           (["--lora", f"{lora}:inf"], "SCALE"),
+                           (["--textual-inversion", str(tmp_path / "cli.png")], ".safetensors files")]:
+        code = main(["generate", str(folder), "--prompt", "x", "--out", str(tmp_path / "bad.png"), *flags])
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert code == 2 and flags[0] in line and message in line, line
+        assert not (tmp_path / "bad.png").exists()
+
+
 def test_runtime_adapters_without_torch(swappable_exports, lora_files, embedding_files, torch_blocked_env):
     """Run-time LoRA and textual inversion are runtime code: they work where torch cannot be imported."""
     code = ("import sys; from diffship.pipelines import AutoPipelineForText2Image\n"

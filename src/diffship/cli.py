@@ -182,6 +182,12 @@ def _add_generate(sub) -> None:
                    help=f"input image: image-to-image (at most {MAX_IMAGE_SIDE} pixels a side, rounded down to a "
                         "multiple of the VAE's scale factor), or inpainting with --mask")
     p.add_argument("--mask", type=Path, help="inpainting mask (white: repaint, black: keep); needs --image")
+    p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                   help="a LoRA (.safetensors, diffusers/PEFT or kohya format) applied at run time at SCALE (default "
+                        "1); repeat for several. Needs an export made with --swappable-lora")
+    p.add_argument("--textual-inversion", action="append", metavar="FILE[:TOKEN]",
+                   help="a textual inversion embedding (.safetensors) added at run time under TOKEN (default: the "
+                        "file's token, or its name); repeat for several. Needs an export made with --swappable-lora")
     p.add_argument("--strength", type=float, default=None,
                    help="how far to move from --image, 0..1 (default: the pipeline's, 0.8 or 1.0 for inpainting)")
     p.add_argument("--depth-map", type=Path,
@@ -352,8 +358,10 @@ def _add_step_cache_flags(p) -> None:
 def cmd_export(args) -> None:
     from diffship.exporters import export
     from diffship.exporters.export_pipeline import check_arguments
-    from diffship.exporters.lora import check_loras, parse_lora_flag
-    from diffship.exporters.textual_inversion import check_textual_inversions, parse_textual_inversion_flag
+    from diffship.exporters.lora import check_loras
+    from diffship.exporters.textual_inversion import check_textual_inversions
+    from diffship.pipelines.lora import parse_lora_flag
+    from diffship.pipelines.textual_inversion import parse_textual_inversion_flag
 
     # The checks export() makes, first under the flags' names.
     check_arguments(backend=args.backend or ["onnx"], height=args.height, width=args.width,
@@ -448,7 +456,9 @@ def _check_generate(args) -> None:
     """Every flag of `generate` whose check needs no model, before anything is read or loaded. The checks that need
     the model (--steps past the scheduler's num_train_timesteps, --clip-skip past the text encoder's layers, sizes
     the VAE's scale factor does not divide) are the pipeline's, made before its first graph runs."""
+    from diffship.pipelines.lora import parse_lora_flag
     from diffship.pipelines.steps import check_strength
+    from diffship.pipelines.textual_inversion import parse_textual_inversion_flag
 
     backend = args.backend = _generate_backend(args)
     if args.provider and backend != "onnxruntime":
@@ -480,6 +490,9 @@ def _check_generate(args) -> None:
         check_strength(args.strength, args.steps, names=("--strength", "--steps"))
     check_int(args.cache_interval, "--cache-interval", 1)
     check_int(args.cache_start, "--cache-start", 0)
+    args.lora = [_adapter_file(*parse_lora_flag(text), "--lora") for text in args.lora or []]
+    args.textual_inversion = [_adapter_file(*parse_textual_inversion_flag(text), "--textual-inversion")
+                              for text in args.textual_inversion or []]
     paths = _image_paths(args.out, len(args.prompt) * args.num_images)
     for path in paths:
         check_output_file(path, "--out", image=True, overwrite=args.overwrite)
@@ -487,6 +500,20 @@ def _check_generate(args) -> None:
         check_output_file(args.json, "--json", overwrite=args.overwrite)
         if args.json.absolute() in {p.absolute() for p in paths}:
             raise ValueError(f"--json {args.json} is also where --out writes an image; give another path")
+
+
+def _adapter_file(path: str, value, flag: str) -> tuple[Path, object]:
+    """A run-time adapter flag's file, checked before anything loads: it exists and is a .safetensors file."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ValueError(f"{flag} {path}: no such file")
+    if file.suffix != ".safetensors":
+        raise ValueError(f"{flag} {path}: run-time adapters are read from .safetensors files (pickled files run code "
+                         "when loaded); bake it in at export instead (diffship export --lora/--textual-inversion "
+                         "--allow-pickle)")
+    if flag == "--lora":
+        check_number(value, f"{flag} {path}: SCALE")
+    return file, value
 
 
 def _generate_task(args):
@@ -537,6 +564,12 @@ def cmd_generate(args) -> None:
         raise ValueError(f"--depth-map needs a depth-to-image model; {args.model_dir} runs {type(pipe).__name__}")
     if args.scheduler:
         pipe.scheduler = scheduler_by_name(args.scheduler, pipe.scheduler.config)
+    for i, (file, _) in enumerate(args.lora):
+        pipe.load_lora_weights(str(file), adapter_name=f"lora_{i}")
+    if args.lora:
+        pipe.set_adapters([f"lora_{i}" for i in range(len(args.lora))], [scale for _, scale in args.lora])
+    for file, token in args.textual_inversion:
+        pipe.load_textual_inversion(str(file), token=token)
     # The checks that need the model, under the flags' names (the pipeline makes them again, under its own).
     check_int(args.steps, "--steps", 1, pipe.scheduler.config.get("num_train_timesteps"))
     if args.clip_skip is not None:

@@ -38,15 +38,6 @@ class Embedding:
         return {"file": str(self.path), "sha256": self.sha256, "tokens": tokens}
 
 
-def parse_textual_inversion_flag(text: str) -> tuple[str, str | None]:
-    """`--textual-inversion FILE[:TOKEN]` -> (FILE, TOKEN or None). An existing file's name is taken whole, so a
-    path with a colon works without a token."""
-    head, sep, tail = text.rpartition(":")
-    if not sep or not head or Path(text).expanduser().exists() or "/" in tail or os.sep in tail:
-        return text, None
-    return head, tail
-
-
 def check_textual_inversions(items, allow_pickle: bool = False, flag: str = "textual_inversions") -> list[Embedding]:
     """The embeddings to bake in, checked before any model is loaded: paths, or (path, token) pairs."""
     if items is None:

@@ -118,7 +118,8 @@ def write_weight_map(folder: Path, component: str, layers: dict[str, dict]) -> d
             by_digest.setdefault(_digest(weight.read(folder)), []).append(weight)
         missing, shared = [], []
         for path, layer in layers.items():
-            hits = [(w, transposed) for digest, transposed in layer["digests"].items() for w in by_digest.get(digest, [])]
+            hits = [(weight, transposed) for digest, transposed in layer["digests"].items()
+                    for weight in by_digest.get(digest, [])]
             if not hits:
                 missing.append(path)
             elif len({w.name for w, _ in hits}) > 1:

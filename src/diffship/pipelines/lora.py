@@ -41,6 +41,18 @@ _PEFT_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.lora_(A|B)\.
 _NOT_LORA = ("hada_", "lokr_", "dora_scale", "lora_magnitude_vector", ".diff", "lora_mid")
 
 
+def parse_lora_flag(text: str) -> tuple[str, float]:
+    """`--lora FILE[:SCALE]` (export and generate) -> (FILE, SCALE); a last ':' part that is not a number belongs
+    to the file name."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
 @dataclass
 class _Layer:
     down: np.ndarray  # [rank, in, (kh, kw)]
@@ -71,6 +83,8 @@ class LoraState:
     enabled: bool = True
     # Textual inversion (pipelines/textual_inversion.py): component -> {row of the token table: its vector}.
     rows: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)
+    # (session id, component) -> the signature of what its weights hold (see _apply_adapters)
+    applied: dict[tuple[int, str], tuple] = field(default_factory=dict)
 
 
 class LoraLoaderMixin:
@@ -210,24 +224,29 @@ class LoraLoaderMixin:
         inversion rows make."""
         state = self._lora_state()
         maps = self._lora_maps()
-        contributions: list[tuple[float, dict[str, dict[str, _Layer]]]] = [
-            (weight, state.fused_layers[name]) for name, weight in state.fused.items()]
+        contributions = [(("fused", name), weight, state.fused_layers[name]) for name, weight in state.fused.items()]
         if state.enabled:
-            contributions += [(weight, state.adapters[name].layers) for name, weight in state.active.items()
-                              if name not in state.fused]
+            contributions += [(("active", name), weight, state.adapters[name].layers)
+                              for name, weight in state.active.items() if name not in state.fused]
         for component, weight_map in maps.items():
             session = getattr(self, component)
-            updates: dict[str, np.ndarray] = {}
-            for weight, layers in contributions:
-                for path, layer in layers.get(component, {}).items():
-                    shape = weight_map["layers"][path]["shape"]
-                    delta = layer.delta(shape) * np.float32(weight)
-                    updates[path] = updates[path] + delta if path in updates else delta
+            ours = [(label, weight, layers[component]) for label, weight, layers in contributions
+                    if component in layers]
             rows = state.rows.get(component, {})
+            # What the session holds now: a component whose adapters did not change is not rebuilt.
+            signature = (tuple((label, weight) for label, weight, _ in ours), tuple(sorted(rows)))
+            if state.applied.get((id(session), component)) == signature:
+                continue
+            updates: dict[str, np.ndarray] = {}
+            for _, weight, layers in ours:
+                for path, layer in layers.items():
+                    delta = layer.delta(weight_map["layers"][path]["shape"]) * np.float32(weight)
+                    updates[path] = updates[path] + delta if path in updates else delta
             if rows:
                 table = token_table(weight_map)
                 updates.setdefault(table, np.zeros(weight_map["layers"][table]["shape"], np.float32))
             session.swap_weights(_graph_values(session, weight_map, updates, rows))
+            state.applied[(id(session), component)] = signature
 
 
 def token_table(weight_map: dict) -> str:

@@ -12,6 +12,7 @@ documents). Pickled .pt embeddings run code when read: convert them, or bake the
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,15 @@ from diffship.pipelines.tokenizer import CLIPTokenizer
 
 # An SDXL embedding file's keys -> the encoder and tokenizer each belongs to.
 SDXL_KEYS = {"clip_l": (TEXT_ENCODER, TOKENIZER), "clip_g": (TEXT_ENCODER_2, TOKENIZER_2)}
+
+
+def parse_textual_inversion_flag(text: str) -> tuple[str, str | None]:
+    """`--textual-inversion FILE[:TOKEN]` (export and generate) -> (FILE, TOKEN or None). An existing file's name
+    is taken whole, so a path with a colon works without a token."""
+    head, sep, tail = text.rpartition(":")
+    if not sep or not head or Path(text).expanduser().exists() or "/" in tail or os.sep in tail:
+        return text, None
+    return head, tail
 
 
 class TextualInversionLoaderMixin:
@@ -97,7 +107,7 @@ class TextualInversionLoaderMixin:
                                     f"token embeddings are {table[1]} wide (an embedding made for another model?)")
             tokenizer = getattr(self, tok)
             tokens = [token] + [f"{token}_{i}" for i in range(1, len(vectors))]
-            taken = [t for t in tokens if t in tokenizer.added_tokens or tokenizer._tokenizer.token_to_id(t) is not None]
+            taken = [t for t in tokens if tokenizer.has_token(t)]
             if taken:
                 raise ValueError(f"Token {taken[0]} already in tokenizer vocabulary. Please choose a different "
                                  "token name or remove it first with unload_textual_inversion")

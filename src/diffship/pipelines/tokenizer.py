@@ -99,6 +99,10 @@ class CLIPTokenizer:
                 prompt = prompt.replace(token, " ".join([token] + [f"{token}_{i}" for i in range(1, count)]))
         return prompt
 
+    def has_token(self, token: str) -> bool:
+        """Whether `token` is in the vocabulary (added tokens included)."""
+        return self._tokenizer.token_to_id(token) is not None
+
     def add_tokens(self, tokens: list[str]) -> list[int]:
         """Add tokens to the vocabulary as transformers' tokenizers add a textual inversion's (whole, normalized
         like the text); their ids, the next free ones."""

@@ -316,7 +316,8 @@ def _replace_constants(model, values: dict[str, np.ndarray], path: str) -> None:
         if old is None:
             raise BackendError(f"{path} has no constant {name} to replace")
         value = np.ascontiguousarray(value)
-        if tuple(int(d) for d in old.get_output_shape(0)) != value.shape or old.get_element_type().to_dtype() != value.dtype:
+        shape, dtype = tuple(int(d) for d in old.get_output_shape(0)), old.get_element_type().to_dtype()
+        if shape != value.shape or dtype != value.dtype:
             raise BackendError(f"{path}: constant {name} is {old.get_element_type()} {old.get_output_shape(0)}, "
                                f"the replacement {value.dtype} {list(value.shape)}")
         new = ov.op.Constant(value, shared_memory=False)
