@@ -180,6 +180,10 @@ DPM_SOLVER = {
             {"use_flow_sigmas": True, "use_dynamic_shifting": True, "time_shift_type": "exponential", "prediction_type": "flow_prediction"},
             set_kwargs=flow_mu,
         ),
+        # what SD3 / Flux / Sana users switch to (the velocity stand-in model drives every flow option)
+        flow_order_3={"use_flow_sigmas": True, "flow_shift": 3.0, "prediction_type": "flow_prediction", "solver_order": 3},
+        flow_sde={"use_flow_sigmas": True, "flow_shift": 3.0, "prediction_type": "flow_prediction", "algorithm_type": "sde-dpmsolver++"},
+        flow_karras={"use_flow_sigmas": True, "use_karras_sigmas": True, "prediction_type": "flow_prediction"},
         legacy_deis_name={"algorithm_type": "deis", "final_sigmas_type": "sigma_min"},
         legacy_bh2_name={"solver_type": "bh2"},
         custom_timesteps=opt(SD, set_kwargs=custom_timesteps),
@@ -232,6 +236,7 @@ OPTIONS["UniPCMultistepScheduler"] = {
         zero_snr={**SD, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"},
         flow={"use_flow_sigmas": True, "flow_shift": 3.0, "prediction_type": "flow_prediction"},
         flow_karras={"use_flow_sigmas": True, "use_karras_sigmas": True, "prediction_type": "flow_prediction"},
+        flow_bh1_order_3={"use_flow_sigmas": True, "flow_shift": 3.0, "prediction_type": "flow_prediction", "solver_type": "bh1", "solver_order": 3},
         flow_shift_terminal={"use_flow_sigmas": True, "shift_terminal": 0.1, "prediction_type": "flow_prediction"},
         flow_custom_sigmas=opt({"use_flow_sigmas": True, "prediction_type": "flow_prediction"}, set_kwargs=flow_sigmas),
         flow_dynamic_shift=opt(
