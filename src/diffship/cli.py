@@ -532,7 +532,10 @@ def cmd_generate(args) -> None:
     if "depth_map" in task_kwargs and not hasattr(pipe, "estimate_depth"):
         raise ValueError(f"--depth-map needs a depth-to-image model; {args.model_dir} runs {type(pipe).__name__}")
     if args.scheduler:
-        pipe.scheduler = scheduler_by_name(args.scheduler, pipe.scheduler.config)
+        try:  # a scheduler of the other kind (flow matching vs noise prediction) is refused by the pipeline
+            pipe.scheduler = scheduler_by_name(args.scheduler, pipe.scheduler.config)
+        except DiffshipError as e:
+            raise DiffshipError(f"--scheduler: {e}") from None
     # The checks that need the model, under the flags' names (the pipeline makes them again, under its own).
     check_int(args.steps, "--steps", 1, pipe.scheduler.config.get("num_train_timesteps"))
     if args.clip_skip is not None:
