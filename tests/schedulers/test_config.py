@@ -110,6 +110,8 @@ def test_scheduler_kinds():
         name: ds.FLOW if name.startswith("FlowMatch") else ds.NOISE for name in ds.SCHEDULERS
     }
     assert ds.scheduler_kind({"_class_name": "UniPCMultistepScheduler", "prediction_type": "flow_prediction"}) == ds.FLOW
+    # a class without flow sigmas is no flow scheduler whatever its prediction_type says
+    assert ds.scheduler_kind({"_class_name": "EulerDiscreteScheduler", "prediction_type": "flow_prediction"}) == ds.NOISE
     # a prediction_type carried along unused by a class that does not take it says nothing
     assert ds.scheduler_kind({"_class_name": "FlowMatchHeunDiscreteScheduler", "prediction_type": "epsilon"}) == ds.FLOW
     assert sorted(ds.schedulers_for(ds.FLOW)) == sorted([
@@ -119,6 +121,21 @@ def test_scheduler_kinds():
     assert set(ds.schedulers_for(ds.NOISE)) == set(ds.SCHEDULERS) - set(FLOW_MATCHING_CLASSES)
     assert ds.FlowMatchEulerDiscreteScheduler().compatibles == [ds.SCHEDULERS[n] for n in ds.schedulers_for(ds.FLOW)]
     assert ds.FlowMatchEulerDiscreteScheduler not in ds.EulerDiscreteScheduler().compatibles
+
+
+def test_flow_short_names_on_a_flow_model_config_match_diffusers_switch():
+    """flow-dpm++2m on SD3's config is what SD3 users build in diffusers with use_flow_sigmas, flow_prediction and
+    flow_shift = the model's shift."""
+    ours = ds.scheduler_by_name("flow-dpm++2m", ds.FlowMatchEulerDiscreteScheduler(shift=3.0).config)
+    ref = diffusers.DPMSolverMultistepScheduler.from_config(
+        diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0).config, **FLOW_SOLVER_SETTINGS)
+    for key in init_keys(type(ours)) - {"trained_betas"}:
+        assert ours.config[key] == ref.config[key], key
+    ours.set_timesteps(10)
+    ref.set_timesteps(10)
+    np.testing.assert_array_equal(ours.sigmas, ref.sigmas.numpy())
+    # on a noise model's config they are flow schedulers all the same: the UNet pipelines refuse them
+    assert ds.scheduler_kind(ds.scheduler_by_name("flow-unipc", SOURCE_CONFIG)) == ds.FLOW
 
 
 def test_check_scheduler_kind_names_what_fits():
@@ -240,13 +257,13 @@ def test_from_pretrained_without_a_config_is_a_diffship_error(tmp_path):
 @pytest.mark.parametrize("name", sorted(ds.SHORT_NAMES))
 def test_scheduler_by_name(name):
     class_name, overrides = ds.SHORT_NAMES[name]
-    flow = class_name in FLOW_MATCHING_CLASSES
+    flow = ds.scheduler_kind({"_class_name": class_name, **overrides}) == ds.FLOW
     scheduler = ds.scheduler_by_name(name, FLOW_SOURCE_CONFIG if flow else SOURCE_CONFIG)
     assert type(scheduler).__name__ == class_name
     for key, value in overrides.items():
         assert scheduler.config[key] == value
-    if flow:
-        assert scheduler.config.shift == 3.0  # the model's shift is kept
+    if flow:  # the model's shift is kept (a solver's flow_shift)
+        assert scheduler.config.get("flow_shift", scheduler.config.shift) == 3.0
         if "use_exponential_sigmas" in init_keys(type(scheduler)):  # a short name's own spacing, not the base's
             assert scheduler.config.use_exponential_sigmas is False
     else:

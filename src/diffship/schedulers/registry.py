@@ -97,8 +97,9 @@ def scheduler_kind(scheduler) -> str:
     if class_name in FLOW_MATCHING:
         return FLOW
     cls = SCHEDULERS.get(class_name)
-    # prediction_type of the class itself, not one carried along unused from another class's config
-    if cls is not None and "prediction_type" in init_keys(cls) and config.get("prediction_type") == "flow_prediction":
+    # a solver that takes flow sigmas, set to predict flow (not a prediction_type carried along unused from
+    # another class's config)
+    if cls is not None and "use_flow_sigmas" in init_keys(cls) and config.get("prediction_type") == "flow_prediction":
         return FLOW
     return NOISE
 
@@ -133,7 +134,7 @@ def check_scheduler_kind(scheduler, kind: str, user: str) -> None:
         f"{user} runs a flow-matching model (its output is a velocity), but {name} is a noise-prediction "
         "scheduler; use FlowMatchEulerDiscreteScheduler or FlowMatchHeunDiscreteScheduler (short names flow-euler, "
         "flow-heun), or DPMSolverMultistepScheduler / UniPCMultistepScheduler with use_flow_sigmas=True and "
-        "prediction_type='flow_prediction'"
+        "prediction_type='flow_prediction' (flow-dpm++2m, flow-unipc)"
     )
 
 
@@ -181,6 +182,13 @@ SHORT_NAMES: dict[str, tuple[str, dict[str, Any]]] = {
     "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
     "flow-euler-karras": ("FlowMatchEulerDiscreteScheduler", {"use_karras_sigmas": True}),
     "flow-heun": ("FlowMatchHeunDiscreteScheduler", {}),
+    # the solvers configured for a flow model, as diffusers' docs switch SD3 / Flux to them (flow_shift: the base
+    # config's shift, see scheduler_by_name)
+    "flow-dpm++2m": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_flow_sigmas": True, "prediction_type": "flow_prediction"},
+    ),
+    "flow-unipc": ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
 }
 
 
@@ -210,6 +218,9 @@ def scheduler_by_name(name: str, base_config: Mapping[str, Any] | None = None):
         for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
         if k not in overrides and k in base_config
     }
+    # a flow model's config names its shift `shift` (FlowMatch*); the solvers call theirs `flow_shift`
+    if overrides.get("use_flow_sigmas") and "shift" in base_config and "flow_shift" not in base_config:
+        flags_off["flow_shift"] = base_config["shift"]
     return cls.from_config(base_config, **{**_applicable(cls, flags_off), **overrides})
 
 
