@@ -80,8 +80,8 @@ class Scheduler:
     @property
     def compatibles(self) -> list[type]:
         """The scheduler classes this one's config can be switched to: those for the same kind of model
-        (registry.scheduler_kind). The noise-prediction classes are diffusers' KarrasDiffusionSchedulers list; a
-        flow-matching scheduler's are the flow-matching classes and the solvers that take use_flow_sigmas."""
+        (registry.scheduler_kind): every noise-prediction class for a noise-prediction scheduler; for a flow model's,
+        the flow-matching classes and the solvers that take use_flow_sigmas."""
         from .registry import SCHEDULERS, scheduler_kind, schedulers_for
 
         return [SCHEDULERS[name] for name in schedulers_for(scheduler_kind(self))]

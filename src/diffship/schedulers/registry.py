@@ -213,15 +213,15 @@ def scheduler_by_name(name: str, base_config: Mapping[str, Any] | None = None):
     class_name, overrides = SHORT_NAMES[key]
     cls = scheduler_class(class_name)
     # the short name's own settings win over the base config's (e.g. karras sigmas off in a DPM++ 2M config)
-    flags_off = {
+    settings = {
         k: False
         for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
         if k not in overrides and k in base_config
     }
     # a flow model's config names its shift `shift` (FlowMatch*); the solvers call theirs `flow_shift`
     if overrides.get("use_flow_sigmas") and "shift" in base_config and "flow_shift" not in base_config:
-        flags_off["flow_shift"] = base_config["shift"]
-    return cls.from_config(base_config, **{**_applicable(cls, flags_off), **overrides})
+        settings["flow_shift"] = base_config["shift"]
+    return cls.from_config(base_config, **{**_applicable(cls, settings), **overrides})
 
 
 def _applicable(cls: type, values: dict[str, Any]) -> dict[str, Any]:
