@@ -563,7 +563,10 @@ def cmd_generate(args) -> None:
     if "depth_map" in task_kwargs and not hasattr(pipe, "estimate_depth"):
         raise ValueError(f"--depth-map needs a depth-to-image model; {args.model_dir} runs {type(pipe).__name__}")
     if args.scheduler:
-        pipe.scheduler = scheduler_by_name(args.scheduler, pipe.scheduler.config)
+        try:  # a scheduler of the other kind (flow matching vs noise prediction) is refused by the pipeline
+            pipe.scheduler = scheduler_by_name(args.scheduler, pipe.scheduler.config)
+        except DiffshipError as e:
+            raise DiffshipError(f"--scheduler: {e}") from None
     for i, (file, _) in enumerate(args.lora):
         pipe.load_lora_weights(str(file), adapter_name=f"lora_{i}")
     if args.lora:

@@ -40,7 +40,7 @@ from diffship.pipelines.textual_inversion import TextualInversionLoaderMixin
 from diffship.pipelines.timing import STEP_STAGE
 from diffship.pipelines.tokenizer import CLIPTokenizer
 from diffship.runtimes import Session, choose_backend, holds_graph, input_info, load_session
-from diffship.schedulers import scheduler_class
+from diffship.schedulers import NOISE, check_scheduler_kind, scheduler_class
 from diffship.schedulers.config import FrozenConfig
 from diffship.schedulers.noise import randn
 
@@ -88,6 +88,11 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
     unet_in_channels: tuple[int, ...] = (4,)
     # The current generation's step cache (pipelines/step_cache.py), set by generate; None: every step runs the UNet.
     step_cache = None
+    # What the denoiser predicts, so what kind of scheduler can drive it (schedulers.scheduler_kind): NOISE for the
+    # UNet families (epsilon / v / sample), FLOW for the flow-matching ones (a velocity). Checked whenever a
+    # scheduler is set, so that `pipe.scheduler = FlowMatchEulerDiscreteScheduler(...)` on a UNet pipeline fails
+    # there, naming what fits, instead of generating noise.
+    denoiser_kind: str = NOISE
 
     def __init__(self, *, model_index: dict | None = None, **components):
         """The pipeline on these components, by diffusers' names (`component_names`): Sessions for the graphs
@@ -151,6 +156,15 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
         self.load_seconds = 0.0
         self._progress_bar_config: dict = {}
         self._requests_seen: set = set()  # (batch, height, width, images per prompt, guidance) run before
+
+    @property
+    def scheduler(self):
+        return self._scheduler
+
+    @scheduler.setter
+    def scheduler(self, scheduler) -> None:
+        check_scheduler_kind(scheduler, self.denoiser_kind, type(self).__name__)
+        self._scheduler = scheduler
 
     @property
     def components(self) -> dict:

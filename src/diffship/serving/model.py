@@ -109,6 +109,8 @@ class ServedModel:
         return {
             "model_dir": self.model_dir, "backend": self.backend, "pipeline": self.pipeline_class,
             "tasks": tasks, "unavailable": self.unavailable,
+            # the kind of scheduler its denoiser takes (schedulers.scheduler_kind): a request naming another is a 400
+            "scheduler_kind": first.denoiser_kind,
             "default_height": first.default_height, "default_width": first.default_width,
             "size_multiple": max(8, first.vae_scale_factor),
             # More steps than the noise levels the model was trained on have no meaning (the pipelines' own check).
