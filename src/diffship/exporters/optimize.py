@@ -34,6 +34,9 @@ class ExportOptions:
     quantize: str | None = None  # hybrid: UNet activations too (OpenVINO, calibrated)
     vae_fp16: str = "fp32"  # how fp16 protects the VAE: keep it fp32, mixed (overflowing nodes fp32), none
     calibration_prompts: tuple[str, ...] | None = None
+    # The tensorrt format's settings (exporters/tensorrt.settings: the ShapeRange its engines serve, the VAE's
+    # scale factor, precision), set by export() once the shapes are known; None without that format.
+    tensorrt: dict | None = None
 
     def check(self, formats: list[str]) -> None:
         if self.dtype not in DTYPES:

@@ -1,0 +1,541 @@
+"""NVIDIA paths: TensorRT engines (profiles, the engine cache, the build's inputs) and the errors where CUDA, a GPU,
+TensorRT or onnxruntime-gpu is missing, on any machine; and, marked `gpu`, the tiny SD 1.x, SD 2.x and SDXL
+pipelines on TensorRT and on ONNX Runtime's CUDA provider against diffusers, which skip only where no CUDA GPU is
+present (the skip reason says what was probed).
+
+The CPU tests use real objects: DeviceInfo records for GPUs this machine does not have, small files standing in
+for ONNX graphs (the cache hashes bytes, whatever they are), and the build itself replaced by a function that
+returns a few bytes, so that what is checked is the cache's decision to build or reuse.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from diffship.cli import main
+from diffship.errors import DiffshipError, GPUUnavailableError
+from diffship.layout import (
+    TENSORRT_ENGINE,
+    TENSORRT_ENGINE_INFO,
+    TEXT_ENCODER,
+    TEXT_ENCODER_2,
+    UNET,
+    VAE_DECODER,
+    VAE_ENCODER,
+)
+from diffship.runtimes import engines
+from diffship.runtimes.cuda import DeviceInfo
+from diffship.runtimes.engines import (
+    BuildOptions,
+    ComponentContext,
+    ShapeRange,
+    component_profile,
+    engine_for,
+    engine_key,
+    find_engine,
+    key_difference,
+    onnx_sha256,
+)
+
+A100 = DeviceInfo("NVIDIA A100-SXM4-80GB", (8, 0), "10.8.0.43")
+L4 = DeviceInfo("NVIDIA L4", (8, 9), "10.8.0.43")
+A100_TRT11 = DeviceInfo("NVIDIA A100-SXM4-80GB", (8, 0), "11.4.0.106")
+H100_SAME_CC = DeviceInfo("NVIDIA H100 80GB HBM3", (8, 0), "10.8.0.43")  # a different name alone rebuilds too
+
+SD_UNET = [("sample", (None, 4, None, None)), ("timestep", ()), ("encoder_hidden_states", (None, None, 768))]
+SDXL_UNET = [("sample", (None, 4, None, None)), ("timestep", ()), ("encoder_hidden_states", (None, None, 2048)),
+             ("text_embeds", (None, 1280)), ("time_ids", (None, 6))]
+
+
+# ---- profiles ------------------------------------------------------------------------------------------------
+
+
+def test_sd_unet_dynamic_profile_doubles_the_batch_and_reaches_guidance_off():
+    shapes = ShapeRange.dynamic(1, 512, 512)
+    assert shapes.batch == (1, 1, 4) and shapes.height == (256, 512, 1024)
+    profile = component_profile(ComponentContext(UNET), SD_UNET, shapes)
+    assert set(profile) == {"sample", "encoder_hidden_states"}  # the rank-0 timestep has nothing to choose
+    # min: one image, guidance off (guidance_scale <= 1); opt and max: classifier-free guidance's doubled batch.
+    assert profile["sample"] == ((1, 4, 32, 32), (2, 4, 64, 64), (8, 4, 128, 128))
+    assert profile["encoder_hidden_states"] == ((1, 77, 768), (2, 77, 768), (8, 77, 768))
+
+
+def test_static_profiles_are_exactly_the_request():
+    guided = component_profile(ComponentContext(UNET), SD_UNET, ShapeRange.static(2, 768, 512))
+    assert guided["sample"] == ((4, 4, 96, 64),) * 3
+    unguided = component_profile(ComponentContext(UNET), SD_UNET, ShapeRange.static(2, 768, 512, guidance=False))
+    assert unguided["sample"] == ((2, 4, 96, 64),) * 3
+    assert ShapeRange.static(1, 512, 512).is_static and not ShapeRange.dynamic(1, 512, 512).is_static
+
+
+def test_lcm_unet_runs_no_guidance_batch():
+    lcm = SD_UNET + [("timestep_cond", (None, 256))]
+    profile = component_profile(ComponentContext(UNET, guided=False), lcm, ShapeRange.dynamic(2, 512, 512))
+    assert profile["sample"] == ((1, 4, 32, 32), (2, 4, 64, 64), (4, 4, 128, 128))
+    assert profile["timestep_cond"] == ((1, 256), (2, 256), (4, 256))
+
+
+def test_sdxl_unet_added_conditions_take_the_batch_only():
+    profile = component_profile(ComponentContext(UNET), SDXL_UNET, ShapeRange.static(1, 1024, 1024))
+    assert profile["sample"] == ((2, 4, 128, 128),) * 3
+    assert profile["text_embeds"] == ((2, 1280),) * 3
+    assert profile["time_ids"] == ((2, 6),) * 3
+    assert profile["encoder_hidden_states"] == ((2, 77, 2048),) * 3
+
+
+def test_vae_and_text_encoder_profiles():
+    shapes = ShapeRange.dynamic(1, 512, 768)
+    encoder = component_profile(ComponentContext(VAE_ENCODER), [("sample", (None, 3, None, None))], shapes)
+    assert encoder["sample"] == ((1, 3, 256, 384), (1, 3, 512, 768), (4, 3, 1024, 1536))
+    decoder = component_profile(ComponentContext(VAE_DECODER), [("latent_sample", (None, 4, None, None))], shapes)
+    assert decoder["latent_sample"] == ((1, 4, 32, 48), (1, 4, 64, 96), (4, 4, 128, 192))
+    for name in (TEXT_ENCODER, TEXT_ENCODER_2):  # prompts, not images; padded to 77 tokens; never doubled
+        text = component_profile(ComponentContext(name), [("input_ids", ("batch_size", "sequence_length"))], shapes)
+        assert text["input_ids"] == ((1, 77), (1, 77), (4, 77))
+
+
+def test_latent_ranges_stay_inside_the_image_range():
+    # A VAE that scales by 16: a 264-pixel minimum needs latents of at least 17 (rounded up), a 1000 maximum at
+    # most 62 (rounded down), so every latent the engine runs comes from an image side the range allows.
+    shapes = ShapeRange((1, 1, 1), (264, 512, 1000), (512, 512, 512))
+    profile = component_profile(ComponentContext(VAE_DECODER, vae_scale_factor=16),
+                                [("latent_sample", (None, 4, None, None))], shapes)
+    assert profile["latent_sample"][0][2] == 17 and profile["latent_sample"][2][2] == 62
+
+
+def test_static_graph_axes_keep_their_size_and_unknown_axes_are_refused():
+    static = component_profile(ComponentContext(UNET), [("sample", (2, 4, 64, 64))], ShapeRange.dynamic(1, 512, 512))
+    assert static["sample"] == ((2, 4, 64, 64),) * 3
+    with pytest.raises(DiffshipError, match="no rule gives a TensorRT profile for axis 2 of input odd"):
+        component_profile(ComponentContext(UNET), [("odd", (None, 3, None))], ShapeRange.dynamic(1, 512, 512))
+
+
+def test_shape_range_checks_and_round_trips():
+    with pytest.raises(DiffshipError, match="min <= opt <= max"):
+        ShapeRange((2, 1, 4), 512, 512)
+    with pytest.raises(DiffshipError, match="multiples of 8"):
+        ShapeRange(1, 500, 512)
+    shapes = ShapeRange.dynamic(2, 1024, 768, guidance=False, max_batch=8)
+    assert shapes.batch == (1, 2, 8) and shapes.width == (384, 768, 1536)
+    assert ShapeRange.from_dict(json.loads(json.dumps(shapes.to_dict()))) == shapes
+    assert ShapeRange.dynamic(1, 1536, 1536).height == (768, 1536, 2048)  # capped at 2048
+
+
+def test_component_context_of_an_exported_folder(tmp_path):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"time_cond_proj_dim": 256}))
+    (tmp_path / "vae_decoder").mkdir()
+    (tmp_path / "vae_decoder" / "config.json").write_text(json.dumps({"block_out_channels": [1, 2, 3, 4, 5]}))
+    assert ComponentContext.of_folder(tmp_path / "unet") == ComponentContext("unet", False, 16)
+    assert ComponentContext.of_folder(tmp_path / "text_encoder") == ComponentContext("text_encoder", True, 16)
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl", "sd1-lcm"])
+@pytest.mark.parametrize("static", [False, True])
+def test_profiles_of_each_family_export(kind, static, tiny_model_dirs):
+    """Every component the family exports gets a profile from its traced inputs and dynamic axes, and the shapes
+    the engine is tuned for (validated at export) are what the pipelines feed at that request."""
+    from diffusers import DiffusionPipeline as TorchPipeline
+
+    from diffship.exporters.components import ExportShapes
+    from diffship.exporters.optimize import ExportOptions
+    from diffship.exporters.tensorrt import component_context, settings, shape_range, spec_inputs, validation_shapes
+    from diffship.families import family_for
+
+    pipe = TorchPipeline.from_pretrained(tiny_model_dirs(kind))
+    family = family_for(type(pipe).__name__, tiny_model_dirs(kind))
+    specs = family.specs(pipe, ExportShapes(batch_size=1, height=64, width=64, static=static))
+    options = ExportOptions(tensorrt=settings(shape_range(1, 64, 64, static), 8))
+    lcm = kind.endswith("lcm")
+    for spec in specs:
+        profile = component_profile(component_context(spec, 8), spec_inputs(spec), ShapeRange.from_dict(
+            options.tensorrt["shapes"]))
+        (opt,) = validation_shapes(spec, options)
+        if spec.name == UNET:
+            assert opt["sample"] == (1 if lcm else 2, 4, 8, 8)
+            assert all(shape[0] == opt["sample"][0] for shape in opt.values())
+            if kind == "sdxl":
+                assert {"text_embeds", "time_ids"} <= set(profile)
+        elif spec.name == VAE_DECODER:
+            assert opt["latent_sample"] == (1, 4, 8, 8)
+        elif spec.name == VAE_ENCODER:
+            assert opt["sample"] == (1, 3, 64, 64)
+        else:
+            assert opt["input_ids"] == (1, 77)
+        if static:
+            assert all(low == high for low, _, high in profile.values())
+
+
+# ---- engine cache ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def component(tmp_path):
+    """An export's unet folder: a small file standing in for model.onnx (+ external data), a config, a VAE."""
+    model = tmp_path / "export"
+    (model / "unet").mkdir(parents=True)
+    (model / "unet" / "model.onnx").write_bytes(b"graph v1")
+    (model / "unet" / "model.onnx_data").write_bytes(b"weights v1")
+    (model / "unet" / "config.json").write_text("{}")
+    (model / "vae_decoder").mkdir()
+    (model / "vae_decoder" / "config.json").write_text(json.dumps({"block_out_channels": [1, 2, 3, 4]}))
+    return model / "unet"
+
+
+@pytest.fixture
+def builds(monkeypatch):
+    """The TensorRT build replaced by one that records what it was asked and returns a few bytes."""
+    calls = []
+
+    def build(onnx_path, context, shapes, options, timing_cache=None):
+        calls.append((shapes, options))
+        return f"engine {len(calls)}".encode(), {"sample": ((1, 4, 8, 8),) * 3}, 0.5
+
+    monkeypatch.setattr(engines, "build_engine", build)
+    return calls
+
+
+def _key(folder, device=A100, shapes=ShapeRange.dynamic(1, 512, 512), options=BuildOptions()):
+    return engine_key(device, onnx_sha256(folder / "model.onnx"), ComponentContext.of_folder(folder), shapes, options)
+
+
+def test_engine_keys_change_with_everything_an_engine_depends_on(component):
+    base = _key(component)
+    assert base.digest == _key(component).digest
+    changed = {
+        "gpu": _key(component, L4),
+        "gpu name": _key(component, H100_SAME_CC),
+        "tensorrt": _key(component, A100_TRT11),
+        "profile": _key(component, shapes=ShapeRange.static(1, 512, 512)),
+        "options": _key(component, options=BuildOptions("strongly_typed")),
+    }
+    (component / "model.onnx_data").write_bytes(b"weights v2")  # a re-export: other weights, same graph file
+    changed["onnx"] = _key(component)
+    digests = {name: key.digest for name, key in changed.items()}
+    assert base.digest not in digests.values() and len(set(digests.values())) == len(digests)
+    assert "built for NVIDIA A100-SXM4-80GB (compute capability 8.0), this is NVIDIA L4 (8.9)" in key_difference(
+        base, changed["gpu"])
+    assert "built with TensorRT 10.8.0.43, this is TensorRT 11.4.0.106" in key_difference(base, changed["tensorrt"])
+    assert "the ONNX graph changed" in key_difference(base, changed["onnx"])
+    assert "1-4 images of 256-1024x256-1024 with guidance" in key_difference(base, changed["profile"])
+    assert "strongly_typed" in key_difference(base, changed["options"])
+
+
+def test_second_load_builds_nothing_and_another_gpu_or_tensorrt_rebuilds(component, builds, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    shapes, options = ShapeRange.dynamic(1, 64, 64), BuildOptions()
+    context = ComponentContext.of_folder(component)
+
+    first = engine_for(component, component / "model.onnx", A100, context, shapes, options, cache)
+    assert first.source == "built" and len(builds) == 1 and first.path.read_bytes() == b"engine 1"
+    assert first.path.parent.parent == cache / "tensorrt"  # the export folder stays read-only at run time
+    again = engine_for(component, component / "model.onnx", A100, context, shapes, options, cache)
+    assert again.source == "cache" and again.path == first.path and len(builds) == 1
+
+    for device in (L4, A100_TRT11):
+        other = engine_for(component, component / "model.onnx", device, context, shapes, options, cache)
+        assert other.source == "built" and other.path != first.path
+    assert len(builds) == 3
+    other_profile = engine_for(component, component / "model.onnx", A100, context, ShapeRange.static(1, 64, 64),
+                               options, cache)
+    assert other_profile.source == "built" and len(builds) == 4
+
+    (component / "model.onnx").write_bytes(b"graph v2")  # re-exported
+    assert engine_for(component, component / "model.onnx", A100, context, shapes, options, cache).source == "built"
+    assert len(builds) == 5
+
+
+def test_the_exported_engine_is_used_on_its_gpu_and_rebuilt_with_a_message_elsewhere(component, builds, tmp_path,
+                                                                                     caplog):
+    shapes, options = ShapeRange.dynamic(1, 64, 64), BuildOptions()
+    context = ComponentContext.of_folder(component)
+    exported = engine_for(component, component / "model.onnx", A100, context, shapes, options, cache_dir=False,
+                          target=component)
+    assert exported.path == component / TENSORRT_ENGINE and (component / TENSORRT_ENGINE_INFO).is_file()
+    info = json.loads((component / TENSORRT_ENGINE_INFO).read_text())
+    assert info["key"]["gpu"] == A100.name and info["profile"]["sample"] == [[1, 4, 8, 8]] * 3
+
+    cache = tmp_path / "cache"
+    same = engine_for(component, component / "model.onnx", A100, context, shapes, options, cache)
+    assert same.source == "export" and len(builds) == 1
+    with caplog.at_level(logging.WARNING, logger="diffship.runtimes.engines"):
+        moved = engine_for(component, component / "model.onnx", A100_TRT11, context, shapes, options, cache)
+    assert moved.source == "built" and len(builds) == 2
+    message = caplog.text
+    assert "the exported TensorRT engine does not fit" in message
+    assert "built with TensorRT 10.8.0.43, this is TensorRT 11.4.0.106" in message
+    assert "cached in" in message
+    found, why = find_engine(component, _key(component, A100_TRT11, shapes), cache)
+    assert found.source == "cache" and "TensorRT 10.8.0.43" in why
+
+
+def test_onnx_hash_is_remembered_by_size_and_time(component, tmp_path, monkeypatch):
+    memo = tmp_path / "memo"
+    first = onnx_sha256(component / "model.onnx", memo)
+    assert (memo / engines.HASH_MEMO).is_file()
+    real_open = open
+
+    def no_reading(path, *args, **kwargs):
+        if str(path).startswith(str(component)):
+            raise AssertionError(f"{path} was read again")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", no_reading)
+    assert onnx_sha256(component / "model.onnx", memo) == first
+    monkeypatch.undo()
+    (component / "model.onnx_data").write_bytes(b"weights v2")
+    assert onnx_sha256(component / "model.onnx", memo) != first
+
+
+def test_build_options():
+    assert BuildOptions().precision == "fp32"
+    with pytest.raises(DiffshipError, match="precision must be one of"):
+        BuildOptions("int3")
+    with pytest.raises(DiffshipError, match="optimization level must be 0 to 5"):
+        BuildOptions(optimization_level=9)
+    BuildOptions("fp16").check_version("10.8.0")
+    with pytest.raises(DiffshipError, match="TensorRT 11.4.0 has no fp16 builder flag"):
+        BuildOptions("fp16").check_version("11.4.0")
+    assert engines.default_precision({"float16"}) == "strongly_typed"
+    assert engines.default_precision({"float32"}) == "fp32"
+
+
+# ---- missing CUDA, GPU, TensorRT, onnxruntime-gpu ------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_tensorrt(monkeypatch):
+    """`import tensorrt` fails, as where it is not installed."""
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+
+
+@pytest.fixture
+def no_cuda_binding(monkeypatch):
+    for name in ("cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart"):
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+class _CudaError(int):
+    """A cudaError_t as cuda-bindings returns it: an int with a name."""
+
+    def __new__(cls, value, name):
+        error = super().__new__(cls, value)
+        error.name = name
+        return error
+
+
+def _fake_cudart(error_name: str | None, count: int = 0):
+    code = 0 if error_name is None else 100
+    return types.SimpleNamespace(cudaGetDeviceCount=lambda: (_CudaError(code, error_name or "cudaSuccess"), count))
+
+
+def test_missing_tensorrt_is_named_with_the_pip_command(no_tensorrt, component):
+    with pytest.raises(GPUUnavailableError, match=r"needs NVIDIA TensorRT, which is not installed: "
+                                                  r"pip install 'diffship\[tensorrt\]'"):
+        engines.check_tensorrt()
+    from diffship.runtimes.tensorrt import TensorRTSession
+
+    with pytest.raises(GPUUnavailableError, match="TensorRT"):
+        TensorRTSession(component)
+
+
+def test_missing_cuda_binding_is_named(no_cuda_binding):
+    from diffship.runtimes import cuda
+
+    with pytest.raises(GPUUnavailableError, match=r"CUDA's Python binding \(cuda-bindings\).*diffship\[tensorrt\]"):
+        cuda.device_count()
+
+
+@pytest.mark.parametrize("error,driver,expected", [
+    ("cudaErrorNoDevice", True, "no NVIDIA GPU is usable here (cudaErrorNoDevice)"),
+    (None, True, "no NVIDIA GPU is usable here (no device)"),
+    # CUDA answers cudaErrorInsufficientDriver both without a driver (what cuda-bindings says on this machine) and
+    # with one older than the binding's CUDA.
+    ("cudaErrorInsufficientDriver", False, "no NVIDIA driver here (libcuda.so.1 is not found)"),
+    ("cudaErrorInsufficientDriver", True, "pip install 'cuda-bindings==12.*'"),
+])
+def test_missing_gpu_or_driver_is_named(monkeypatch, error, driver, expected):
+    from diffship.runtimes import cuda
+
+    monkeypatch.setattr(cuda, "cudart", lambda: _fake_cudart(error, 0))
+    monkeypatch.setattr(cuda, "has_driver", lambda: driver)
+    with pytest.raises(GPUUnavailableError) as raised:
+        cuda.device_count()
+    assert expected in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_runtime_modules_import_without_tensorrt_or_cuda():
+    code = ("import sys; import diffship.runtimes.tensorrt, diffship.runtimes.engines, diffship.runtimes.cuda, "
+            "diffship.exporters.tensorrt\n"
+            "loaded = [m for m in ('tensorrt', 'cuda', 'cupy', 'polygraphy') if m in sys.modules]\n"
+            "print(loaded); sys.exit(1 if loaded else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---- CLI refusals ------------------------------------------------------------------------------------------------
+
+
+def test_export_tensorrt_refused_before_loading_without_tensorrt(no_tensorrt, tiny_model_dirs, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["export", str(tiny_model_dirs("sd1")), str(out), "--backend", "tensorrt"]) == 2
+    err = capsys.readouterr().err
+    assert "TensorRT, which is not installed" in err and "pip install 'diffship[tensorrt]'" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_export_tensorrt_flags_need_the_format(tiny_model_dirs, tmp_path, capsys):
+    model, out = str(tiny_model_dirs("sd1")), str(tmp_path / "out")
+    for flags, message in ((["--trt-static"], "--trt-static is for TensorRT engines: add tensorrt to --backend"),
+                           (["--trt-precision", "fp16"], "--trt-precision is for TensorRT engines"),
+                           (["--trt-max-batch", "8"], "--trt-max-batch is for TensorRT engines")):
+        assert main(["export", model, out, *flags]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_export_formats_registry_adds_the_onnx_tensorrt_builds_from():
+    from diffship.exporters.export_pipeline import _formats
+
+    assert _formats(["tensorrt"], "--backend") == ["onnx", "tensorrt"]
+    assert _formats("trt,openvino", "--backend") == ["onnx", "openvino", "tensorrt"]
+
+
+def test_generate_and_bench_refuse_tensorrt_without_it(no_tensorrt, tmp_path, capsys):
+    assert main(["generate", str(tmp_path), "--prompt", "x", "--backend", "tensorrt",
+                 "--out", str(tmp_path / "i.png")]) == 2
+    assert "pip install 'diffship[tensorrt]'" in capsys.readouterr().err
+    assert main(["bench", str(tmp_path), "--backend", "trt"]) == 2
+    assert "pip install 'diffship[tensorrt]'" in capsys.readouterr().err
+
+
+def test_generate_and_bench_refuse_gpu_providers_without_onnxruntime_gpu(monkeypatch, tmp_path, capsys):
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert main(["generate", str(tmp_path), "--prompt", "x", "--provider", "cuda",
+                 "--out", str(tmp_path / "i.png")]) == 2
+    err = capsys.readouterr().err
+    assert "CUDAExecutionProvider is not available here" in err and "onnxruntime-gpu" in err
+    assert "pip uninstall -y onnxruntime && pip install 'diffship[gpu]'" in err
+    assert main(["bench", str(tmp_path), "--provider", "tensorrt"]) == 2
+    assert "TensorrtExecutionProvider and CUDAExecutionProvider are not available" in capsys.readouterr().err
+    assert main(["bench", str(tmp_path), "--backend", "openvino", "--provider", "cuda"]) == 2
+    assert "--provider is onnxruntime's" in capsys.readouterr().err
+
+
+# ---- GPU: the tiny pipelines against diffusers ---------------------------------------------------------------------
+
+
+def cuda_absent() -> str | None:
+    """Why there is no CUDA GPU here (the skip reason), or None when there is one. Probed with CUDA's binding when
+    installed, else nvidia-smi: a GPU machine without TensorRT or onnxruntime-gpu runs the tests, which then fail
+    naming the pip command, rather than skipping."""
+    try:
+        from diffship.runtimes.cuda import device_count
+
+        device_count()
+        return None
+    except GPUUnavailableError as e:
+        if "cuda-bindings" not in str(e):
+            return f"no CUDA GPU: {e}"
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return "no CUDA GPU: neither CUDA's Python binding nor nvidia-smi finds one"
+    listed = subprocess.run([smi, "-L"], capture_output=True, text=True)
+    return None if listed.returncode == 0 and "GPU" in listed.stdout else f"no CUDA GPU: nvidia-smi -L says {listed.stdout or listed.stderr!r}"
+
+
+NO_CUDA = cuda_absent()
+
+# fp32 engines (TF32 off) and ORT CUDA in fp32 are held to the CPU backends' bound: 1e-3 on images in [0, 1].
+# fp16 (an fp16 export: UNet and text encoder in fp16, the VAE fp32 as the export keeps it): each component is
+# validated within 2e-2 of its largest output (validate.DEFAULT_RTOL); over 4 denoising steps the UNet's relative
+# error reaches the latents once per step without growing (the scheduler mixes a small part of each prediction
+# in), and the fp32 VAE decodes them: measured end to end on fp16 Stable Diffusion pipelines this stays near 1e-2;
+# 4e-2 (10/255) is the bound, with the mean error below 4e-3, which a wrong graph (NaN, a dropped input) exceeds.
+FP16_ATOL, FP16_MEAN = 4e-2, 4e-3
+GPU_KINDS = ["sd1", "sd2", "sdxl"]
+_GPU_EXPORTS: dict = {}
+
+
+def _gpu_export(tiny_model_dirs, tmp_path_factory, kind: str, dtype: str):
+    from diffship.exporters import export
+
+    if (kind, dtype) not in _GPU_EXPORTS:
+        out = tmp_path_factory.mktemp("gpu-exports") / f"{kind}-{dtype}"
+        _GPU_EXPORTS[kind, dtype] = export(tiny_model_dirs(kind), out, ["onnx", "tensorrt"], dtype=dtype,
+                                           progress=False)
+    return _GPU_EXPORTS[kind, dtype]
+
+
+def _diffusers_and_diffship(kind, tiny_model_dirs, tmp_path_factory, dtype, backend, **options):
+    import diffusers
+    import torch
+
+    from diffship.pipelines import AutoPipelineForText2Image
+    from image_tasks import TorchNoise, latents
+
+    export = _gpu_export(tiny_model_dirs, tmp_path_factory, kind, dtype)
+    cls = "StableDiffusionXLPipeline" if kind == "sdxl" else "StableDiffusionPipeline"
+    extra = {"add_watermarker": False} if kind == "sdxl" else {"safety_checker": None}
+    reference = getattr(diffusers, cls).from_pretrained(tiny_model_dirs(kind), **extra)
+    reference.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt=["a red circle on the left", "an oil painting"], negative_prompt=["blurry", "dark"],
+                  num_inference_steps=4, guidance_scale=6.0, height=64, width=64, latents=latents(2, 64, 64))
+    expected = reference(generator=torch.Generator().manual_seed(0), output_type="np",
+                         **{**kwargs, "latents": torch.from_numpy(kwargs["latents"])}).images
+    pipe = AutoPipelineForText2Image.from_pretrained(export, backend=backend, **options)
+    pipe.set_progress_bar_config(disable=True)
+    got = pipe(generator=TorchNoise(0), output_type="np", **kwargs).images
+    return np.asarray(expected), np.asarray(got), pipe
+
+
+@pytest.mark.parametrize("kind", GPU_KINDS)
+@pytest.mark.parametrize("path", ["tensorrt", "onnxruntime-cuda"])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA is not None, reason=NO_CUDA or "")
+def test_gpu_pipelines_match_diffusers(kind, path, dtype, tiny_model_dirs, tmp_path_factory):
+    backend, options = ("tensorrt", {}) if path == "tensorrt" else ("onnxruntime", {"provider": "cuda"})
+    expected, got, pipe = _diffusers_and_diffship(kind, tiny_model_dirs, tmp_path_factory, dtype, backend, **options)
+    diff = np.abs(expected - got)
+    print(f"{kind} {path} {dtype}: max abs {diff.max():.2e}, mean {diff.mean():.2e}")
+    assert got.shape == expected.shape and not np.isnan(got).any()
+    if dtype == "fp32":
+        assert diff.max() < 1e-3
+    else:
+        assert diff.max() < FP16_ATOL and diff.mean() < FP16_MEAN
+    if path == "tensorrt":
+        settings = pipe.unet.settings()
+        assert settings["source"] == "export", settings  # the export's engine, built on this GPU: nothing rebuilt
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA is not None, reason=NO_CUDA or "")
+def test_gpu_static_engine_with_cuda_graph_and_ort_cuda_graph(tiny_model_dirs, tmp_path_factory, tmp_path):
+    """A static engine replayed as a CUDA graph gives what the dynamic engine gives; ORT's CUDA graph likewise."""
+    from diffship.runtimes.onnxruntime import OnnxRuntimeSession
+    from diffship.runtimes.tensorrt import TensorRTSession
+
+    export = _gpu_export(tiny_model_dirs, tmp_path_factory, "sd1", "fp32")
+    rng = np.random.default_rng(0)
+    feeds = {"sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32),
+             "timestep": np.asarray(500.0, dtype=np.float32),
+             "encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32)}
+    cpu = OnnxRuntimeSession(export / UNET, cache_dir=False).run(feeds)["out_sample"]
+    graph = TensorRTSession(export / UNET, shapes=ShapeRange.static(1, 64, 64), cuda_graph=True, cache_dir=tmp_path)
+    for _ in range(3):  # captured at the second call, replayed after
+        assert np.abs(graph.run(feeds)["out_sample"] - cpu).max() < 1e-3
+    ort_graph = OnnxRuntimeSession(export / UNET, provider="cuda", cuda_graph=True, cache_dir=False)
+    for _ in range(3):
+        assert np.abs(ort_graph.run(feeds)["out_sample"] - cpu).max() < 1e-3
+    with pytest.raises(DiffshipError, match="was not built for sample"):
+        graph.run({**feeds, "sample": feeds["sample"][:1], "encoder_hidden_states": feeds["encoder_hidden_states"][:1]})
