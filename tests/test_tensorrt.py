@@ -539,3 +539,393 @@ def test_gpu_static_engine_with_cuda_graph_and_ort_cuda_graph(tiny_model_dirs, t
         assert np.abs(ort_graph.run(feeds)["out_sample"] - cpu).max() < 1e-3
     with pytest.raises(DiffshipError, match="was not built for sample"):
         graph.run({**feeds, "sample": feeds["sample"][:1], "encoder_hidden_states": feeds["encoder_hidden_states"][:1]})
+
+
+# ---- the build's use of TensorRT's API, on a stand-in -------------------------------------------------------------
+
+
+class _Recorder:
+    """A stand-in for the parts of the tensorrt module the build calls, recording what it was told: what the
+    build asks of TensorRT (flags, profile shapes, timing cache) is checked here; what TensorRT then does only a GPU
+    shows (the `gpu` tests)."""
+
+    def __init__(self, version: str, inputs, parses: bool = True, builds: bool = True):
+        self.__version__ = version
+        self.calls: dict = {"flags": set(), "cleared": set(), "shapes": {}}
+        recorder = self
+
+        class ILogger:
+            Severity = types.SimpleNamespace(ERROR=1, WARNING=2)
+
+            def __init__(self):
+                pass
+
+        class Flag:
+            def __init__(self, name):
+                self.name = name
+
+            def __int__(self):
+                return {"STRONGLY_TYPED": 5}.get(self.name, 0)
+
+        class Network:
+            num_inputs = len(inputs)
+
+            def __init__(self, flags):
+                recorder.calls["network_flags"] = flags
+
+            def get_input(self, i):
+                return types.SimpleNamespace(name=inputs[i][0], shape=inputs[i][1])
+
+        class Parser:
+            num_errors = 0 if parses else 1
+
+            def __init__(self, network, log):
+                pass
+
+            def parse_from_file(self, path):
+                recorder.calls["parsed"] = path
+                return parses
+
+            def get_error(self, i):
+                return "unsupported op FancyAttention"
+
+        class TimingCache:
+            def __init__(self, data):
+                self.data = data
+
+            def serialize(self):
+                return self.data + b"+timed"
+
+        class Profile:
+            def set_shape(self, name, low, opt, high):
+                recorder.calls["shapes"][name] = (tuple(low), tuple(opt), tuple(high))
+
+        class Config:
+            builder_optimization_level = None
+
+            def set_flag(self, flag):
+                recorder.calls["flags"].add(flag.name)
+
+            def clear_flag(self, flag):
+                recorder.calls["cleared"].add(flag.name)
+
+            def add_optimization_profile(self, profile):
+                recorder.calls["level"] = self.builder_optimization_level
+
+            def create_timing_cache(self, data):
+                recorder.calls["timing_read"] = data
+                self._cache = TimingCache(data)
+                return self._cache
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                pass
+
+            def get_timing_cache(self):
+                return self._cache
+
+        class Builder:
+            def __init__(self, log):
+                pass
+
+            def create_network(self, flags):
+                return Network(flags)
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                return b"plan" if builds else None
+
+        self.ILogger = ILogger
+        self.Builder = Builder
+        self.OnnxParser = Parser
+        self.BuilderFlag = types.SimpleNamespace(TF32=Flag("TF32"), FP16=Flag("FP16"), BF16=Flag("BF16"))
+        self.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=Flag("STRONGLY_TYPED"))
+
+
+def _build_with(monkeypatch, tmp_path, version="10.8.0", precision="fp32", **kwargs):
+    fake = _Recorder(version, [("sample", (-1, 4, -1, -1)), ("timestep", ()),
+                               ("encoder_hidden_states", (-1, -1, 768))], **kwargs)
+    monkeypatch.setattr(engines, "tensorrt", lambda: fake)
+    plan, profile, _ = engines.build_engine(tmp_path / "model.onnx", ComponentContext(UNET),
+                                            ShapeRange.static(1, 512, 512), BuildOptions(precision, 4),
+                                            tmp_path / "timing.cache")
+    return fake.calls, plan, profile
+
+
+def test_build_sets_the_profile_precision_and_timing_cache(monkeypatch, tmp_path):
+    calls, plan, profile = _build_with(monkeypatch, tmp_path)
+    assert plan == b"plan" and calls["parsed"] == str(tmp_path / "model.onnx")
+    assert calls["shapes"] == {"sample": ((2, 4, 64, 64),) * 3, "encoder_hidden_states": ((2, 77, 768),) * 3}
+    assert profile == calls["shapes"] and calls["level"] == 4
+    assert calls["cleared"] == {"TF32"} and not calls["flags"] and calls["network_flags"] == 0  # fp32: as PyTorch
+    assert calls["timing_read"] == b"" and (tmp_path / "timing.cache").read_bytes() == b"+timed"
+    calls, _, _ = _build_with(monkeypatch, tmp_path)  # the second build starts from the first's timings
+    assert calls["timing_read"] == b"+timed"
+
+
+def test_build_precisions_on_tensorrt_10_and_11(monkeypatch, tmp_path):
+    assert _build_with(monkeypatch, tmp_path, precision="fp16")[0]["flags"] == {"FP16"}
+    assert _build_with(monkeypatch, tmp_path, precision="tf32")[0]["cleared"] == set()
+    assert _build_with(monkeypatch, tmp_path, precision="strongly_typed")[0]["network_flags"] == 1 << 5
+    # TensorRT 11: always strongly typed (the flag is deprecated there), and no fp16 builder flag.
+    assert _build_with(monkeypatch, tmp_path, "11.4.0", precision="strongly_typed")[0]["network_flags"] == 0
+    with pytest.raises(DiffshipError, match="TensorRT 11.4.0 has no fp16 builder flag"):
+        _build_with(monkeypatch, tmp_path, "11.4.0", precision="fp16")
+
+
+def test_build_failures_are_named(monkeypatch, tmp_path):
+    with pytest.raises(DiffshipError, match="TensorRT could not parse .*model.onnx: unsupported op FancyAttention"):
+        _build_with(monkeypatch, tmp_path, parses=False)
+    with pytest.raises(DiffshipError, match="TensorRT could not build an engine from .* for 1 images of 512x512"):
+        _build_with(monkeypatch, tmp_path, builds=False)
+
+
+def test_session_request_follows_the_export(component, tmp_path):
+    """What a TensorRT session asks for when not told: the export's engine's request (so that its engine serves),
+    else a dynamic range around the model's native size, strongly typed for an fp16 export."""
+    from diffship.runtimes.tensorrt import TensorRTSession
+
+    (component.parent / "unet" / "config.json").write_text(json.dumps({"sample_size": 96}))
+    shapes, options = TensorRTSession._request(component, None, None, None)
+    assert shapes == ShapeRange.dynamic(1, 768, 768) and options == BuildOptions("fp32", 3)
+    (component.parent / "export_report.json").write_text(json.dumps(
+        {"components": {"unet": {"precision": {"onnxruntime": "fp16"}}}}))
+    assert TensorRTSession._request(component, None, None, None)[1].precision == "strongly_typed"
+
+    exported = ShapeRange.static(2, 512, 768)
+    key = engine_key(A100, "0" * 64, ComponentContext.of_folder(component), exported, BuildOptions("tf32", 5))
+    engines.write_engine(component, b"plan", key, {}, 1.0)
+    assert TensorRTSession._request(component, None, None, None) == (exported, BuildOptions("tf32", 5))
+    asked = ShapeRange.dynamic(1, 512, 512)
+    assert TensorRTSession._request(component, asked.to_dict(), "fp32", 2) == (asked, BuildOptions("fp32", 2))
+
+
+# ---- the session's run, on a simulated GPU ------------------------------------------------------------------------
+
+
+class _SimulatedCuda:
+    """cuda-bindings' runtime calls the session makes, on host memory: device pointers are ctypes buffers, copies
+    are memmoves, a stream runs its work at once except while capturing, when the work is recorded for the graph to
+    replay (what a CUDA graph does)."""
+
+    OK = _CudaError(0, "cudaSuccess")
+    cudaStreamNonBlocking = 1
+    cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)
+    cudaStreamCaptureMode = types.SimpleNamespace(cudaStreamCaptureModeThreadLocal=1)
+
+    def __init__(self):
+        import ctypes
+
+        self.ctypes = ctypes
+        self.memory: dict[int, object] = {}
+        self.capturing: list | None = None
+        self.launches = 0
+
+    def cudaGetDeviceCount(self):
+        return self.OK, 1
+
+    def cudaGetDeviceProperties(self, device):
+        return self.OK, types.SimpleNamespace(name=b"Simulated GPU", major=9, minor=0)
+
+    def cudaSetDevice(self, device):
+        return (self.OK,)
+
+    def cudaMalloc(self, size):
+        buffer = self.ctypes.create_string_buffer(size)
+        self.memory[self.ctypes.addressof(buffer)] = buffer
+        return self.OK, self.ctypes.addressof(buffer)
+
+    def cudaFree(self, ptr):
+        self.memory.pop(ptr, None)
+        return (self.OK,)
+
+    def cudaStreamCreateWithFlags(self, flags):
+        return self.OK, 7
+
+    def cudaStreamDestroy(self, stream):
+        return (self.OK,)
+
+    def cudaMemcpyAsync(self, dst, src, count, kind, stream):
+        self.ctypes.memmove(dst, src, count)
+        return (self.OK,)
+
+    def cudaStreamSynchronize(self, stream):
+        return (self.OK,)
+
+    def cudaStreamBeginCapture(self, stream, mode):
+        self.capturing = []
+        return (self.OK,)
+
+    def cudaStreamEndCapture(self, stream):
+        graph, self.capturing = self.capturing, None
+        return self.OK, graph
+
+    def cudaGraphInstantiate(self, graph, flags):
+        return self.OK, graph
+
+    def cudaGraphLaunch(self, graph, stream):
+        self.launches += 1
+        for work in graph:
+            work()
+        return (self.OK,)
+
+    def cudaGraphExecDestroy(self, graph):
+        return (self.OK,)
+
+    def cudaGraphDestroy(self, graph):
+        return (self.OK,)
+
+
+def _simulated_tensorrt(cuda, profile_max: int):
+    """An engine that computes y = relu(x) + bias for x [batch, 3] (batch 1 to profile_max) and a rank-0 bias."""
+    import ctypes
+
+    DataType = types.SimpleNamespace(FLOAT="float32")
+
+    class Engine:
+        num_io_tensors = 3
+        names = ["x", "bias", "y"]
+
+        def get_tensor_name(self, i):
+            return self.names[i]
+
+        def get_tensor_mode(self, name):
+            return "in" if name != "y" else "out"
+
+        def get_tensor_dtype(self, name):
+            return DataType.FLOAT
+
+        def get_tensor_shape(self, name):
+            return () if name == "bias" else (-1, 3)
+
+        def get_tensor_profile_shape(self, name, profile):
+            return [(1, 3), (1, 3), (profile_max, 3)]
+
+        def create_execution_context(self):
+            return Context()
+
+    class Context:
+        def __init__(self):
+            self.shapes, self.addresses = {}, {}
+            self.runs = 0
+
+        def set_input_shape(self, name, shape):
+            self.shapes[name] = tuple(shape)
+
+        def get_tensor_shape(self, name):
+            return self.shapes["x"] if name == "y" else self.shapes[name]
+
+        def set_tensor_address(self, name, ptr):
+            self.addresses[name] = ptr
+
+        def execute_async_v3(self, stream):
+            shape, addresses = self.shapes["x"], dict(self.addresses)
+
+            def work():
+                n = int(np.prod(shape))
+                x = np.ctypeslib.as_array((ctypes.c_float * n).from_address(addresses["x"]))
+                bias = ctypes.c_float.from_address(addresses["bias"]).value
+                y = np.ctypeslib.as_array((ctypes.c_float * n).from_address(addresses["y"]))
+                y[:] = np.maximum(x, 0) + bias
+                self.runs += 1
+
+            if cuda.capturing is not None:
+                cuda.capturing.append(work)
+            else:
+                work()
+            return True
+
+    class Runtime:
+        def __init__(self, log):
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            return Engine()
+
+    class Logger:
+        ERROR = 1
+
+        def __init__(self, level):
+            pass
+
+    return types.SimpleNamespace(__version__="10.8.0", Logger=Logger, Runtime=Runtime,
+                                 TensorIOMode=types.SimpleNamespace(INPUT="in"),
+                                 nptype=lambda dtype: np.float32)
+
+
+@pytest.fixture
+def simulated_session(monkeypatch, component):
+    from diffship.runtimes import cuda as cuda_module
+    from diffship.runtimes import tensorrt as trt_module
+
+    cuda = _SimulatedCuda()
+    monkeypatch.setattr(cuda_module, "cudart", lambda: cuda)
+    fake = _simulated_tensorrt(cuda, profile_max=4)
+    monkeypatch.setattr(engines, "tensorrt", lambda: fake)
+    monkeypatch.setattr(trt_module, "tensorrt", lambda: fake)
+    (component / "model.plan").write_bytes(b"plan")
+
+    def make(**options):
+        return trt_module.TensorRTSession(component, engine=component / "model.plan", **options), cuda
+
+    return make
+
+
+def test_session_runs_numpy_in_and_out_with_buffers_kept_and_grown(simulated_session):
+    session, cuda = simulated_session()
+    assert [i.name for i in session.inputs] == ["x", "bias"] and session.outputs[0].shape == (None, 3)
+    assert session.profile == {"x": ((1, 3), (1, 3), (4, 3))}  # the rank-0 bias has no range
+    x = np.array([[-1.0, 0.5, 2.0]])  # float64: fed as the engine's float32
+    out = session.run({"x": x, "bias": np.float64(1.0)})["y"]
+    assert out.dtype == np.float32 and out.tolist() == [[1.0, 1.5, 3.0]]
+    first = dict((name, buffer.ptr) for name, buffer in session._buffers.items())
+    session.run({"x": x[:, ::-1], "bias": np.float32(0.0)})  # a non-contiguous view is copied first
+    assert {name: buffer.ptr for name, buffer in session._buffers.items()} == first  # same shapes, same buffers
+    big = np.arange(12, dtype=np.float32).reshape(4, 3) - 5
+    assert np.array_equal(session.run({"x": big, "bias": np.float32(0)})["y"], np.maximum(big, 0))
+    assert session._buffers["x"].nbytes == 48 and len(cuda.memory) == 3  # grown, the smaller ones freed
+    assert session.covers({"x": (2, 3)}) and not session.covers({"x": (5, 3)})
+
+
+def test_session_names_shapes_outside_the_profile_before_running(simulated_session):
+    session, _ = simulated_session()
+    with pytest.raises(DiffshipError, match=r"was not built for x \[5, 3\] \(engine: \[1, 3\] to \[4, 3\]\)"):
+        session.run({"x": np.zeros((5, 3), np.float32), "bias": np.float32(0)})
+    with pytest.raises(DiffshipError, match="missing \\['bias'\\]"):
+        session.run({"x": np.zeros((1, 3), np.float32)})
+
+
+def test_session_cuda_graph_replays_static_engines(monkeypatch, simulated_session, component):
+    from diffship.runtimes import tensorrt as trt_module
+
+    session, cuda = simulated_session(cuda_graph=True)
+    assert not session._static  # a dynamic profile: run launch by launch
+    session.run({"x": np.ones((1, 3), np.float32), "bias": np.float32(0)})
+    assert cuda.launches == 0
+
+    static = _simulated_tensorrt(cuda, profile_max=1)
+    monkeypatch.setattr(trt_module, "tensorrt", lambda: static)
+    session, cuda = trt_module.TensorRTSession(component, engine=component / "model.plan", cuda_graph=True), cuda
+    outputs = [session.run({"x": np.full((1, 3), v, np.float32), "bias": np.float32(1)})["y"] for v in (-1, 2, 3)]
+    assert [o.tolist() for o in outputs] == [[[1.0] * 3], [[3.0] * 3], [[4.0] * 3]]
+    assert cuda.launches == 3  # captured once (after a plain first run), replayed at every call
+    assert session._context.runs == 4
+
+
+def test_bench_runs_tensorrt_where_the_export_built_engines(monkeypatch, tmp_path):
+    import diffship.benchmarking as benchmarking
+
+    monkeypatch.setattr(benchmarking, "installed_backends", lambda: ["onnxruntime", "tensorrt"])
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "model.onnx").write_bytes(b"graph")
+    assert benchmarking.runnable_backends(tmp_path) == ["onnxruntime"]  # would build engines first: not by default
+    (tmp_path / "unet" / TENSORRT_ENGINE).write_bytes(b"plan")
+    assert benchmarking.runnable_backends(tmp_path) == ["onnxruntime", "tensorrt"]
+    static = benchmarking.tensorrt_options(1, 512, 512, True, static=True)
+    assert static == {"shapes": ShapeRange.static(1, 512, 512).to_dict(), "cuda_graph": True}
+    assert ShapeRange.from_dict(benchmarking.tensorrt_options(2, 512, 768, False, static=False)["shapes"]) == \
+        ShapeRange.dynamic(2, 512, 768, guidance=False)

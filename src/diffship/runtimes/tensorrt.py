@@ -42,14 +42,15 @@ class TensorRTSession:
     `path`: a component folder (or its model.onnx). `shapes`: the ShapeRange the engine must serve (or a dict of
     its fields); default: what the export built its engine for (model.plan.json), else a dynamic range around
     the model's native size. `precision`: BuildOptions' precision; default: the export's, else strongly typed
-    for an fp16 graph and fp32 (TF32 off) otherwise. `cuda_graph`: replay static-shape runs as a CUDA graph.
+    for an fp16 graph and fp32 (TF32 off) otherwise. `optimization_level`: TensorRT's builder level (default: the
+    export's, else 3). `cuda_graph`: replay static-shape runs as a CUDA graph.
     `cache_dir`: the engine cache (runtimes/cache.py; False: none). `device`: the CUDA device index."""
 
     backend = "tensorrt"
     can_reshape = False  # an engine runs what its profile covers; another range is another engine (shapes=)
 
     def __init__(self, path: str | os.PathLike, shapes: ShapeRange | dict | None = None,
-                 precision: str | None = None, optimization_level: int = 3, cuda_graph: bool = False,
+                 precision: str | None = None, optimization_level: int | None = None, cuda_graph: bool = False,
                  cache_dir=None, device: int = 0, engine: str | os.PathLike | None = None):
         from diffship.runtimes import cuda
 
@@ -116,8 +117,11 @@ class TensorRTSession:
 
                 side = int(json.loads(unet.read_text()).get("sample_size", 64)) * config.vae_scale_factor
             shapes = ShapeRange.dynamic(1, side, side)
+        built = key.get("options") or {}
         if precision is None:
-            precision = (key.get("options") or {}).get("precision") or default_precision(_onnx_dtypes(folder))
+            precision = built.get("precision") or default_precision(_onnx_dtypes(folder))
+        if optimization_level is None:
+            optimization_level = built.get("optimization_level", 3)
         return shapes, BuildOptions(precision, optimization_level)
 
     def _info(self, name: str) -> TensorInfo:
