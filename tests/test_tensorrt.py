@@ -249,8 +249,11 @@ def test_second_load_builds_nothing_and_another_gpu_or_tensorrt_rebuilds(compone
     assert other_profile.source == "built" and len(builds) == 4
 
     (component / "model.onnx").write_bytes(b"graph v2")  # re-exported
-    assert engine_for(component, component / "model.onnx", A100, context, shapes, options, cache).source == "built"
-    assert len(builds) == 5
+    rebuilt = engine_for(component, component / "model.onnx", A100, context, shapes, options, cache)
+    assert rebuilt.source == "built" and len(builds) == 5
+    # The engine of the graph's earlier version is gone (gigabytes at full size); the other GPUs', TensorRT's
+    # and profile's are kept: they may be used again.
+    assert not first.path.exists() and rebuilt.path.exists() and len(list((cache / "tensorrt").glob("*/model.plan"))) == 4
 
 
 def test_the_exported_engine_is_used_on_its_gpu_and_rebuilt_with_a_message_elsewhere(component, builds, tmp_path,
@@ -385,8 +388,9 @@ def test_runtime_modules_import_without_tensorrt_or_cuda():
 
 
 def test_export_tensorrt_refused_before_loading_without_tensorrt(no_tensorrt, tiny_model_dirs, tmp_path, capsys):
-    out = tmp_path / "out"
-    assert main(["export", str(tiny_model_dirs("sd1")), str(out), "--backend", "tensorrt"]) == 2
+    out, model = tmp_path / "out", str(tiny_model_dirs("sd1"))
+    capsys.readouterr()  # what building the tiny model printed
+    assert main(["export", model, str(out), "--backend", "tensorrt"]) == 2
     err = capsys.readouterr().err
     assert "TensorRT, which is not installed" in err and "pip install 'diffship[tensorrt]'" in err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
@@ -929,3 +933,25 @@ def test_bench_runs_tensorrt_where_the_export_built_engines(monkeypatch, tmp_pat
     assert static == {"shapes": ShapeRange.static(1, 512, 512).to_dict(), "cuda_graph": True}
     assert ShapeRange.from_dict(benchmarking.tensorrt_options(2, 512, 768, False, static=False)["shapes"]) == \
         ShapeRange.dynamic(2, 512, 768, guidance=False)
+
+
+def test_export_tensorrt_settings(monkeypatch):
+    from diffship.exporters import export_pipeline
+    from diffship.exporters.tensorrt import build_options, validation_precision
+
+    assert build_options({}, "fp16") == BuildOptions("strongly_typed")  # an fp16 export: the graph's types
+    assert build_options({}, "fp32") == BuildOptions("fp32")
+    assert build_options({"precision": "tf32", "optimization_level": 5}, "fp32") == BuildOptions("tf32", 5)
+    # How each engine's error is judged: fp32 engines by the fp32 bound, TF32's 10-bit products by fp16's.
+    assert validation_precision(BuildOptions("fp32"), "fp32") == "fp32"
+    assert validation_precision(BuildOptions("tf32"), "fp32") == "fp16"
+    assert validation_precision(BuildOptions("strongly_typed"), "fp16") == "fp16"
+    assert validation_precision(BuildOptions("bf16"), "fp32") == "bf16"
+
+    monkeypatch.setattr(engines, "check_tensorrt", lambda: A100_TRT11)
+    assert export_pipeline.check_tensorrt_export(["onnx", "tensorrt"], True, None, 8) == A100_TRT11
+    with pytest.raises(DiffshipError, match="TensorRT 11.4.0.106 has no bf16 builder flag"):
+        export_pipeline.check_tensorrt_export(["onnx", "tensorrt"], False, "bf16", None)
+    with pytest.raises(ValueError, match="tensorrt_precision must be one of"):
+        export_pipeline.check_tensorrt_export(["onnx", "tensorrt"], False, "int8", None)
+    assert export_pipeline.check_tensorrt_export(["onnx"], False, None, None) is None

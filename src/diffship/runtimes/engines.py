@@ -22,7 +22,9 @@ ONNX graph's content hash (model.onnx and its external data), the profile reques
 uses the export's engine (`model.plan`, its key in `model.plan.json`) when its key is the one wanted, else the
 cache's (`~/.cache/diffship/tensorrt/<key>/`), else builds into the cache, saying why the export's engine did not
 fit (another GPU, another TensorRT version, another profile). The content hash of a multi-GB graph is remembered
-by file size and modification time, so a second load builds and hashes nothing.
+by file size and modification time, so a second load builds and hashes nothing. A cache entry notes the graph file
+it was built from; building for a re-exported graph removes the entries of its earlier version (same device,
+request and options), so the cache does not grow by an engine at each re-export.
 """
 
 from __future__ import annotations
@@ -410,12 +412,13 @@ def find_engine(folder: Path, wanted: EngineKey, cache_dir=None) -> tuple[Engine
     return None, why
 
 
-def write_engine(folder: Path, engine: bytes, key: EngineKey, profile: dict, build_seconds: float) -> Path:
+def write_engine(folder: Path, engine: bytes, key: EngineKey, profile: dict, build_seconds: float,
+                 source: Path | None = None) -> Path:
     """model.plan and model.plan.json into `folder`, the plan written whole before its info (a reader that finds
-    the info finds the whole plan)."""
+    the info finds the whole plan). `source`: the ONNX graph it was built from (cache entries note it)."""
     folder.mkdir(parents=True, exist_ok=True)
     _write_atomic(folder / TENSORRT_ENGINE, bytes(engine))
-    info = {"key": key.to_dict(), "digest": key.digest,
+    info = {"key": key.to_dict(), "digest": key.digest, **({"source": str(source)} if source else {}),
             "profile": {name: [list(s) for s in shapes] for name, shapes in profile.items()},
             "build_seconds": round(build_seconds, 3),
             "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -426,6 +429,18 @@ def write_engine(folder: Path, engine: bytes, key: EngineKey, profile: dict, bui
 def cache_entry(key: EngineKey, cache_dir=None) -> Path | None:
     root = cache_root(cache_dir)
     return None if root is None else root / "tensorrt" / key.digest
+
+
+def remove_replaced(entry: Path, key: EngineKey, source: Path) -> None:
+    """Remove the cache entries built from an earlier version of the same graph file for the same device, request
+    and options (the graph was re-exported since): a full-size UNet's engine is gigabytes."""
+    for other in entry.parent.iterdir():
+        info = read_info(other / TENSORRT_ENGINE_INFO) if other != entry and other.is_dir() else None
+        if info is None or info.get("source") != str(source):
+            continue
+        old = {**info["key"], "onnx_sha256": key.onnx_sha256}
+        if old == key.to_dict() and info["key"].get("onnx_sha256") != key.onnx_sha256:
+            remove_entry(other)
 
 
 # ---- TensorRT ---------------------------------------------------------------------------------------------------
@@ -551,8 +566,11 @@ def engine_for(folder: Path, onnx_path: Path, device, context: ComponentContext,
         import tempfile
 
         destination = Path(tempfile.mkdtemp(prefix="diffship-trt-"))
+    source = Path(onnx_path).resolve()
     try:
-        path = write_engine(destination, engine, wanted, profile, seconds)
+        path = write_engine(destination, engine, wanted, profile, seconds, source if target is None else None)
+        if target is None and root is not None:
+            remove_replaced(destination, wanted, source)
     except OSError:
         if target is not None:
             raise
