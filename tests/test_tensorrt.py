@@ -466,8 +466,38 @@ NO_CUDA = cuda_absent()
 # in), and the fp32 VAE decodes them: measured end to end on fp16 Stable Diffusion pipelines this stays near 1e-2;
 # 4e-2 (10/255) is the bound, with the mean error below 4e-3, which a wrong graph (NaN, a dropped input) exceeds.
 FP16_ATOL, FP16_MEAN = 4e-2, 4e-3
-GPU_KINDS = ["sd1", "sd2", "sdxl"]
 _GPU_EXPORTS: dict = {}
+_PROMPTS = ["a red circle on the left", "an oil painting"]
+
+
+def _gpu_cases():
+    """name -> (tiny model kind, pipeline class (diffusers' and diffship's name), call arguments): the families and
+    tasks the CPU backends run, each on both GPU paths. Sizes: 64x64 (the export's, where dynamic engines are
+    tuned) and 40x64 (a latent the UNet's up factor does not divide, inside the engines' range)."""
+    from image_tasks import latents, mask_image, rgb_image
+
+    guided = dict(prompt=_PROMPTS, negative_prompt=["blurry", "dark"], num_inference_steps=4, guidance_scale=6.0)
+    return {
+        "sd1": ("sd1", "StableDiffusionPipeline", {**guided, "height": 64, "width": 64, "latents": latents(2)}),
+        "sd1 40x64": ("sd1", "StableDiffusionPipeline",
+                      {**guided, "height": 40, "width": 64, "latents": latents(2, 40, 64)}),
+        "sd2": ("sd2", "StableDiffusionPipeline", {**guided, "height": 64, "width": 64, "latents": latents(2)}),
+        "sdxl": ("sdxl", "StableDiffusionXLPipeline", {**guided, "height": 64, "width": 64, "latents": latents(2)}),
+        "sdxl image-to-image": ("sdxl", "StableDiffusionXLImg2ImgPipeline",
+                                dict(prompt=_PROMPTS[0], image=rgb_image(64, 64), strength=0.6,
+                                     num_inference_steps=5, guidance_scale=5.0)),
+        "sd1 inpainting": ("sd1-inpaint", "StableDiffusionInpaintPipeline",
+                           dict(prompt=_PROMPTS[1], image=rgb_image(64, 64), mask_image=mask_image(64, 64),
+                                height=64, width=64, strength=0.8, num_inference_steps=4, guidance_scale=6.0)),
+        "sd1 lcm": ("sd1-lcm", "LatentConsistencyModelPipeline",
+                    dict(prompt=_PROMPTS, num_inference_steps=4, guidance_scale=8.5, height=64, width=64,
+                         latents=latents(2))),
+        "sd-turbo": ("sd-turbo", "StableDiffusionPipeline",
+                     dict(prompt=_PROMPTS, num_inference_steps=1, guidance_scale=0.0, latents=latents(2))),
+    }
+
+
+FP16_CASES = ["sd1", "sd2", "sdxl"]
 
 
 def _gpu_export(tiny_model_dirs, tmp_path_factory, kind: str, dtype: str):
@@ -480,38 +510,40 @@ def _gpu_export(tiny_model_dirs, tmp_path_factory, kind: str, dtype: str):
     return _GPU_EXPORTS[kind, dtype]
 
 
-def _diffusers_and_diffship(kind, tiny_model_dirs, tmp_path_factory, dtype, backend, **options):
+def _diffusers_and_diffship(case, tiny_model_dirs, tmp_path_factory, dtype, backend, **options):
+    """(diffusers' images, diffship's images, diffship's pipeline) for one case of _gpu_cases(), on the same
+    latents and noise (torch's generator and diffship's replay of its draws)."""
     import diffusers
     import torch
 
-    from diffship.pipelines import AutoPipelineForText2Image
-    from image_tasks import TorchNoise, latents
+    import diffship.pipelines
+    from image_tasks import TorchNoise
 
+    kind, cls, kwargs = _gpu_cases()[case]
     export = _gpu_export(tiny_model_dirs, tmp_path_factory, kind, dtype)
-    cls = "StableDiffusionXLPipeline" if kind == "sdxl" else "StableDiffusionPipeline"
-    extra = {"add_watermarker": False} if kind == "sdxl" else {"safety_checker": None}
+    extra = {"add_watermarker": False} if "XL" in cls else {"safety_checker": None}
     reference = getattr(diffusers, cls).from_pretrained(tiny_model_dirs(kind), **extra)
     reference.set_progress_bar_config(disable=True)
-    kwargs = dict(prompt=["a red circle on the left", "an oil painting"], negative_prompt=["blurry", "dark"],
-                  num_inference_steps=4, guidance_scale=6.0, height=64, width=64, latents=latents(2, 64, 64))
-    expected = reference(generator=torch.Generator().manual_seed(0), output_type="np",
-                         **{**kwargs, "latents": torch.from_numpy(kwargs["latents"])}).images
-    pipe = AutoPipelineForText2Image.from_pretrained(export, backend=backend, **options)
+    torch_kwargs = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in kwargs.items()}
+    expected = reference(generator=torch.Generator().manual_seed(0), output_type="np", **torch_kwargs).images
+    pipe = getattr(diffship.pipelines, cls).from_pretrained(export, backend=backend, **options)
     pipe.set_progress_bar_config(disable=True)
     got = pipe(generator=TorchNoise(0), output_type="np", **kwargs).images
     return np.asarray(expected), np.asarray(got), pipe
 
 
-@pytest.mark.parametrize("kind", GPU_KINDS)
-@pytest.mark.parametrize("path", ["tensorrt", "onnxruntime-cuda"])
-@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+GPU_PATHS = {"tensorrt": ("tensorrt", {}), "onnxruntime-cuda": ("onnxruntime", {"provider": "cuda"})}
+
+
+@pytest.mark.parametrize("case,dtype", [(c, "fp32") for c in _gpu_cases()] + [(c, "fp16") for c in FP16_CASES])
+@pytest.mark.parametrize("path", list(GPU_PATHS))
 @pytest.mark.gpu
 @pytest.mark.skipif(NO_CUDA is not None, reason=NO_CUDA or "")
-def test_gpu_pipelines_match_diffusers(kind, path, dtype, tiny_model_dirs, tmp_path_factory):
-    backend, options = ("tensorrt", {}) if path == "tensorrt" else ("onnxruntime", {"provider": "cuda"})
-    expected, got, pipe = _diffusers_and_diffship(kind, tiny_model_dirs, tmp_path_factory, dtype, backend, **options)
+def test_gpu_pipelines_match_diffusers(case, dtype, path, tiny_model_dirs, tmp_path_factory):
+    backend, options = GPU_PATHS[path]
+    expected, got, pipe = _diffusers_and_diffship(case, tiny_model_dirs, tmp_path_factory, dtype, backend, **options)
     diff = np.abs(expected - got)
-    print(f"{kind} {path} {dtype}: max abs {diff.max():.2e}, mean {diff.mean():.2e}")
+    print(f"{case} {path} {dtype}: max abs {diff.max():.2e}, mean {diff.mean():.2e}")
     assert got.shape == expected.shape and not np.isnan(got).any()
     if dtype == "fp32":
         assert diff.max() < 1e-3
