@@ -987,3 +987,12 @@ def test_export_tensorrt_settings(monkeypatch):
     with pytest.raises(ValueError, match="tensorrt_precision must be one of"):
         export_pipeline.check_tensorrt_export(["onnx", "tensorrt"], False, "int8", None)
     assert export_pipeline.check_tensorrt_export(["onnx"], False, None, None) is None
+
+
+def test_tensorrt_export_refuses_onnxruntime_only_graph_passes():
+    from diffship.exporters.optimize import ExportOptions
+
+    for options in (ExportOptions(optimize=True, target="cuda"), ExportOptions(weight_format="int8")):
+        with pytest.raises(DiffshipError, match="ops TensorRT's parser does not read"):
+            options.check(["onnx", "tensorrt"])
+    ExportOptions(dtype="fp16").check(["onnx", "tensorrt"])

@@ -146,7 +146,8 @@ def export(
     tensorrt_precision: str | None = None,
     tensorrt_max_batch: int | None = None,
 ) -> Path:
-    """Export `model` (a diffusers directory or hub id) to `output` for `backend` ("onnx", "openvino" or both).
+    """Export `model` (a diffusers directory or hub id) to `output` for `backend` ("onnx", "openvino", "tensorrt",
+    or a list of them).
 
     Every component is validated against PyTorch on the target backend(s), for dynamic graphs at the traced
     shapes and at others (another batch, a latent size the UNet's up factor does not divide); the figures go to

@@ -52,6 +52,10 @@ class ExportOptions:
         if self.weight_format and self.dtype == "fp16" and "onnx" in formats:
             raise DiffshipError("onnxruntime's int8/int4 quantization takes fp32 graphs: use --dtype fp32 with "
                                 "--weight-format")
+        if "tensorrt" in formats and (self.optimize or self.weight_format):
+            raise DiffshipError("TensorRT engines are built from the ONNX graph, and --optimize (onnxruntime's fused "
+                                "ops) and --weight-format (its quantized ops) write ops TensorRT's parser does not "
+                                "read: export for tensorrt without them (--dtype fp16 for fp16 engines)")
         if self.quantize == "hybrid" and formats != ["openvino"]:
             raise DiffshipError("--quantize hybrid is an OpenVINO (NNCF) mode: export with --backend openvino alone")
 
