@@ -996,3 +996,25 @@ def test_tensorrt_export_refuses_onnxruntime_only_graph_passes():
         with pytest.raises(DiffshipError, match="ops TensorRT's parser does not read"):
             options.check(["onnx", "tensorrt"])
     ExportOptions(dtype="fp16").check(["onnx", "tensorrt"])
+
+
+def test_serving_threads_bind_no_tensorrt_option(tmp_path):
+    from diffship.serving.model import ServedModel
+
+    assert ServedModel.thread_options(tmp_path, "tensorrt", 2) == {}
+    assert ServedModel.thread_options(tmp_path, "onnxruntime", 2) == {"intra_op_num_threads": 2}
+
+
+def test_inspect_names_the_engine_built_beside_the_graph():
+    from diffship.graphs.inspect import format_inspection
+
+    graph = {"path": "/x/unet/model.onnx", "format": "onnx", "size_bytes": 10, "parameters": 1, "nodes": 1,
+             "opset": 17, "weight_dtypes": {"float32": 1}, "inputs": [], "outputs": [], "ops": {"Conv": 1}}
+    validation = {"precision": "fp32", "max_abs": 2e-6, "max_rel": 1e-6, "atol": 1e-3}
+    report = {"components": {"unet": {"validation": {"onnxruntime": validation, "tensorrt": validation},
+                                      "passes": [], "tensorrt": {"engine": TENSORRT_ENGINE, "device": A100.describe(),
+                                                                 "precision": "fp32"}}}}
+    text = format_inspection({"graphs": [graph], "report": report})
+    assert "  validation (fp32): max abs 2.00e-06, max rel 1.00e-06 (atol 0.001)" in text
+    assert (f"  tensorrt engine model.plan for {A100.describe()}, fp32: validation (fp32): max abs 2.00e-06"
+            in text)
