@@ -1018,3 +1018,13 @@ def test_inspect_names_the_engine_built_beside_the_graph():
     assert "  validation (fp32): max abs 2.00e-06, max rel 1.00e-06 (atol 0.001)" in text
     assert (f"  tensorrt engine model.plan for {A100.describe()}, fp32: validation (fp32): max abs 2.00e-06"
             in text)
+
+
+def test_hub_downloads_engines_for_the_tensorrt_backend_only():
+    from diffship.hub import _needed
+
+    folders = {"unet": {"model.onnx"}}
+    for name in (TENSORRT_ENGINE, TENSORRT_ENGINE_INFO):
+        assert _needed(f"unet/{name}", folders, "tensorrt")
+        assert not _needed(f"unet/{name}", folders, "onnxruntime") and not _needed(f"unet/{name}", folders, "openvino")
+    assert _needed("unet/model.onnx", folders, "tensorrt") and _needed("unet/config.json", folders, "tensorrt")
