@@ -46,6 +46,10 @@ ONNX_DATA = "model.onnx_data"
 OPENVINO_MODEL = "openvino_model.xml"
 OPENVINO_WEIGHTS = "openvino_model.bin"
 GRAPH_FILES = (ONNX_MODEL, OPENVINO_MODEL)
+# TensorRT engines, built from model.onnx for one GPU model and TensorRT version (runtimes/engines.py): the ONNX
+# graph stays the component's graph, an engine beside it is what an export built, its key in the info file.
+TENSORRT_ENGINE = "model.plan"
+TENSORRT_ENGINE_INFO = "model.plan.json"
 
 # OpenVINO GenAI's forms. Its C++ pipelines tokenize with OpenVINO models (openvino-tokenizers writes them into each
 # tokenizer folder) and feed a UNet's timestep as int64 of shape [1]: the OpenVINO export declares that form and

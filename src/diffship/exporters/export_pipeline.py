@@ -7,6 +7,7 @@ beyond tolerance, SIGTERM, Ctrl-C) leaves nothing behind, and only a previous di
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -97,6 +98,7 @@ def _formats(backend, flag: str) -> list[str]:
     if not names:
         raise DiffshipError(f"{flag}: no export backend given; choose from {', '.join(EXPORT_FORMATS)}")
     chosen = {format_name(n, flag) for n in names}
+    chosen |= {need for name in chosen for need in EXPORT_FORMATS[name].needs}  # TensorRT builds from the ONNX
     return [name for name in EXPORT_FORMATS if name in chosen]  # the registry's order: ONNX first
 
 
@@ -148,8 +150,12 @@ def export(
     loras=None,
     textual_inversions=None,
     swappable_lora: bool = False,
+    tensorrt_static: bool = False,
+    tensorrt_precision: str | None = None,
+    tensorrt_max_batch: int | None = None,
 ) -> Path:
-    """Export `model` (a diffusers directory or hub id) to `output` for `backend` ("onnx", "openvino" or both).
+    """Export `model` (a diffusers directory or hub id) to `output` for `backend` ("onnx", "openvino", "tensorrt",
+    or a list of them).
 
     Every component is validated against PyTorch on the target backend(s), for dynamic graphs at the traced
     shapes and at others (another batch, a latent size the UNet's up factor does not divide); the figures go to
@@ -182,6 +188,13 @@ def export(
     (pipelines/lora.py) with no re-export; the text encoders' token tables get RESERVED_TOKEN_ROWS spare rows
     that `load_textual_inversion` fills at run time (pipelines/textual_inversion.py).
 
+    `backend="tensorrt"` (with the ONNX graphs it is built from) also builds a TensorRT engine per component on
+    this machine's GPU, written beside model.onnx (model.plan) and validated on TensorRT (exporters/tensorrt.py):
+    its profile is static at `batch_size`, `height`, `width` with `static` or `tensorrt_static`, else a range
+    around them (1 to `tensorrt_max_batch` images, default max(batch_size, 4); sides from half to twice);
+    `tensorrt_precision` ("fp32", "tf32", "fp16", "bf16", "strongly_typed"; default strongly typed for `dtype`
+    "fp16", fp32 otherwise). TensorRT, CUDA's Python binding and a GPU are checked before anything is loaded.
+
     `deepcache=True` makes the UNet also output the deep feature DeepCache caches (`deep_features`, after
     `out_sample`) at `deepcache_branch` (0, the shallowest, to the UNet's layers per block), and adds the shallow
     UNet that the cached steps run (`unet_shallow/`); the pipelines then take `cache="deepcache"`.
@@ -198,6 +211,7 @@ def export(
     if not isinstance(swappable_lora, bool):
         raise ValueError(f"swappable_lora must be True or False, got {swappable_lora!r}")
     options.check(formats)
+    device = check_tensorrt_export(formats, tensorrt_static, tensorrt_precision, tensorrt_max_batch)
     adapters = check_loras(loras, allow_pickle)
     embeddings = check_textual_inversions(textual_inversions, allow_pickle)
     if "openvino" in formats:
@@ -237,6 +251,12 @@ def export(
             sequence_length=tokenizer.model_max_length,
             static=static,
         )
+        if device is not None:
+            from diffship.exporters import tensorrt
+
+            ranges = tensorrt.shape_range(batch_size, shapes.height, shapes.width, static or tensorrt_static,
+                                          tensorrt_max_batch)
+            options = dataclasses.replace(options, tensorrt=tensorrt.settings(ranges, scale, tensorrt_precision))
         staging = target_dir.path
         report = _export_components(family, pipe, shapes, staging, formats, atols, opset, external_data_threshold,
                                     progress, options, deepcache_branch if deepcache else None)
@@ -299,6 +319,28 @@ def _export_components(family, pipe, shapes, staging, formats, atols, opset, thr
             spec.write_extra(folder)
         release()
     return {"components": components}
+
+
+def check_tensorrt_export(formats: list[str], static: bool, precision: str | None, max_batch: int | None,
+                          name=lambda argument: argument):
+    """The tensorrt format's arguments, and TensorRT, CUDA's binding and a GPU, before anything is loaded; the
+    device's info (None without the format)."""
+    if "tensorrt" not in formats:
+        for argument, value in (("tensorrt_static", static), ("tensorrt_precision", precision),
+                                ("tensorrt_max_batch", max_batch)):
+            if value:
+                raise DiffshipError(f"{name(argument)} is for TensorRT engines: add tensorrt to {name('backend')}")
+        return None
+    from diffship.runtimes.engines import PRECISIONS, BuildOptions, check_tensorrt
+
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"{name('tensorrt_precision')} must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if max_batch is not None:
+        check_int(max_batch, name("tensorrt_max_batch"), 1, MAX_BATCH_SIZE)
+    device = check_tensorrt()
+    if precision is not None:
+        BuildOptions(precision).check_version(device.tensorrt_version)
+    return device
 
 
 def check_deepcache(family, source: Path, branch: int) -> None:
@@ -386,8 +428,8 @@ def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
     versions = {}
-    for name in ("diffship", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "openvino",
-                 "openvino-tokenizers"):
+    for name in ("diffship", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu",
+                 "openvino", "openvino-tokenizers", "tensorrt", "cuda-bindings"):
         try:
             versions[name] = md.version(name)
         except md.PackageNotFoundError:

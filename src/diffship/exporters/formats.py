@@ -39,6 +39,11 @@ class ExportFormat:
     name: str
     backend: str  # the runtime (diffship.runtimes) its graphs are validated and run on
     export: Callable  # (Traced, folder, bounds: (precision) -> dict, entry) -> None; fills the report entry
+    # (spec, ExportOptions) -> more input-shape sets every format validates the component at (TensorRT: the shapes
+    # its engine is tuned for); computed before the PyTorch reference is.
+    validation_shapes: Callable | None = None
+    # Formats whose file it is built from, added to the export when it is asked for (TensorRT builds from ONNX).
+    needs: tuple[str, ...] = ()
 
 
 def _measure_onnx(model, reference) -> dict:
@@ -145,13 +150,28 @@ def _bf16_choice(reference, path: Path, precision: str) -> dict:
                      "rtol": bound}}
 
 
-# The registry, in the order formats are written (OpenVINO can convert the ONNX file just written).
+def export_tensorrt(traced: Traced, folder: Path, bounds, entry: dict) -> None:
+    """TensorRT engines beside the ONNX graph (exporters/tensorrt.py)."""
+    from diffship.exporters import tensorrt
+
+    tensorrt.export_tensorrt(traced, folder, bounds, entry)
+
+
+def tensorrt_validation_shapes(spec, options) -> list:
+    from diffship.exporters import tensorrt
+
+    return tensorrt.validation_shapes(spec, options)
+
+
+# The registry, in the order formats are written (OpenVINO can convert the ONNX file just written; TensorRT builds
+# from it).
 EXPORT_FORMATS = {
     "onnx": ExportFormat("onnx", "onnxruntime", export_onnx),
     "openvino": ExportFormat("openvino", "openvino", export_openvino),
+    "tensorrt": ExportFormat("tensorrt", "tensorrt", export_tensorrt, tensorrt_validation_shapes, needs=("onnx",)),
 }
 # Other names users give a format: its runtime's name and the short forms.
-FORMAT_ALIASES = {"onnxruntime": "onnx", "ort": "onnx", "ov": "openvino"}
+FORMAT_ALIASES = {"onnxruntime": "onnx", "ort": "onnx", "ov": "openvino", "trt": "tensorrt"}
 
 
 def format_name(name: str, flag: str = "backend") -> str:

@@ -37,6 +37,9 @@ class ExportOptions:
     # LoRA weights kept swappable at run time (graphs/weight_map.py): the weights must stay in the graphs as they
     # are, which fusions (packed attention weights) and quantization do not keep.
     swappable_lora: bool = False
+    # The tensorrt format's settings (exporters/tensorrt.settings: the ShapeRange its engines serve, the VAE's
+    # scale factor, precision), set by export() once the shapes are known; None without that format.
+    tensorrt: dict | None = None
 
     def check(self, formats: list[str]) -> None:
         if self.dtype not in DTYPES:
@@ -55,6 +58,10 @@ class ExportOptions:
         if self.swappable_lora and (self.optimize or self.weight_format or self.quantize):
             raise DiffshipError("swappable_lora keeps each adapted layer's weight as it is in the graphs: export it "
                                 "without optimize, weight_format and quantize (they fuse or quantize those weights)")
+        if "tensorrt" in formats and (self.optimize or self.weight_format):
+            raise DiffshipError("TensorRT engines are built from the ONNX graph, and --optimize (onnxruntime's fused "
+                                "ops) and --weight-format (its quantized ops) write ops TensorRT's parser does not "
+                                "read: export for tensorrt without them (--dtype fp16 for fp16 engines)")
         if self.quantize == "hybrid" and formats != ["openvino"]:
             raise DiffshipError("--quantize hybrid is an OpenVINO (NNCF) mode: export with --backend openvino alone")
 

@@ -180,13 +180,14 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
                         inference_precision="auto", static_shapes: bool | None = None, *,
                         revision: str | None = None, cache_dir=None, token: str | bool | None = None,
                         local_files_only: bool = False, compile_cache_dir=None, **backend_options):
-        """Load an exported pipeline, a local directory or a hub repo id, on `backend` ("onnxruntime", "openvino";
-        None: the one the export's graphs are for, onnxruntime where it holds both). `inference_precision`
+        """Load an exported pipeline, a local directory or a hub repo id, on `backend` ("onnxruntime", "openvino",
+        "tensorrt"; None: the one the export's graphs are for, onnxruntime where it holds both). `inference_precision`
         ("auto": bf16 where the export measured it within bound and the CPU has it, f32 elsewhere; "f32" for
         parity with PyTorch; see precision.py) and `static_shapes` (OpenVINO compiles each request's shapes; its
         default) pick how each graph runs; `compile_cache_dir` is where compiled graphs are cached (runtimes/
-        cache.py; False: no compile cache); `backend_options` go to the session class, e.g. `providers=[...]` for
-        onnxruntime, `device="GPU"` for OpenVINO.
+        cache.py; False: no compile cache); `backend_options` go to the session class, e.g. `provider="cuda"` (or
+        `providers=[...]`) for onnxruntime, `device="GPU"` for OpenVINO, `shapes=ShapeRange.static(1, 512, 512),
+        cuda_graph=True` for TensorRT (runtimes/tensorrt.py).
 
         A hub repo id (`org/name`, where no such directory exists) is downloaded with huggingface_hub, only the
         files the backend reads, as in diffusers: `revision`, `cache_dir` (the hub cache), `token`,

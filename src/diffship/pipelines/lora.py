@@ -104,10 +104,13 @@ class LoraLoaderMixin:
             if session is None:
                 continue
             path = Path(session.path).parent / LORA_WEIGHTS
-            if not path.is_file() or not getattr(session, "can_swap_weights", False):
+            if not path.is_file():
                 raise DiffshipError(
                     f"run-time LoRA needs an export made with --swappable-lora (swappable_lora=True): {path} "
                     f"does not exist. Export again with it, or bake the LoRA in with --lora FILE[:SCALE]")
+            if not session.can_swap_weights:
+                raise DiffshipError(f"the {session.backend} backend cannot swap weights at run time: load the "
+                                    "pipeline with backend='onnxruntime' or 'openvino' for run-time LoRA")
             maps[name] = json.loads(path.read_text())
         return maps
 

@@ -96,6 +96,8 @@ class ServedModel:
             backend = choose_backend(graph_folders(Path(model_dir).expanduser()))
         if backend == "openvino":
             return {"config": {"INFERENCE_NUM_THREADS": threads}}
+        if backend == "tensorrt":
+            return {}  # the GPU runs the graphs: no CPU thread pool to bound (the CPUs are still reserved)
         return {"intra_op_num_threads": threads}
 
     def describe(self) -> dict:
