@@ -55,6 +55,10 @@ CASES = [
     ("DEIS", "DEISMultistepScheduler", SD, {}),
     ("LCM", "LCMScheduler", SD, {}),
     ("TCD", "TCDScheduler", SD, {}),
+    # flow matching (SD3's shift): the model takes the sample unscaled and the latents start as plain noise
+    ("Flow Euler", "FlowMatchEulerDiscreteScheduler", {"shift": 3.0}, {}),
+    ("Flow Euler stochastic", "FlowMatchEulerDiscreteScheduler", {"shift": 3.0, "stochastic_sampling": True}, {}),
+    ("Flow Heun", "FlowMatchHeunDiscreteScheduler", {"shift": 3.0}, {}),
 ]
 
 
@@ -75,8 +79,9 @@ def time_case(class_name: str, config: dict, step_kwargs: dict, trajectories: in
         ref = getattr(diffusers, class_name)(**config)
         ours.set_timesteps(steps)
         ref.set_timesteps(steps)
-        ours_sample = init * np.float32(ours.init_noise_sigma)
-        ref_sample = torch.from_numpy(init.copy()) * ref.init_noise_sigma
+        # the flow-matching schedulers have no init_noise_sigma / scale_model_input (as in diffusers)
+        ours_sample = init * np.float32(getattr(ours, "init_noise_sigma", 1.0))
+        ref_sample = torch.from_numpy(init.copy()) * getattr(ref, "init_noise_sigma", 1.0)
         ours_gen = np.random.default_rng(trajectory)
         ref_gen = torch.Generator().manual_seed(trajectory)
         ours_kwargs = dict(step_kwargs)
@@ -85,8 +90,10 @@ def time_case(class_name: str, config: dict, step_kwargs: dict, trajectories: in
             ours_kwargs["generator"] = ours_gen
             ref_kwargs["generator"] = ref_gen
         for i, (t_ours, t_ref) in enumerate(zip(ours.timesteps, ref.timesteps)):
-            ours_out = stand_in_model(ours.scale_model_input(ours_sample, t_ours), pattern)
-            ref_out = torch.from_numpy(stand_in_model(ref.scale_model_input(ref_sample, t_ref).numpy(), pattern))
+            ours_in = ours.scale_model_input(ours_sample, t_ours) if hasattr(ours, "scale_model_input") else ours_sample
+            ref_in = ref.scale_model_input(ref_sample, t_ref) if hasattr(ref, "scale_model_input") else ref_sample
+            ours_out = stand_in_model(ours_in, pattern)
+            ref_out = torch.from_numpy(stand_in_model(ref_in.numpy(), pattern))
 
             def run_ours():
                 return ours.step(ours_out, t_ours, ours_sample, **ours_kwargs).prev_sample

@@ -95,3 +95,18 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+BLOCKED = ("torch", "diffusers", "transformers")
+
+
+@pytest.fixture
+def torch_blocked_env(tmp_path):
+    """PYTHONPATH shadows torch, diffusers and transformers with packages whose import raises ImportError."""
+    shadow = tmp_path / "shadow"
+    for name in BLOCKED:
+        (shadow / name).mkdir(parents=True)
+        (shadow / name / "__init__.py").write_text(f"raise ImportError('{name} is blocked in this test')\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(shadow), env.get("PYTHONPATH", "")])
+    return env

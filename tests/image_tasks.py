@@ -115,3 +115,18 @@ def max_abs(a, b) -> float:
 def report(case: str, diff: float) -> None:
     """Printed figures (pytest -s, or in the captured output of a failure) for the parity tables."""
     print(f"PARITY {case}: max abs {diff:.2e}")
+
+
+def load_embedding_in_diffusers(pipe, token, file, fmt):
+    """A textual inversion file into a diffusers pipeline, diffusers' way for each format (SDXL's: one load per
+    text encoder, as its documentation shows)."""
+    if fmt == "sdxl":
+        from safetensors.torch import load_file
+
+        state = load_file(str(file))
+        pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder,
+                                    tokenizer=pipe.tokenizer)
+        pipe.load_textual_inversion(state["clip_g"], token=token, text_encoder=pipe.text_encoder_2,
+                                    tokenizer=pipe.tokenizer_2)
+    else:
+        pipe.load_textual_inversion(str(file), token=token if fmt == "a1111-safetensors" else None)

@@ -24,12 +24,21 @@ import pytest
 from diffship.cli import main
 from diffship.errors import DiffshipError
 from diffship.exporters import export
-from diffship.exporters.lora import parse_lora_flag
-from diffship.exporters.textual_inversion import parse_textual_inversion_flag
 from diffship.pipelines import AutoPipelineForText2Image
+from diffship.pipelines.lora import parse_lora_flag
+from diffship.pipelines.textual_inversion import parse_textual_inversion_flag
 from diffship.pipelines.tokenizer import CLIPTokenizer
 from diffship.testing.tiny_adapters import save_tiny_embedding, save_tiny_lora
-from image_tasks import ATOL, BACKENDS, TorchNoise, latents, max_abs, one_torch_thread, report
+from image_tasks import (
+    ATOL,
+    BACKENDS,
+    TorchNoise,
+    latents,
+    load_embedding_in_diffusers,
+    max_abs,
+    one_torch_thread,
+    report,
+)
 
 SCALES = {"locon": 0.8, "kohya": 0.5}
 # kind -> {name: (format, token given at load or None, vectors)}; the A1111 safetensors' token is its file name.
@@ -86,20 +95,6 @@ def adapter_exports(tiny_model_dirs, adapter_files, tmp_path_factory):
     return get
 
 
-def _load_embedding(pipe, token, file, fmt):
-    """diffusers' way for each format (SDXL's: one load per text encoder, as its documentation shows)."""
-    if fmt == "sdxl":
-        from safetensors.torch import load_file
-
-        state = load_file(str(file))
-        pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder,
-                                    tokenizer=pipe.tokenizer)
-        pipe.load_textual_inversion(state["clip_g"], token=token, text_encoder=pipe.text_encoder_2,
-                                    tokenizer=pipe.tokenizer_2)
-    else:
-        pipe.load_textual_inversion(str(file), token=token if fmt == "a1111-safetensors" else None)
-
-
 @pytest.fixture(scope="module")
 def references(tiny_model_dirs, adapter_files):
     """kind -> diffusers' images with every adapter loaded (LoRAs unfused, at SCALES)."""
@@ -117,7 +112,7 @@ def references(tiny_model_dirs, adapter_files):
                 pipe.load_lora_weights(str(file), adapter_name=name)
             pipe.set_adapters(list(SCALES), adapter_weights=list(SCALES.values()))
             for token, file in embeddings.items():
-                _load_embedding(pipe, token, file, EMBEDDINGS[kind][token][0])
+                load_embedding_in_diffusers(pipe, token, file, EMBEDDINGS[kind][token][0])
             with one_torch_thread():
                 cache[kind] = pipe(PROMPTS[kind], negative_prompt=[NEGATIVE[kind]] * 2, num_inference_steps=STEPS,
                                    latents=torch.from_numpy(latents()), generator=torch.Generator().manual_seed(0),
@@ -171,7 +166,7 @@ def test_the_exported_tokenizers_know_the_tokens(kind, adapter_exports, adapter_
     reference = diffusers.AutoPipelineForText2Image.from_pretrained(tiny_model_dirs(kind))
     _, embeddings = adapter_files(kind)
     for token, file in embeddings.items():
-        _load_embedding(reference, token, file, EMBEDDINGS[kind][token][0])
+        load_embedding_in_diffusers(reference, token, file, EMBEDDINGS[kind][token][0])
     for name in ("tokenizer", "tokenizer_2"):
         if getattr(reference, name, None) is None:
             continue

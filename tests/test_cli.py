@@ -34,6 +34,13 @@ def test_tiny_model_export_generate(tmp_path, capsys):
     timings = json.loads((tmp_path / "t.json").read_text())
     assert timings["unet_steps"] == 2
 
+    # a flow-matching scheduler (SD3 / Flux) on a UNet model: refused, naming what fits
+    assert main(["generate", str(tmp_path / "out"), "--prompt", "x", "--steps", "1", "--scheduler", "flow-euler",
+                 "--out", str(tmp_path / "flow.png"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--scheduler: StableDiffusionPipeline runs a noise-prediction model" in err and "dpm++2m-karras" in err
+    assert not (tmp_path / "flow.png").exists()
+
     # The images are diffship's (their EXIF says so): a second run replaces them. A file diffship did not write is
     # replaced only with --overwrite.
     again = ["generate", str(tmp_path / "out"), "--prompt", "a red circle", "--steps", "1", "--out",

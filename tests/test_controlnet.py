@@ -295,18 +295,12 @@ def test_missing_controlnets_are_named(tiny_model_dirs, exported_dirs, tmp_path,
         StableDiffusionControlNetPipeline.from_pretrained(exported_dirs("sd1"))
 
 
-def test_controlnet_pipelines_run_without_torch(controlnet_exports, tmp_path):
+def test_controlnet_pipelines_run_without_torch(controlnet_exports, torch_blocked_env):
     """The ControlNet pipelines are runtime code: they run where torch, diffusers and transformers cannot be
-    imported (tests/test_no_torch.py's shadow packages)."""
-    import os
+    imported (conftest's torch_blocked_env)."""
     import subprocess
     import sys
 
-    shadow = tmp_path / "shadow"
-    for name in ("torch", "diffusers", "transformers"):
-        (shadow / name).mkdir(parents=True)
-        (shadow / name / "__init__.py").write_text(f"raise ImportError('{name} is blocked in this test')\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shadow), os.environ.get("PYTHONPATH", "")])}
     code = (
         "import sys, numpy as np; from diffship import AutoPipelineForText2Image\n"
         "pipe = AutoPipelineForText2Image.from_pretrained(sys.argv[1], backend=sys.argv[2])\n"
@@ -315,7 +309,8 @@ def test_controlnet_pipelines_run_without_torch(controlnet_exports, tmp_path):
         "print(type(pipe).__name__, out.images.shape, out.timings['controlnet_per_step'] > 0)"
     )
     for backend in BACKENDS:
-        result = subprocess.run([sys.executable, "-c", code, str(controlnet_exports("sd1")), backend], env=env,
+        result = subprocess.run([sys.executable, "-c", code, str(controlnet_exports("sd1")), backend],
+                                env=torch_blocked_env,
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == "StableDiffusionControlNetPipeline (1, 64, 64, 3) True"

@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-BLOCKED = ("torch", "diffusers", "transformers")
-
-
-@pytest.fixture
-def torch_blocked_env(tmp_path):
-    """PYTHONPATH shadows torch, diffusers and transformers with packages whose import raises ImportError."""
-    shadow = tmp_path / "shadow"
-    for name in BLOCKED:
-        (shadow / name).mkdir(parents=True)
-        (shadow / name / "__init__.py").write_text(f"raise ImportError('{name} is blocked in this test')\n")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(shadow), env.get("PYTHONPATH", "")])
-    return env
+from conftest import BLOCKED
 
 
 def test_shadow_really_blocks_torch(torch_blocked_env):
@@ -65,11 +51,13 @@ def test_runtime_modules_import_no_torch():
     of the torch stack."""
     code = (
         "import sys, diffship, diffship.pipelines, diffship.schedulers, diffship.runtimes, "
-        "diffship.runtimes.onnxruntime, diffship.runtimes.openvino, diffship.cli, diffship.families, "
+        "diffship.runtimes.onnxruntime, diffship.runtimes.openvino, diffship.runtimes.tensorrt, "
+        "diffship.runtimes.engines, diffship.runtimes.cuda, diffship.cli, diffship.families, "
         "diffship.families.stable_diffusion, diffship.families.stable_diffusion_xl, diffship.layout, "
         "diffship.pipelines.controlnet, diffship.pipelines.tasks, "
         "diffship.output_directory, diffship.pipelines.saving, diffship.serving, diffship.serving.options, "
-        "diffship.serving.requests, diffship.serving.model, diffship.serving.metrics, diffship.serving.app\n"
+        "diffship.serving.requests, diffship.serving.model, diffship.serving.metrics, diffship.serving.app, "
+        "diffship.pipelines.lora, diffship.pipelines.textual_inversion\n"
         f"bad = [m for m in sys.modules if m.split('.')[0] in {BLOCKED!r}]\n"
         "print(bad); sys.exit(1 if bad else 0)"
     )

@@ -244,6 +244,7 @@ NOT_AN_IMAGE = base64.b64encode(b"just some text, not a picture").decode()
     ("/generate", {"prompt": "x", "strength": 0.5}, "strength"),
     ("/generate", {"prompt": "x", "guidance_scale": "high"}, "guidance_scale"),
     ("/generate", {"prompt": "x", "scheduler": "no-such"}, "scheduler"),
+    ("/generate", {"prompt": "x", "scheduler": "flow-euler"}, "scheduler"),  # SD3 / Flux's, not a UNet's
     ("/generate", {"prompt": "x", "seed": -1}, "seed"),
     ("/generate", {"prompt": "x", "num_inference_step": 2}, "num_inference_step"),
     ("/generate", ["a list"], "body"),

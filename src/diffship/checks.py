@@ -71,12 +71,15 @@ def check_image_size(sizes: dict, multiple: int = IMAGE_SIZE_MULTIPLE) -> None:
         )
 
 
-def check_scheduler_name(value: str, name: str = "scheduler") -> None:
-    """A scheduler name diffship runs: a short name (euler-a, dpm++2m-karras, ...) or a diffusers class name."""
-    from diffship.schedulers import scheduler_by_name
+def check_scheduler_name(value: str, name: str = "scheduler", kind: str | None = None, user: str = "this model") -> None:
+    """A scheduler name diffship runs: a short name (euler-a, dpm++2m-karras, ...) or a diffusers class name; with
+    `kind` (schedulers.NOISE / FLOW, what `user`'s denoiser predicts), one of that kind."""
+    from diffship.schedulers import check_scheduler_kind, scheduler_by_name
 
     try:
-        scheduler_by_name(value)  # builds one from the defaults: cheap, and the names' one source of truth
+        scheduler = scheduler_by_name(value)  # built from the defaults: cheap, and the names' one source of truth
+        if kind is not None:
+            check_scheduler_kind(scheduler, kind, user)
     except DiffshipError as e:
         raise DiffshipError(f"{name}: {e}") from None
 

@@ -85,7 +85,9 @@ def _add_export(sub) -> None:
                    help="output directory: new, empty, or (with --overwrite) a previous diffship export; written "
                         "in a staging folder beside it and renamed at the end")
     p.add_argument("--backend", action="append", default=None,
-                   help="onnx, openvino, or both (repeat the flag or give onnx,openvino); default onnx")
+                   help="onnx, openvino, tensorrt, or several (repeat the flag or give onnx,openvino); default onnx. "
+                        "tensorrt also writes the ONNX graphs and builds an engine per component beside them on "
+                        "this machine's NVIDIA GPU (needs diffship[tensorrt])")
     p.add_argument("--height", type=int,
                    help="image height the graphs are traced at, a multiple of 8 (default: the model's); dynamic "
                         "graphs run any size")
@@ -125,6 +127,15 @@ def _add_export(sub) -> None:
     p.add_argument("--deepcache-branch", type=int, default=0,
                    help="with --deepcache: where the shallow UNet joins the cached feature, 0 (the shallowest and "
                         "fastest, the default) to the UNet's layers per block")
+    p.add_argument("--trt-static", action="store_true",
+                   help="TensorRT: build the engines for exactly --batch-size, --height and --width (fastest, CUDA "
+                        "graphs); default: a range around them (sides half to twice, 1 to --trt-max-batch images)")
+    p.add_argument("--trt-max-batch", type=int, default=None,
+                   help="TensorRT: the most images per call a dynamic engine runs (default max(--batch-size, 4))")
+    p.add_argument("--trt-precision", choices=["fp32", "tf32", "fp16", "bf16", "strongly_typed"], default=None,
+                   help="TensorRT: fp32 (TF32 off, as PyTorch), tf32, fp16 or bf16 (TensorRT 10 picks kernels "
+                        "layer by layer), strongly_typed (the graph's own types); default strongly_typed for "
+                        "--dtype fp16, fp32 otherwise")
     p.add_argument("--textual-inversion", action="append", metavar="FILE[:TOKEN]",
                    help="a textual inversion embedding (diffusers or Automatic1111 format, multi-vector, SDXL's "
                         "clip_l/clip_g) added to the tokenizers and text encoders under TOKEN (default: the file's "
@@ -135,6 +146,10 @@ def _add_export(sub) -> None:
     p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
                    help="a LoRA (.safetensors, diffusers/PEFT or kohya format) fused into the exported weights at "
                         "SCALE (default 1); repeat for several. UNet and text-encoder layers, convolutions too")
+    p.add_argument("--swappable-lora", action="store_true",
+                   help="keep the weights LoRA adapts swappable, so that pipe.load_lora_weights / set_adapters / "
+                        "unload_lora_weights change them at run time without re-exporting (no --optimize, "
+                        "--weight-format, --quantize or --deepcache with it)")
 
 
 def _add_generate(sub) -> None:
@@ -160,10 +175,11 @@ def _add_generate(sub) -> None:
     p.add_argument("--clip-skip", type=int, default=None,
                    help="use the text encoder's hidden state this many layers before the last: 0 to its layers")
     p.add_argument("--backend", default=None,
-                   help="onnxruntime or openvino (default: the one the export's graphs are for, onnxruntime where it "
-                        "holds both, openvino where an OpenVINO-only flag is given)")
+                   help="onnxruntime, openvino or tensorrt (default: the one the export's graphs are for, onnxruntime "
+                        "where it holds both, openvino where an OpenVINO-only flag is given)")
     p.add_argument("--provider", action="append",
-                   help="onnxruntime execution provider(s), e.g. CUDAExecutionProvider (--backend onnxruntime)")
+                   help="onnxruntime execution provider(s): cpu, cuda or tensorrt (onnxruntime-gpu's, pip install "
+                        "'diffship[gpu]'), or a full name such as CUDAExecutionProvider (--backend onnxruntime)")
     p.add_argument("--device", default=None, help="OpenVINO device (CPU, GPU, ...; --backend openvino)")
     p.add_argument("--static", action="store_true", help="OpenVINO: reshape the graphs to static shapes first")
     p.add_argument("--inference-precision", choices=INFERENCE_PRECISIONS, default="auto", help=INFERENCE_PRECISION_HELP)
@@ -181,6 +197,12 @@ def _add_generate(sub) -> None:
                    help=f"input image: image-to-image (at most {MAX_IMAGE_SIDE} pixels a side, rounded down to a "
                         "multiple of the VAE's scale factor), or inpainting with --mask")
     p.add_argument("--mask", type=Path, help="inpainting mask (white: repaint, black: keep); needs --image")
+    p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                   help="a LoRA (.safetensors, diffusers/PEFT or kohya format) applied at run time at SCALE (default "
+                        "1); repeat for several. Needs an export made with --swappable-lora")
+    p.add_argument("--textual-inversion", action="append", metavar="FILE[:TOKEN]",
+                   help="a textual inversion embedding (.safetensors) added at run time under TOKEN (default: the "
+                        "file's token, or its name); repeat for several. Needs an export made with --swappable-lora")
     p.add_argument("--strength", type=float, default=None,
                    help="how far to move from --image, 0..1 (default: the pipeline's, 0.8 or 1.0 for inpainting)")
     p.add_argument("--control-image", type=Path, action="append",
@@ -210,8 +232,8 @@ def _add_bench(sub) -> None:
     p.add_argument("model_dir", help=EXPORTED_HELP)
     _add_hub_flags(p)
     p.add_argument("--backend", action="append", default=None,
-                   help="onnxruntime, openvino (repeat or comma-separate); default: every installed backend that "
-                        "runs the export's graphs (for a hub repo: the one its graphs are for)")
+                   help="onnxruntime, openvino, tensorrt (repeat or comma-separate); default: every installed "
+                        "backend that runs the export's graphs (for a hub repo: the one its graphs are for)")
     p.add_argument("--height", type=int, help=SIZE_HELP)
     p.add_argument("--width", type=int, help=SIZE_HELP)
     p.add_argument("--steps", type=int, default=25, help="num_inference_steps, at least 1")
@@ -219,7 +241,12 @@ def _add_bench(sub) -> None:
     p.add_argument("--runs", type=int, default=3,
                    help="timed runs per backend, at least 1 (the figures are their medians)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per backend first, 0 or more")
-    p.add_argument("--static", action="store_true", help="OpenVINO: reshape the graphs to static shapes first")
+    p.add_argument("--static", action="store_true",
+                   help="OpenVINO: reshape the graphs to static shapes first; TensorRT: engines built for exactly "
+                        "the request, replayed as CUDA graphs")
+    p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default=None,
+                   help="onnxruntime's execution provider: cuda and tensorrt are onnxruntime-gpu's (pip install "
+                        "'diffship[gpu]')")
     p.add_argument("--inference-precision", choices=INFERENCE_PRECISIONS, default=None,
                    help=INFERENCE_PRECISION_HELP)
     _add_step_cache_flags(p)
@@ -356,14 +383,20 @@ def _add_step_cache_flags(p) -> None:
 
 def cmd_export(args) -> None:
     from diffship.exporters import export
-    from diffship.exporters.export_pipeline import check_arguments
-    from diffship.exporters.lora import check_loras, parse_lora_flag
-    from diffship.exporters.textual_inversion import check_textual_inversions, parse_textual_inversion_flag
+    from diffship.exporters.export_pipeline import check_arguments, check_tensorrt_export
+    from diffship.exporters.lora import check_loras
+    from diffship.exporters.textual_inversion import check_textual_inversions
+    from diffship.pipelines.lora import parse_lora_flag
+    from diffship.pipelines.textual_inversion import parse_textual_inversion_flag
 
     # The checks export() makes, first under the flags' names.
-    check_arguments(backend=args.backend or ["onnx"], height=args.height, width=args.width,
-                    batch_size=args.batch_size, opset=args.opset, atol=args.atol, deepcache=args.deepcache,
-                    deepcache_branch=args.deepcache_branch, name=lambda argument: "--" + argument.replace("_", "-"))
+    def flag(argument: str) -> str:
+        return "--" + argument.replace("tensorrt_", "trt_").replace("_", "-")
+
+    formats, _ = check_arguments(backend=args.backend or ["onnx"], height=args.height, width=args.width,
+                                 batch_size=args.batch_size, opset=args.opset, atol=args.atol,
+                                 deepcache=args.deepcache, deepcache_branch=args.deepcache_branch, name=flag)
+    check_tensorrt_export(formats, args.trt_static, args.trt_precision, args.trt_max_batch, name=flag)
     loras = check_loras([parse_lora_flag(text) for text in args.lora or []], args.allow_pickle, "--lora")
     embeddings = check_textual_inversions([parse_textual_inversion_flag(text) for text in args.textual_inversion or []],
                                           args.allow_pickle, "--textual-inversion")
@@ -380,7 +413,10 @@ def cmd_export(args) -> None:
                  dtype=args.dtype, optimize=args.optimize,
                  target=args.target, weight_format=args.weight_format, quantize=args.quantize,
                  vae_fp16=args.vae_fp16, deepcache=args.deepcache, deepcache_branch=args.deepcache_branch,
-                 loras=loras, textual_inversions=embeddings, controlnet=controlnets or None)
+                 loras=loras, textual_inversions=embeddings, swappable_lora=args.swappable_lora,
+                 tensorrt_static=args.trt_static, tensorrt_precision=args.trt_precision,
+                 tensorrt_max_batch=args.trt_max_batch,
+                 controlnet=controlnets or None)
     report = json.loads((out / REPORT_FILE).read_text())
     print(f"exported to {out}")
     for lora in report.get("loras", []):
@@ -458,11 +494,37 @@ def _generate_backend(args) -> str | None:
     return choose_backend(folders) if folders else "onnxruntime"  # no graphs: loading says what is missing
 
 
+def provider_names(flags: list[str] | None) -> list[str] | None:
+    """--provider values -> onnxruntime's provider names: cpu, cuda and tensorrt expand to their chain (tensorrt,
+    then cuda, then the CPU), full names pass as they are."""
+    from diffship.runtimes.onnxruntime import PROVIDERS
+
+    if not flags:
+        return None
+    names = [n for flag in flags for n in PROVIDERS.get(flag.lower(), [flag])]
+    return list(dict.fromkeys(names))
+
+
+def check_gpu_backend(backend: str | None, providers: list[str] | None) -> None:
+    """What a GPU path needs, before anything is loaded: onnxruntime-gpu's providers, or TensorRT, CUDA's binding
+    and a GPU (one-line errors naming the pip command)."""
+    if backend == "onnxruntime" and providers:
+        from diffship.runtimes.onnxruntime import check_providers
+
+        check_providers(provider_names(providers))
+    elif backend == "tensorrt":
+        from diffship.runtimes.engines import check_tensorrt
+
+        check_tensorrt()
+
+
 def _check_generate(args) -> None:
     """Every flag of `generate` whose check needs no model, before anything is read or loaded. The checks that need
     the model (--steps past the scheduler's num_train_timesteps, --clip-skip past the text encoder's layers, sizes
     the VAE's scale factor does not divide) are the pipeline's, made before its first graph runs."""
+    from diffship.pipelines.lora import parse_lora_flag
     from diffship.pipelines.steps import check_strength
+    from diffship.pipelines.textual_inversion import parse_textual_inversion_flag
 
     backend = args.backend = _generate_backend(args)
     if args.provider and backend != "onnxruntime":
@@ -475,6 +537,7 @@ def _check_generate(args) -> None:
                          "onnxruntime)")
     if args.static and backend != "openvino":
         raise ValueError(f"--static reshapes OpenVINO graphs; --backend is {backend}")
+    check_gpu_backend(backend, args.provider)
     negatives = len(args.negative_prompt or [])
     if negatives not in (0, 1, len(args.prompt)):
         raise ValueError(f"--negative-prompt is given {negatives} times for {len(args.prompt)} --prompt: give it "
@@ -494,6 +557,9 @@ def _check_generate(args) -> None:
         check_strength(args.strength, args.steps, names=("--strength", "--steps"))
     check_int(args.cache_interval, "--cache-interval", 1)
     check_int(args.cache_start, "--cache-start", 0)
+    args.lora = [_adapter_file(*parse_lora_flag(text), "--lora") for text in args.lora or []]
+    args.textual_inversion = [_adapter_file(*parse_textual_inversion_flag(text), "--textual-inversion")
+                              for text in args.textual_inversion or []]
     paths = _image_paths(args.out, len(args.prompt) * args.num_images)
     for path in paths:
         check_output_file(path, "--out", image=True, overwrite=args.overwrite)
@@ -501,6 +567,20 @@ def _check_generate(args) -> None:
         check_output_file(args.json, "--json", overwrite=args.overwrite)
         if args.json.absolute() in {p.absolute() for p in paths}:
             raise ValueError(f"--json {args.json} is also where --out writes an image; give another path")
+
+
+def _adapter_file(path: str, value, flag: str) -> tuple[Path, object]:
+    """A run-time adapter flag's file, checked before anything loads: it exists and is a .safetensors file."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ValueError(f"{flag} {path}: no such file")
+    if file.suffix != ".safetensors":
+        raise ValueError(f"{flag} {path}: run-time adapters are read from .safetensors files (pickled files run code "
+                         "when loaded); bake it in at export instead (diffship export --lora/--textual-inversion "
+                         "--allow-pickle)")
+    if flag == "--lora":
+        check_number(value, f"{flag} {path}: SCALE")
+    return file, value
 
 
 def _generate_task(args):
@@ -550,7 +630,7 @@ def cmd_generate(args) -> None:
     _check_generate(args)
     options = {}
     if args.provider:
-        options["providers"] = args.provider
+        options["providers"] = provider_names(args.provider)
     if args.device:
         options["device"] = args.device
     auto_pipeline, task_kwargs = _generate_task(args)
@@ -567,7 +647,16 @@ def cmd_generate(args) -> None:
     if "depth_map" in task_kwargs and not hasattr(pipe, "estimate_depth"):
         raise ValueError(f"--depth-map needs a depth-to-image model; {args.model_dir} runs {type(pipe).__name__}")
     if args.scheduler:
-        pipe.scheduler = scheduler_by_name(args.scheduler, pipe.scheduler.config)
+        try:  # a scheduler of the other kind (flow matching vs noise prediction) is refused by the pipeline
+            pipe.scheduler = scheduler_by_name(args.scheduler, pipe.scheduler.config)
+        except DiffshipError as e:
+            raise DiffshipError(f"--scheduler: {e}") from None
+    for i, (file, _) in enumerate(args.lora):
+        pipe.load_lora_weights(str(file), adapter_name=f"lora_{i}")
+    if args.lora:
+        pipe.set_adapters([f"lora_{i}" for i in range(len(args.lora))], [scale for _, scale in args.lora])
+    for file, token in args.textual_inversion:
+        pipe.load_textual_inversion(str(file), token=token)
     # The checks that need the model, under the flags' names (the pipeline makes them again, under its own).
     check_int(args.steps, "--steps", 1, pipe.scheduler.config.get("num_train_timesteps"))
     if args.clip_skip is not None:
@@ -624,9 +713,14 @@ def _check_bench(args, backends: list[str] | None) -> None:
     with _flag("--backend"):
         canonical = {check_backend(b) for b in backends or []}
     if backends is not None and "openvino" not in canonical:
-        for flag, value in (("--static", args.static), ("--inference-precision", args.inference_precision)):
+        for flag, value in (("--static", args.static and "tensorrt" not in canonical),
+                            ("--inference-precision", args.inference_precision)):
             if value:
                 raise ValueError(f"{flag} is an OpenVINO setting; --backend {','.join(backends)} has no openvino")
+    if args.provider is not None:
+        if backends is not None and "onnxruntime" not in canonical:
+            raise ValueError(f"--provider is onnxruntime's; --backend {','.join(backends)} has no onnxruntime")
+        check_gpu_backend("onnxruntime", [args.provider])
     if args.strength is not None and args.task != "image-to-image":
         raise ValueError("--strength is for --task image-to-image")
     check_bench_arguments(BENCH_FLAGS, runs=args.runs, warmup=args.warmup, steps=args.steps,
@@ -672,7 +766,7 @@ def cmd_bench(args) -> None:
                    prompt=args.prompt, negative_prompt=args.negative_prompt, scheduler=args.scheduler,
                    guidance_scale=args.guidance, task=args.task, seed=args.seed,
                    inference_precision=args.inference_precision, roofline=args.roofline, log=log,
-                   call_kwargs=_step_cache_kwargs(args), **strength)
+                   call_kwargs=_step_cache_kwargs(args), provider=args.provider, **strength)
     print(settings_line(report))
     print(format_table(report))
     write_outputs(report, args.json, args.markdown, args.plot)

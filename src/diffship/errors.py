@@ -23,3 +23,8 @@ class ValidationError(DiffshipError):
 
 class HubError(NotAPipelineError):
     """A model that is neither a local directory nor a hub repo that can be reached or found in the cache."""
+
+
+class GPUUnavailableError(BackendError):
+    """A GPU path asked for where CUDA, an NVIDIA GPU, TensorRT or onnxruntime-gpu's providers are missing: the
+    message names what is missing and the pip command that installs it."""

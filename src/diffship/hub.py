@@ -22,6 +22,8 @@ from diffship.layout import (
     OPENVINO_MODEL,
     OPENVINO_WEIGHTS,
     REPORT_FILE,
+    TENSORRT_ENGINE,
+    TENSORRT_ENGINE_INFO,
 )
 from diffship.runtimes import BACKENDS, choose_backend_from
 
@@ -117,6 +119,8 @@ def _needed(file: str, graph_folders: dict[str, set[str]], backend: str) -> bool
     folder, name = parts[0], parts[-1]
     if folder not in graph_folders:
         return not name.endswith(_WEIGHT_SUFFIXES)
+    if name in (TENSORRT_ENGINE, TENSORRT_ENGINE_INFO):  # gigabytes for one GPU model: the tensorrt backend's only
+        return backend == "tensorrt"
     graph = next(g for g in BACKENDS[backend].reads if g in graph_folders[folder])
     other_formats = {f for g, files in FORMAT_FILES.items() if g != graph for f in files}
     return len(parts) == 2 and name not in other_formats

@@ -55,6 +55,10 @@ ONNX_DATA = "model.onnx_data"
 OPENVINO_MODEL = "openvino_model.xml"
 OPENVINO_WEIGHTS = "openvino_model.bin"
 GRAPH_FILES = (ONNX_MODEL, OPENVINO_MODEL)
+# TensorRT engines, built from model.onnx for one GPU model and TensorRT version (runtimes/engines.py): the ONNX
+# graph stays the component's graph, an engine beside it is what an export built, its key in the info file.
+TENSORRT_ENGINE = "model.plan"
+TENSORRT_ENGINE_INFO = "model.plan.json"
 
 # OpenVINO GenAI's forms. Its C++ pipelines tokenize with OpenVINO models (openvino-tokenizers writes them into each
 # tokenizer folder) and feed a UNet's timestep as int64 of shape [1]: the OpenVINO export declares that form and
@@ -63,6 +67,12 @@ GRAPH_FILES = (ONNX_MODEL, OPENVINO_MODEL)
 OPENVINO_TOKENIZER = "openvino_tokenizer.xml"
 OPENVINO_DETOKENIZER = "openvino_detokenizer.xml"
 TIMESTEP = "timestep"
+
+# The components LoRA files adapt in the UNet families (diffusers' `_lora_loadable_modules`), and the map written
+# beside each of their graphs in a `swappable_lora` export: which graph weight holds which layer's weight
+# (graphs/weight_map.py), what run-time LoRA (pipelines/lora.py) swaps.
+LORA_COMPONENTS = (UNET, TEXT_ENCODER, TEXT_ENCODER_2)
+LORA_WEIGHTS = "lora_weights.json"
 
 # Written at export beside a CLIP text encoder graph: clip_skip applies this norm to an earlier hidden state.
 FINAL_LAYER_NORM_FILE = "final_layer_norm.npz"

@@ -180,6 +180,10 @@ DPM_SOLVER = {
             {"use_flow_sigmas": True, "use_dynamic_shifting": True, "time_shift_type": "exponential", "prediction_type": "flow_prediction"},
             set_kwargs=flow_mu,
         ),
+        # what SD3 / Flux / Sana users switch to (the velocity stand-in model drives every flow option)
+        flow_order_3={"use_flow_sigmas": True, "flow_shift": 3.0, "prediction_type": "flow_prediction", "solver_order": 3},
+        flow_sde={"use_flow_sigmas": True, "flow_shift": 3.0, "prediction_type": "flow_prediction", "algorithm_type": "sde-dpmsolver++"},
+        flow_karras={"use_flow_sigmas": True, "use_karras_sigmas": True, "prediction_type": "flow_prediction"},
         legacy_deis_name={"algorithm_type": "deis", "final_sigmas_type": "sigma_min"},
         legacy_bh2_name={"solver_type": "bh2"},
         custom_timesteps=opt(SD, set_kwargs=custom_timesteps),
@@ -232,6 +236,7 @@ OPTIONS["UniPCMultistepScheduler"] = {
         zero_snr={**SD, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"},
         flow={"use_flow_sigmas": True, "flow_shift": 3.0, "prediction_type": "flow_prediction"},
         flow_karras={"use_flow_sigmas": True, "use_karras_sigmas": True, "prediction_type": "flow_prediction"},
+        flow_bh1_order_3={"use_flow_sigmas": True, "flow_shift": 3.0, "prediction_type": "flow_prediction", "solver_type": "bh1", "solver_order": 3},
         flow_shift_terminal={"use_flow_sigmas": True, "shift_terminal": 0.1, "prediction_type": "flow_prediction"},
         flow_custom_sigmas=opt({"use_flow_sigmas": True, "prediction_type": "flow_prediction"}, set_kwargs=flow_sigmas),
         flow_dynamic_shift=opt(
@@ -261,6 +266,70 @@ OPTIONS["DEISMultistepScheduler"] = {
         legacy_dpmsolver_name={"algorithm_type": "dpmsolver++", "solver_type": "midpoint"},
     ),
 }
+
+# Flow matching (SD3, Flux, and the video models' options). The scheduler ignores base/max shift and image seq len:
+# the pipelines turn them into `mu` (schedules.calculate_shift, compared with diffusers' in test_flow_matching.py);
+# the options that set them pass the mu they give.
+from diffship.schedulers.schedules import calculate_shift, flux_default_sigmas  # noqa: E402
+
+FLUX_IMAGE_SEQ_LEN = 1024  # a 512 x 512 image: (512 / 8 / 2) ** 2 packed latent tokens
+
+
+def flux_schedule(steps: int) -> dict:
+    """What FluxPipeline passes: its default sigmas and mu from the image size (with the config's defaults)."""
+    return {"sigmas": flux_default_sigmas(steps), "mu": calculate_shift(FLUX_IMAGE_SEQ_LEN)}
+
+
+def flow_mu_from_seq_lens(steps: int) -> dict:
+    return {"num_inference_steps": steps, "mu": calculate_shift(FLUX_IMAGE_SEQ_LEN, 128, 8192, 0.3, 1.5)}
+
+
+def flow_custom_sigmas(steps: int) -> dict:
+    return {"sigmas": np.linspace(1.0, 0.05, steps).tolist()}
+
+
+def flow_custom_timesteps(steps: int) -> dict:
+    return {"timesteps": np.linspace(1000.0, 50.0, steps).tolist()}
+
+
+def flow_sigmas_and_timesteps(steps: int) -> dict:
+    sigmas = np.linspace(1.0, 0.05, steps)
+    return {"num_inference_steps": steps, "sigmas": sigmas.tolist(), "timesteps": (sigmas * 900).tolist()}
+
+
+SD3_SHIFT = {"shift": 3.0}
+OPTIONS["FlowMatchEulerDiscreteScheduler"] = _from(
+    sd3=SD3_SHIFT,
+    train_500={"num_train_timesteps": 500, "shift": 3.0},
+    flux_dev=opt(
+        {"use_dynamic_shifting": True, "shift": 3.0, "base_shift": 0.5, "max_shift": 1.15,
+         "base_image_seq_len": 256, "max_image_seq_len": 4096},
+        set_kwargs=flux_schedule,
+    ),
+    flux_schnell=opt({"shift": 1.0}, set_kwargs=lambda steps: {"sigmas": flux_default_sigmas(steps)}),
+    dynamic_shift_seq_lens=opt(
+        {"use_dynamic_shifting": True, "base_shift": 0.3, "max_shift": 1.5, "base_image_seq_len": 128,
+         "max_image_seq_len": 8192},
+        set_kwargs=flow_mu_from_seq_lens,
+    ),
+    dynamic_shift_linear=opt({"use_dynamic_shifting": True, "time_shift_type": "linear"}, set_kwargs=flow_mu),
+    invert_sigmas={"invert_sigmas": True, "shift": 3.0},  # Mochi
+    shift_terminal={"shift": 3.0, "shift_terminal": 0.1},  # LTX-Video
+    karras={**SD3_SHIFT, "use_karras_sigmas": True},
+    exponential={**SD3_SHIFT, "use_exponential_sigmas": True},
+    beta_sigmas={**SD3_SHIFT, "use_beta_sigmas": True},
+    stochastic={**SD3_SHIFT, "stochastic_sampling": True},
+    custom_sigmas=opt(SD3_SHIFT, set_kwargs=flow_custom_sigmas),
+    custom_timesteps=opt(SD3_SHIFT, set_kwargs=flow_custom_timesteps),
+    sigmas_and_timesteps=opt(SD3_SHIFT, set_kwargs=flow_sigmas_and_timesteps),
+    churn_arguments=opt(SD3_SHIFT, step_kwargs={"s_churn": 0.5, "s_tmin": 0.1, "s_tmax": 10.0, "s_noise": 1.003}),
+)
+OPTIONS["FlowMatchHeunDiscreteScheduler"] = _from(
+    sd3=SD3_SHIFT,
+    train_500={"num_train_timesteps": 500, "shift": 3.0},
+    churn=opt(SD3_SHIFT, step_kwargs={"s_churn": 1.0}),
+    churn_window=opt(SD3_SHIFT, step_kwargs={"s_churn": 1.0, "s_tmin": 0.2, "s_tmax": 0.8, "s_noise": 1.003}),
+)
 
 # No per-case tolerances. Where a step is ill-conditioned in float32 -- in diffusers as much as here -- the test
 # computes what it may add from float32's roundoff and the step's own values (bounds.py: Heun / KDPM2 correctors,
@@ -321,4 +390,6 @@ EXPECTED_REFUSALS: dict[tuple[str, str], set[int]] = {
     ("DPMSolverSinglestepScheduler", "dpmsolver_thresholding"): _ALL,  # diffusers indexes with a None timestep
     ("LCMScheduler", "strength_argument"): {50},  # 50 steps > 50 x 0.6 original steps
     ("TCDScheduler", "strength_argument"): {50},
+    # one step: the stretch divides by 1 - sigma_last = 0, the timestep is NaN and not found in the schedule
+    ("FlowMatchEulerDiscreteScheduler", "shift_terminal"): {1},
 }

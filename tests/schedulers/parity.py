@@ -1,6 +1,7 @@
 """Run a denoising trajectory through a diffusers scheduler and through diffship's, and compare them.
 
-Both sides see the same stand-in model (a fixed linear function of sample and timestep, in float32 numpy), the
+Both sides see the same stand-in model (a fixed linear function of sample and timestep, in float32 numpy: a noise
+prediction, or a velocity for the schedulers of flow-matching models, `flow_stand_in_model`), the
 same initial latents and the same step noise: diffusers' draws are recorded by wrapping the `randn_tensor` its
 scheduler module calls, and replayed to diffship through the noise hook (an object with `randn(shape, dtype)`).
 Each side's model sees that side's own samples, so the trajectories are independent computations.
@@ -57,11 +58,24 @@ def stand_in_model(sample: np.ndarray, timestep: float) -> np.ndarray:
     return np.float32(0.5) * sample + np.float32(0.1 + float(timestep) / 1000.0) * _PATTERN
 
 
+def flow_stand_in_model(sample: np.ndarray, timestep: float) -> np.ndarray:
+    """A deterministic stand-in for a flow-matching transformer: a velocity v = noise - x_0 (x_sigma = (1 - sigma)
+    x_0 + sigma noise), with the sample itself as the noise estimate and a fixed pattern, weighted by the timestep
+    (sigma * 1000), as x_0. Euler steps towards sigma = 0 pull the sample towards the pattern, as a real model's
+    would towards its image; nothing divides by sigma, so schedules that reach sigma = 0 (invert_sigmas) stay finite."""
+    return sample - np.float32(0.8 - 0.2 * float(timestep) / 1000.0) * _PATTERN
+
+
+def is_flow_matching(class_name: str) -> bool:
+    """diffusers' FlowMatch* classes: no scale_model_input / init_noise_sigma / add_noise; img2img uses scale_noise."""
+    return class_name in ds.registry.FLOW_MATCHING
+
+
 @dataclass
 class Trajectory:
     timesteps: np.ndarray
     sigmas: np.ndarray | None
-    init_noise_sigma: float
+    init_noise_sigma: float | None  # None: the scheduler has none (flow matching: the latents are plain noise)
     schedule: dict[str, np.ndarray] = field(default_factory=dict)  # sigmas_interpol, sigmas_down, ... where present
     coefficients: list | None = None  # per update call, where bounds.PROBED_UPDATES reads them
     model_inputs: list[np.ndarray] = field(default_factory=list)
@@ -83,6 +97,9 @@ class Case:
 
 
 def _model_output(case: Case, model_input: np.ndarray, timestep: float) -> np.ndarray:
+    # a velocity for the schedulers that drive a flow-matching model (also DPM++ / UniPC / DEIS configured for flow)
+    if ds.scheduler_kind({"_class_name": case.class_name, **case.config}) == ds.FLOW:
+        return flow_stand_in_model(model_input, timestep)
     out = stand_in_model(model_input, timestep)
     if case.learned_variance:  # a second half of channels: DDPM's "learned" variance, or learned_range's weight
         if case.config.get("variance_type") == "learned":
@@ -148,11 +165,34 @@ def _timesteps_for(scheduler, case: Case):
     if case.strength is None:
         return timesteps
     n = case.steps
-    t_start = max(n - int(n * case.strength), 0)
+    if is_flow_matching(case.class_name):  # SD3's / Flux's img2img get_timesteps
+        t_start = int(max(n - min(n * case.strength, n), 0))
+    else:
+        t_start = max(n - int(n * case.strength), 0)
     timesteps = timesteps[t_start * scheduler.order :]
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(t_start * scheduler.order)
     return timesteps
+
+
+def _initial_sample(scheduler, case: Case, timesteps, to_lib, batch_timestep):
+    """The loop's first latents as the pipelines make them: noise (times init_noise_sigma where the scheduler has
+    one), or for img2img the image latents noised to the first timestep (add_noise; scale_noise for flow)."""
+    noise, image = to_lib(_INIT_NOISE.copy()), to_lib(_IMAGE_LATENTS.copy())
+    if case.strength is None:
+        return noise if is_flow_matching(case.class_name) else noise * scheduler.init_noise_sigma
+    latent_timestep = batch_timestep(timesteps[:1], SHAPE[0])
+    if is_flow_matching(case.class_name):
+        return scheduler.scale_noise(image, latent_timestep, noise)
+    return scheduler.add_noise(image, noise, latent_timestep)
+
+
+def _scale_model_input(scheduler, sample, t):
+    return scheduler.scale_model_input(sample, t) if hasattr(scheduler, "scale_model_input") else sample
+
+
+def _init_noise_sigma(scheduler) -> float | None:
+    return float(scheduler.init_noise_sigma) if hasattr(scheduler, "init_noise_sigma") else None
 
 
 def _set_timesteps(scheduler, case: Case):
@@ -187,7 +227,7 @@ def diffusers_trajectory(case: Case) -> tuple[Trajectory, list[np.ndarray]]:
         traj = Trajectory(
             timesteps=scheduler.timesteps.numpy().copy(),
             sigmas=scheduler.sigmas.numpy().copy() if hasattr(scheduler, "sigmas") else None,
-            init_noise_sigma=float(scheduler.init_noise_sigma),
+            init_noise_sigma=_init_noise_sigma(scheduler),
             schedule=_schedule_arrays(scheduler, lambda t: t.numpy()),
         )
         traj.coefficients = bounds.record_coefficients(
@@ -196,20 +236,14 @@ def diffusers_trajectory(case: Case) -> tuple[Trajectory, list[np.ndarray]]:
             bounds.Backend(torch.from_numpy, lambda t: t.detach().cpu().numpy()),
             exact_sigmas=traj.sigmas,
         )
-        if case.strength is None:
-            sample = torch.from_numpy(_INIT_NOISE.copy()) * scheduler.init_noise_sigma
-        else:
-            latent_timestep = timesteps[:1].repeat(SHAPE[0])
-            sample = scheduler.add_noise(
-                torch.from_numpy(_IMAGE_LATENTS.copy()), torch.from_numpy(_INIT_NOISE.copy()), latent_timestep
-            )
+        sample = _initial_sample(scheduler, case, timesteps, torch.from_numpy, lambda t, n: t.repeat(n))
         traj.samples.append(sample.numpy().copy())
         generator = torch.Generator().manual_seed(0)
         extra = dict(case.step_kwargs)
         if _accepts(scheduler.step, "generator"):
             extra["generator"] = generator
         for t in timesteps:
-            model_input = scheduler.scale_model_input(sample, t)
+            model_input = _scale_model_input(scheduler, sample, t)
             traj.model_inputs.append(model_input.numpy().copy())
             model_output = torch.from_numpy(_model_output(case, model_input.numpy(), float(t)))
             out = scheduler.step(model_output, t, sample, **extra)
@@ -232,7 +266,7 @@ def diffship_trajectory(
     traj = Trajectory(
         timesteps=np.asarray(scheduler.timesteps).copy(),
         sigmas=np.asarray(scheduler.sigmas).copy() if hasattr(scheduler, "sigmas") else None,
-        init_noise_sigma=float(scheduler.init_noise_sigma),
+        init_noise_sigma=_init_noise_sigma(scheduler),
         schedule=_schedule_arrays(scheduler, np.asarray),
     )
     step_bounds = None
@@ -242,18 +276,14 @@ def diffship_trajectory(
             case.class_name, scheduler, bounds.NUMPY, exact_sigmas=ref.sigmas, ref_records=ref.coefficients,
             ref_sigmas=ref.sigmas,
         )
-    if case.strength is None:
-        sample = _INIT_NOISE.copy() * scheduler.init_noise_sigma
-    else:
-        latent_timestep = np.repeat(timesteps[:1], SHAPE[0])
-        sample = scheduler.add_noise(_IMAGE_LATENTS.copy(), _INIT_NOISE.copy(), latent_timestep)
+    sample = _initial_sample(scheduler, case, timesteps, np.asarray, np.repeat)
     traj.samples.append(np.array(sample))
     generator = ReplayGenerator(draws)
     extra = dict(case.step_kwargs)
     if _accepts(scheduler.step, "generator"):
         extra["generator"] = generator
     for t in timesteps:
-        model_input = scheduler.scale_model_input(sample, t)
+        model_input = _scale_model_input(scheduler, sample, t)
         traj.model_inputs.append(np.array(model_input))
         model_output = _model_output(case, model_input, float(t))
         out = scheduler.step(model_output, t, sample, **extra)
@@ -325,7 +355,9 @@ def assert_schedules_equal(ours: Trajectory, ref: Trajectory, float_rtol: float 
     assert sorted(ours.schedule) == sorted(ref.schedule), f"schedule arrays {sorted(ours.schedule)} vs diffusers'"
     for name, values in ref.schedule.items():  # sigmas_interpol, sigmas_down, sigmas_up (equal_nan: 0 / 0 at the end)
         np.testing.assert_allclose(ours.schedule[name], values, rtol=SIGMA_RTOL, atol=0, equal_nan=True, err_msg=name)
-    np.testing.assert_allclose(ours.init_noise_sigma, ref.init_noise_sigma, rtol=SIGMA_RTOL, err_msg="init_noise_sigma")
+    assert (ours.init_noise_sigma is None) == (ref.init_noise_sigma is None), "init_noise_sigma on one side only"
+    if ref.init_noise_sigma is not None:
+        np.testing.assert_allclose(ours.init_noise_sigma, ref.init_noise_sigma, rtol=SIGMA_RTOL, err_msg="init_noise_sigma")
 
 
 def _needs_scipy(case: Case) -> bool:

@@ -17,7 +17,7 @@ from diffship.benchmarking.interleave import Contestant, run_rounds, start_all
 from diffship.benchmarking.machine import load_average, machine_info, now, versions
 from diffship.benchmarking.summary import SCHEMA, attach_roofline
 from diffship.errors import BackendError, DiffshipError
-from diffship.layout import UNET
+from diffship.layout import TENSORRT_ENGINE, UNET
 from diffship.runtimes import backends_for, choose_backend, graph_folders
 
 # Backend name -> the module that must import for it.
@@ -35,25 +35,23 @@ def installed_backends() -> list[str]:
 def runnable_backends(model_dir) -> list[str]:
     """The installed backends that can run every graph in `model_dir` (an OpenVINO-only export has no onnxruntime
     row; OpenVINO also runs ONNX graphs)."""
-    return [b for b in installed_backends() if b in backends_for(graph_folders(model_dir))]
+    folders = graph_folders(model_dir)
+    # TensorRT only where the export built engines: elsewhere it would build them first (minutes at full size).
+    return [b for b in installed_backends() if b in backends_for(folders)
+            and (b != "tensorrt" or any((f / TENSORRT_ENGINE).is_file() for f in folders))]
 
 
 def check_backend(name: str) -> str:
-    """The canonical backend name, or an error that says why it cannot run here."""
-    from diffship.runtimes import BACKENDS, backend_name
+    """The canonical backend name, or an error that says why it cannot run here: for tensorrt, TensorRT, CUDA's
+    Python binding and a GPU are checked too (runtimes/engines.check_tensorrt), before any worker starts."""
+    from diffship.runtimes import backend_name
 
-    if name.lower() in ("tensorrt", "trt"):
-        if "tensorrt" not in BACKENDS:
-            found = importlib.util.find_spec("tensorrt") is not None
-            raise BackendError(
-                "the tensorrt backend is not available: this diffship has no TensorRT runtime "
-                f"(runtimes: {', '.join(BACKENDS)}) and the tensorrt package is "
-                + ("installed but unused" if found else "not installed (it needs an NVIDIA GPU: "
-                                                         "pip install diffship[tensorrt] on a CUDA machine)")
-            )
-        name = "tensorrt"
     canonical = backend_name(name)
-    if importlib.util.find_spec(BACKEND_MODULES.get(canonical, canonical)) is None:
+    if canonical == "tensorrt":
+        from diffship.runtimes.engines import check_tensorrt
+
+        check_tensorrt()
+    elif importlib.util.find_spec(BACKEND_MODULES.get(canonical, canonical)) is None:
         raise BackendError(f"the {canonical} backend is not installed here: pip install diffship[{canonical}]")
     return canonical
 
@@ -111,8 +109,12 @@ def bench(model_dir, backends: list[str] | None = None, *, height: int | None = 
           prompt: str = "a photo of an astronaut riding a horse on mars", negative_prompt: str | None = None,
           scheduler: str | None = None, guidance_scale: float = 7.5, task: str = "text-to-image",
           strength: float = 0.75, seed: int = 0, inference_precision: str | None = None, roofline: bool = False,
-          log=None, call_kwargs: dict | None = None) -> dict:
-    """Benchmark an exported directory on each backend; returns the report (schema in summary.py)."""
+          log=None, call_kwargs: dict | None = None, provider: str | None = None) -> dict:
+    """Benchmark an exported directory on each backend; returns the report (schema in summary.py).
+
+    `static`: OpenVINO reshapes to the request; TensorRT builds engines for exactly the request and replays them
+    as CUDA graphs (otherwise a dynamic range around it). `provider`: onnxruntime's ("cuda", "tensorrt": its GPU
+    providers)."""
     from diffship.pipelines.base import _read_index
 
     started, date = time.perf_counter(), now()
@@ -141,15 +143,21 @@ def bench(model_dir, backends: list[str] | None = None, *, height: int | None = 
     machine = machine_info()
     contestants = []
     for backend in dict.fromkeys(backends):
-        is_static = static and backend == "openvino"
+        is_static = static and backend in ("openvino", "tensorrt")
         options = {}
         if inference_precision is not None and backend == "openvino":
             options["inference_precision"] = inference_precision
-        spec = {"model_dir": str(model_dir), "backend": backend, "static": is_static, "options": options,
+        if provider is not None and backend == "onnxruntime":
+            options["provider"] = provider
+        if backend == "tensorrt":
+            options.update(tensorrt_options(batch_size, height, width, guidance_scale > 1, static))
+        spec = {"model_dir": str(model_dir), "backend": backend, "static": is_static and backend == "openvino",
+                "options": options,
                 "call_kwargs": dict(call_kwargs or {}),
                 **{k: v for k, v in settings.items() if k not in ("model", "runs", "warmup")}}
         precision = (inference_precision or "auto") if backend == "openvino" else "f32"
-        name = backend + (" static" if is_static else "") + (f" {precision}" if precision not in ("f32", "auto") else "")
+        name = (backend + (f" {provider}" if provider and backend == "onnxruntime" else "")
+                + (" static" if is_static else "") + (f" {precision}" if precision not in ("f32", "auto") else ""))
         contestants.append(Contestant(name, spec, runtime="diffship", backend=backend, static=is_static,
                                       precision=precision))
 
@@ -170,6 +178,16 @@ def bench(model_dir, backends: list[str] | None = None, *, height: int | None = 
         attach_roofline(result, rl.get("unet_flops_per_call"), rl.get("peak_gflops"), rl.get("peaks"), model_dir)
     report["duration_s"] = time.perf_counter() - started
     return report
+
+
+def tensorrt_options(batch_size: int, height: int, width: int, guidance: bool, static: bool) -> dict:
+    """The TensorRT sessions' options for a benchmark's request: engines for exactly it, replayed as CUDA graphs
+    (static), or a range around it; the export's engines serve when they were built for the same."""
+    from diffship.runtimes.engines import ShapeRange
+
+    if static:
+        return {"shapes": ShapeRange.static(batch_size, height, width, guidance).to_dict(), "cuda_graph": True}
+    return {"shapes": ShapeRange.dynamic(batch_size, height, width, guidance).to_dict()}
 
 
 def measure_roofline(model_dir: Path, unet_batch: int, height: int, width: int, log=None) -> dict | None:

@@ -31,6 +31,11 @@ def export_component(spec: ComponentSpec, folder: Path, formats: list[str], opti
     """Write `spec`'s graph(s) into `folder`; return its export_report.json entry. `status(text)`, when given, is
     told each stage as it starts (a full-size UNet spends minutes in some)."""
     status = status or (lambda text: None)
+    for name in formats:  # shapes a format asks to be validated at, before the reference is computed
+        more = EXPORT_FORMATS[name].validation_shapes
+        for shapes in more(spec, options) if more is not None else []:
+            if shapes not in spec.other_shapes:
+                spec.other_shapes.append(shapes)
     status("PyTorch reference")
     reference = Reference(spec)
     status("tracing")

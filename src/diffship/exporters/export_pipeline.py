@@ -7,6 +7,7 @@ beyond tolerance, SIGTERM, Ctrl-C) leaves nothing behind, and only a previous di
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -23,7 +24,11 @@ from diffship.exporters.controlnet import check_controlnets, check_fits, control
 from diffship.exporters.memory import collect_only_new_objects, release
 from diffship.exporters.loading import load_reference_pipeline, resolve_source
 from diffship.exporters.lora import apply_loras, check_loras
-from diffship.exporters.textual_inversion import apply_textual_inversions, check_textual_inversions
+from diffship.exporters.textual_inversion import (
+    apply_textual_inversions,
+    check_textual_inversions,
+    reserve_token_rows,
+)
 from diffship.exporters.component_export import export_component
 from diffship.exporters.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from diffship.exporters.optimize import ExportOptions
@@ -31,6 +36,7 @@ from diffship.output_directory import EXPORTER, REPORT_FILE, ExportDirectory, ch
 from diffship.exporters.formats import EXPORT_FORMATS, format_name
 from diffship.families import family_for
 from diffship.graphs.external_data import TWO_GB
+from diffship.graphs.weight_map import layer_digests, write_weight_map
 from diffship.hub import HubOptions
 from diffship.layout import (
     CONFIG,
@@ -39,6 +45,8 @@ from diffship.layout import (
     FEATURE_EXTRACTOR,
     GRAPH_COMPONENTS,
     IMAGE_ENCODER,
+    LORA_COMPONENTS,
+    LORA_WEIGHTS,
     MODEL_INDEX,
     SAFETY_CHECKER,
     SOURCE_VAE,
@@ -92,6 +100,7 @@ def _formats(backend, flag: str) -> list[str]:
     if not names:
         raise DiffshipError(f"{flag}: no export backend given; choose from {', '.join(EXPORT_FORMATS)}")
     chosen = {format_name(n, flag) for n in names}
+    chosen |= {need for name in chosen for need in EXPORT_FORMATS[name].needs}  # TensorRT builds from the ONNX
     return [name for name in EXPORT_FORMATS if name in chosen]  # the registry's order: ONNX first
 
 
@@ -142,9 +151,14 @@ def export(
     deepcache_branch: int = 0,
     loras=None,
     textual_inversions=None,
+    swappable_lora: bool = False,
+    tensorrt_static: bool = False,
+    tensorrt_precision: str | None = None,
+    tensorrt_max_batch: int | None = None,
     controlnet=None,
 ) -> Path:
-    """Export `model` (a diffusers directory or hub id) to `output` for `backend` ("onnx", "openvino" or both).
+    """Export `model` (a diffusers directory or hub id) to `output` for `backend` ("onnx", "openvino", "tensorrt",
+    or a list of them).
 
     Every component is validated against PyTorch on the target backend(s), for dynamic graphs at the traced
     shapes and at others (another batch, a latent size the UNet's up factor does not divide); the figures go to
@@ -171,6 +185,18 @@ def export(
     `textual_inversions`: embeddings added to the tokenizers and text encoders, each a path or a (path, token)
     pair (diffusers' and Automatic1111's formats, multi-vector ones, SDXL's clip_l/clip_g pairs;
     exporters/textual_inversion.py); the exported tokenizers know the new tokens.
+    `swappable_lora=True` keeps the weights LoRA adapts (every Linear, Conv2d and Embedding of the UNet and text
+    encoders) swappable: each component's `lora_weights.json` maps its layers to graph weights, and the pipelines'
+    `load_lora_weights` / `set_adapters` / `fuse_lora` / `unload_lora_weights` replace them at run time
+    (pipelines/lora.py) with no re-export; the text encoders' token tables get RESERVED_TOKEN_ROWS spare rows
+    that `load_textual_inversion` fills at run time (pipelines/textual_inversion.py).
+
+    `backend="tensorrt"` (with the ONNX graphs it is built from) also builds a TensorRT engine per component on
+    this machine's GPU, written beside model.onnx (model.plan) and validated on TensorRT (exporters/tensorrt.py):
+    its profile is static at `batch_size`, `height`, `width` with `static` or `tensorrt_static`, else a range
+    around them (1 to `tensorrt_max_batch` images, default max(batch_size, 4); sides from half to twice);
+    `tensorrt_precision` ("fp32", "tf32", "fp16", "bf16", "strongly_typed"; default strongly typed for `dtype`
+    "fp16", fp32 otherwise). TensorRT, CUDA's Python binding and a GPU are checked before anything is loaded.
 
     `controlnet`: a ControlNet (a diffusers ControlNetModel folder or hub id) or a list of them, exported beside the
     model as controlnet/, controlnet_1/, ... (exporters/controlnet.py); the UNet then takes their residuals as
@@ -188,8 +214,12 @@ def export(
                                      deepcache_branch=deepcache_branch)
     options = ExportOptions(dtype=dtype, optimize=optimize, target=target, weight_format=weight_format,
                             quantize=quantize, vae_fp16=vae_fp16,
-                            calibration_prompts=tuple(calibration_prompts) if calibration_prompts else None)
+                            calibration_prompts=tuple(calibration_prompts) if calibration_prompts else None,
+                            swappable_lora=swappable_lora)
+    if not isinstance(swappable_lora, bool):
+        raise ValueError(f"swappable_lora must be True or False, got {swappable_lora!r}")
     options.check(formats)
+    device = check_tensorrt_export(formats, tensorrt_static, tensorrt_precision, tensorrt_max_batch)
     adapters = check_loras(loras, allow_pickle)
     embeddings = check_textual_inversions(textual_inversions, allow_pickle)
     if "openvino" in formats:
@@ -203,6 +233,9 @@ def export(
     hub_options = HubOptions(revision, cache_dir, token, local_files_only)
     # `revision` is the model's; a ControlNet hub id is fetched at its default branch.
     controlnets = check_controlnets(controlnet, HubOptions(None, cache_dir, token, local_files_only), allow_pickle)
+    if controlnets and "tensorrt" in formats:
+        raise DiffshipError("controlnet: TensorRT engines are not built for ControlNets and the UNet that takes their "
+                            "residuals yet (their profiles need each residual's size); export to onnx and/or openvino")
     if controlnets and deepcache:
         raise DiffshipError("controlnet and deepcache: DeepCache's shallow UNet takes no ControlNet residuals; "
                             "export one or the other")
@@ -217,6 +250,8 @@ def export(
     check_image_size({"height": height, "width": width}, multiple=max(scale, 8))
     if deepcache:
         check_deepcache(family, source, deepcache_branch)
+        if swappable_lora:  # the shallow UNet would keep the base weights while the UNet's are swapped
+            raise DiffshipError("swappable_lora and deepcache cannot be combined: export one or the other")
     if controlnets:
         check_controlnet_model(family, source, index, controlnets)
 
@@ -224,6 +259,8 @@ def export(
         pipe = load_reference_pipeline(source, variant, allow_pickle)
         apply_loras(pipe, adapters)
         embedding_report = apply_textual_inversions(pipe, embeddings)
+        if swappable_lora:
+            reserve_token_rows(pipe)
         controlnet_models = load_controlnets(controlnets, allow_pickle)
         default_size = pipe.unet.config.sample_size * scale
         tokenizer = getattr(pipe, "tokenizer", None) or pipe.tokenizer_2
@@ -234,6 +271,12 @@ def export(
             sequence_length=tokenizer.model_max_length,
             static=static,
         )
+        if device is not None:
+            from diffship.exporters import tensorrt
+
+            ranges = tensorrt.shape_range(batch_size, shapes.height, shapes.width, static or tensorrt_static,
+                                          tensorrt_max_batch)
+            options = dataclasses.replace(options, tensorrt=tensorrt.settings(ranges, scale, tensorrt_precision))
         staging = target_dir.path
         report = _export_components(family, pipe, shapes, staging, formats, atols, opset, external_data_threshold,
                                     progress, options, deepcache_branch if deepcache else None, controlnet_models)
@@ -284,9 +327,18 @@ def _export_components(family, pipe, shapes, staging, formats, atols, opset, thr
     for i, spec in enumerate(bar):
         folder = staging / spec.name
         _hand_over(pipe, spec, specs[i + 1:])
+        status = lambda text, name=spec.name: bar.set_description(f"export {name}: {text}")  # noqa: E731
+        layers = None
+        if options.swappable_lora and spec.name in LORA_COMPONENTS:
+            status("hashing the weights LoRA adapts")
+            layers = layer_digests(next(spec.module.children()), options.dtype)
         components[spec.name] = export_component(
             spec, folder, formats, options, opset, threshold, atols, calibration if spec.name == UNET else None,
-            status=lambda text, name=spec.name: bar.set_description(f"export {name}: {text}"))
+            status=status)
+        if layers is not None:
+            status("mapping LoRA layers to graph weights")
+            components[spec.name]["lora_weights"] = write_weight_map(folder, spec.name, layers)
+            components[spec.name]["files"].append(LORA_WEIGHTS)
         _save_config(spec, folder)
         if spec.write_extra is not None:
             spec.write_extra(folder)
@@ -308,6 +360,28 @@ def check_controlnet_model(family, source: Path, index: dict, controlnets) -> No
                             f"{unet_config.get('in_channels', 4)} input channels; diffship runs ControlNets with "
                             f"{', '.join(p.__name__ for p in family.controlnet_tasks.values())} models")
     check_fits(controlnets, unet_config, family.name)
+
+
+def check_tensorrt_export(formats: list[str], static: bool, precision: str | None, max_batch: int | None,
+                          name=lambda argument: argument):
+    """The tensorrt format's arguments, and TensorRT, CUDA's binding and a GPU, before anything is loaded; the
+    device's info (None without the format)."""
+    if "tensorrt" not in formats:
+        for argument, value in (("tensorrt_static", static), ("tensorrt_precision", precision),
+                                ("tensorrt_max_batch", max_batch)):
+            if value:
+                raise DiffshipError(f"{name(argument)} is for TensorRT engines: add tensorrt to {name('backend')}")
+        return None
+    from diffship.runtimes.engines import PRECISIONS, BuildOptions, check_tensorrt
+
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"{name('tensorrt_precision')} must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if max_batch is not None:
+        check_int(max_batch, name("tensorrt_max_batch"), 1, MAX_BATCH_SIZE)
+    device = check_tensorrt()
+    if precision is not None:
+        BuildOptions(precision).check_version(device.tensorrt_version)
+    return device
 
 
 def check_deepcache(family, source: Path, branch: int) -> None:
@@ -395,8 +469,8 @@ def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
     versions = {}
-    for name in ("diffship", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "openvino",
-                 "openvino-tokenizers"):
+    for name in ("diffship", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu",
+                 "openvino", "openvino-tokenizers", "tensorrt", "cuda-bindings"):
         try:
             versions[name] = md.version(name)
         except md.PackageNotFoundError:

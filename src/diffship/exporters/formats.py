@@ -14,7 +14,7 @@ from diffship.exporters.memory import release
 from diffship.exporters.validate import BF16_RTOL, DEFAULT_RTOL
 from diffship.graphs.external_data import save_model
 from diffship.graphs.model_io import on_disk
-from diffship.layout import ONNX_MODEL
+from diffship.layout import LORA_COMPONENTS, ONNX_MODEL
 
 
 @dataclass
@@ -39,6 +39,11 @@ class ExportFormat:
     name: str
     backend: str  # the runtime (diffship.runtimes) its graphs are validated and run on
     export: Callable  # (Traced, folder, bounds: (precision) -> dict, entry) -> None; fills the report entry
+    # (spec, ExportOptions) -> more input-shape sets every format validates the component at (TensorRT: the shapes
+    # its engine is tuned for); computed before the PyTorch reference is.
+    validation_shapes: Callable | None = None
+    # Formats whose file it is built from, added to the export when it is asked for (TensorRT builds from ONNX).
+    needs: tuple[str, ...] = ()
 
 
 def _measure_onnx(model, reference) -> dict:
@@ -64,7 +69,10 @@ def export_onnx(traced: Traced, folder: Path, bounds, entry: dict) -> None:
             record.update(_measure_onnx(model, traced.reference))
         entry["passes"].append(record)
     status("writing ONNX")
-    files = save_model(model, folder / ONNX_MODEL, traced.external_data_threshold)
+    # Swappable LoRA weights are read by the runtime where they lie: every weight goes to the external data file.
+    swappable = options.swappable_lora and spec.name in LORA_COMPONENTS
+    files = save_model(model, folder / ONNX_MODEL, 0 if swappable else traced.external_data_threshold,
+                       size_threshold=0 if swappable else 1024)
     if model is traced.fp32 and openvino_converts_traced_graph(options):
         # The file just written is the graph OpenVINO converts: it reads it from there, and the weights (10 GB
         # for a full-size SDXL UNet) need not stay in memory while ONNX Runtime loads its own copy.
@@ -142,13 +150,28 @@ def _bf16_choice(reference, path: Path, precision: str) -> dict:
                      "rtol": bound}}
 
 
-# The registry, in the order formats are written (OpenVINO can convert the ONNX file just written).
+def export_tensorrt(traced: Traced, folder: Path, bounds, entry: dict) -> None:
+    """TensorRT engines beside the ONNX graph (exporters/tensorrt.py)."""
+    from diffship.exporters import tensorrt
+
+    tensorrt.export_tensorrt(traced, folder, bounds, entry)
+
+
+def tensorrt_validation_shapes(spec, options) -> list:
+    from diffship.exporters import tensorrt
+
+    return tensorrt.validation_shapes(spec, options)
+
+
+# The registry, in the order formats are written (OpenVINO can convert the ONNX file just written; TensorRT builds
+# from it).
 EXPORT_FORMATS = {
     "onnx": ExportFormat("onnx", "onnxruntime", export_onnx),
     "openvino": ExportFormat("openvino", "openvino", export_openvino),
+    "tensorrt": ExportFormat("tensorrt", "tensorrt", export_tensorrt, tensorrt_validation_shapes, needs=("onnx",)),
 }
 # Other names users give a format: its runtime's name and the short forms.
-FORMAT_ALIASES = {"onnxruntime": "onnx", "ort": "onnx", "ov": "openvino"}
+FORMAT_ALIASES = {"onnxruntime": "onnx", "ort": "onnx", "ov": "openvino", "trt": "tensorrt"}
 
 
 def format_name(name: str, flag: str = "backend") -> str:

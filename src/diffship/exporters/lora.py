@@ -45,17 +45,6 @@ class Lora:
         return {"file": str(self.path), "sha256": self.sha256, "scale": self.scale}
 
 
-def parse_lora_flag(text: str) -> tuple[str, float]:
-    """`--lora FILE[:SCALE]` -> (FILE, SCALE); a last ':' part that is not a number belongs to the file name."""
-    head, sep, tail = text.rpartition(":")
-    if sep and head:
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass
-    return text, 1.0
-
-
 def check_loras(loras, allow_pickle: bool = False, flag: str = "loras") -> list[Lora]:
     """The adapters to bake in, each checked before any model is loaded: a readable file holding LoRA weights
     (safetensors; pickled files only with `allow_pickle`), a finite scale. `loras`: paths (scale 1.0) or

@@ -34,6 +34,12 @@ class ExportOptions:
     quantize: str | None = None  # hybrid: UNet activations too (OpenVINO, calibrated)
     vae_fp16: str = "fp32"  # how fp16 protects the VAE: keep it fp32, mixed (overflowing nodes fp32), none
     calibration_prompts: tuple[str, ...] | None = None
+    # LoRA weights kept swappable at run time (graphs/weight_map.py): the weights must stay in the graphs as they
+    # are, which fusions (packed attention weights) and quantization do not keep.
+    swappable_lora: bool = False
+    # The tensorrt format's settings (exporters/tensorrt.settings: the ShapeRange its engines serve, the VAE's
+    # scale factor, precision), set by export() once the shapes are known; None without that format.
+    tensorrt: dict | None = None
 
     def check(self, formats: list[str]) -> None:
         if self.dtype not in DTYPES:
@@ -49,6 +55,13 @@ class ExportOptions:
         if self.weight_format and self.dtype == "fp16" and "onnx" in formats:
             raise DiffshipError("onnxruntime's int8/int4 quantization takes fp32 graphs: use --dtype fp32 with "
                                 "--weight-format")
+        if self.swappable_lora and (self.optimize or self.weight_format or self.quantize):
+            raise DiffshipError("swappable_lora keeps each adapted layer's weight as it is in the graphs: export it "
+                                "without optimize, weight_format and quantize (they fuse or quantize those weights)")
+        if "tensorrt" in formats and (self.optimize or self.weight_format):
+            raise DiffshipError("TensorRT engines are built from the ONNX graph, and --optimize (onnxruntime's fused "
+                                "ops) and --weight-format (its quantized ops) write ops TensorRT's parser does not "
+                                "read: export for tensorrt without them (--dtype fp16 for fp16 engines)")
         if self.quantize == "hybrid" and formats != ["openvino"]:
             raise DiffshipError("--quantize hybrid is an OpenVINO (NNCF) mode: export with --backend openvino alone")
 

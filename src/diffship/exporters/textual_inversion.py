@@ -38,15 +38,6 @@ class Embedding:
         return {"file": str(self.path), "sha256": self.sha256, "tokens": tokens}
 
 
-def parse_textual_inversion_flag(text: str) -> tuple[str, str | None]:
-    """`--textual-inversion FILE[:TOKEN]` -> (FILE, TOKEN or None). An existing file's name is taken whole, so a
-    path with a colon works without a token."""
-    head, sep, tail = text.rpartition(":")
-    if not sep or not head or Path(text).expanduser().exists() or "/" in tail or os.sep in tail:
-        return text, None
-    return head, tail
-
-
 def check_textual_inversions(items, allow_pickle: bool = False, flag: str = "textual_inversions") -> list[Embedding]:
     """The embeddings to bake in, checked before any model is loaded: paths, or (path, token) pairs."""
     if items is None:
@@ -91,6 +82,29 @@ def apply_textual_inversions(pipe, embeddings: list[Embedding], flag: str = "tex
                         if token not in vocab})
         entries.append(embedding.to_report(added))
     return entries
+
+
+# A swappable export's text encoders get this many spare rows in their token embedding tables (zeros, named by no
+# token), which pipe.load_textual_inversion fills at run time (pipelines/textual_inversion.py): a graph weight
+# cannot grow. 64 rows hold several multi-vector embeddings; more need the embedding baked in at export.
+RESERVED_TOKEN_ROWS = 64
+
+
+def reserve_token_rows(pipe, rows: int = RESERVED_TOKEN_ROWS) -> dict[str, int]:
+    """Add `rows` zero rows to each text encoder's token embedding table; {encoder: rows in its table now}."""
+    import torch
+
+    tables = {}
+    for name in ("text_encoder", "text_encoder_2"):
+        model = getattr(pipe, name, None)
+        if model is None:
+            continue
+        used = model.get_input_embeddings().weight.shape[0]
+        model.resize_token_embeddings(used + rows, mean_resizing=False)
+        with torch.no_grad():
+            model.get_input_embeddings().weight[used:] = 0
+        tables[name] = used + rows
+    return tables
 
 
 def _load(pipe, embedding: Embedding) -> None:

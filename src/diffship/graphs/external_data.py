@@ -23,13 +23,15 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
-def save_model(model: onnx.ModelProto, path: str | Path, external_data_threshold: int = TWO_GB) -> list[Path]:
+def save_model(model: onnx.ModelProto, path: str | Path, external_data_threshold: int = TWO_GB,
+               size_threshold: int = 1024) -> list[Path]:
     """Write `model` to `path`; weights go to one external file when the graph exceeds the threshold.
 
     `model` is left as it was: onnx's writer moves each weight out of the proto into the external file, so the
     weights are read back from that file afterwards (the page cache still holds them). Without that, the next
     user of the same in-memory graph (the OpenVINO conversion of an export to both formats) would find weights
-    pointing at a file of another directory. Returns the files written.
+    pointing at a file of another directory. Tensors under `size_threshold` bytes stay in the graph (0: every
+    tensor goes to the file, as swappable LoRA weights must). Returns the files written.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,7 +42,7 @@ def save_model(model: onnx.ModelProto, path: str | Path, external_data_threshold
             save_as_external_data=True,
             all_tensors_to_one_file=True,
             location=EXTERNAL_DATA_FILE,
-            size_threshold=1024,
+            size_threshold=size_threshold,
         )
         load_external_data_for_model(model, str(path.parent))
         return [path, path.parent / EXTERNAL_DATA_FILE]

@@ -154,11 +154,20 @@ def format_inspection(result: dict, max_ops: int = 8) -> str:
             backend = "onnxruntime" if graph["format"] == "onnx" else "openvino"
             v = entry.get("validation", {}).get(backend)
             if v:
-                bound = f"atol {v['atol']:g}" if "atol" in v else f"rtol {v['rtol']:g}"
-                lines.append(f"  validation ({v.get('precision', 'fp32')}): max abs {v['max_abs']:.2e}, "
-                             f"max rel {v.get('max_rel', float('nan')):.2e} ({bound})")
+                lines.append(f"  validation {_figures(v)}")
+            engine, v = entry.get("tensorrt"), entry.get("validation", {}).get("tensorrt")
+            if graph["format"] == "onnx" and isinstance(engine, dict) and v:  # built from this graph, beside it
+                lines.append(f"  tensorrt engine {engine.get('engine')} for {engine.get('device')}, "
+                             f"{engine.get('precision')}: validation {_figures(v)}")
             for p in entry.get("passes", []):
                 if p["format"] == graph["format"]:
                     figures = f" max abs {p['max_abs']:.2e}" if "max_abs" in p else ""
                     lines.append(f"  pass {p['pass']}{figures}")
     return "\n".join(lines)
+
+
+def _figures(v: dict) -> str:
+    """A validation entry: `(fp32): max abs 1.2e-06, max rel 3.4e-07 (atol 0.001)`."""
+    bound = f"atol {v['atol']:g}" if "atol" in v else f"rtol {v['rtol']:g}"
+    return (f"({v.get('precision', 'fp32')}): max abs {v['max_abs']:.2e}, "
+            f"max rel {v.get('max_rel', float('nan')):.2e} ({bound})")

@@ -36,13 +36,15 @@ from diffship.layout import (
     vae_scale_factor,
 )
 from diffship.pipelines.image_processing import VaeImageProcessor, postprocess
+from diffship.pipelines.lora import LoraLoaderMixin
 from diffship.pipelines.precision import session_options
 from diffship.pipelines.saving import save_pipeline
 from diffship.pipelines.steps import guide, run_callback
+from diffship.pipelines.textual_inversion import TextualInversionLoaderMixin
 from diffship.pipelines.timing import STEP_STAGE
 from diffship.pipelines.tokenizer import CLIPTokenizer
 from diffship.runtimes import Session, choose_backend, holds_graph, input_info, load_session
-from diffship.schedulers import scheduler_class
+from diffship.schedulers import NOISE, check_scheduler_kind, scheduler_class
 from diffship.schedulers.config import FrozenConfig
 from diffship.schedulers.noise import randn
 
@@ -66,7 +68,7 @@ CONFIG_FIELDS = {
 _ANNOTATION_KINDS = {"int": int, "float": float, "bool": bool, "str": str, "None": None}
 
 
-class DiffusionPipeline:
+class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
     """The loading half every family's pipelines share. Components are plain attributes: `text_encoder`,
     `unet`, `vae_decoder`, ... are Sessions, each carrying its component's config.json as `.config`;
     `tokenizer` / `tokenizer_2` the numpy CLIP tokenizers.
@@ -90,6 +92,11 @@ class DiffusionPipeline:
     unet_in_channels: tuple[int, ...] = (4,)
     # The current generation's step cache (pipelines/step_cache.py), set by generate; None: every step runs the UNet.
     step_cache = None
+    # What the denoiser predicts, so what kind of scheduler can drive it (schedulers.scheduler_kind): NOISE for the
+    # UNet families (epsilon / v / sample), FLOW for the flow-matching ones (a velocity). Checked whenever a
+    # scheduler is set, so that `pipe.scheduler = FlowMatchEulerDiscreteScheduler(...)` on a UNet pipeline fails
+    # there, naming what fits, instead of generating noise.
+    denoiser_kind: str = NOISE
     # The current generation's ControlNet inputs (pipelines/controlnet.py), set by generate; None: no ControlNet runs
     # (a UNet that takes residuals gets zeros).
     control = None
@@ -170,6 +177,15 @@ class DiffusionPipeline:
         self._requests_seen: set = set()  # (batch, height, width, images per prompt, guidance) run before
 
     @property
+    def scheduler(self):
+        return self._scheduler
+
+    @scheduler.setter
+    def scheduler(self, scheduler) -> None:
+        check_scheduler_kind(scheduler, self.denoiser_kind, type(self).__name__)
+        self._scheduler = scheduler
+
+    @property
     def components(self) -> dict:
         """{name: component}, as diffusers' `pipe.components`: every name the constructor takes, so that
         `OtherPipeline(**pipe.components)` builds another task's pipeline on the same sessions. The VAE is
@@ -183,13 +199,14 @@ class DiffusionPipeline:
                         inference_precision="auto", static_shapes: bool | None = None, *,
                         revision: str | None = None, cache_dir=None, token: str | bool | None = None,
                         local_files_only: bool = False, compile_cache_dir=None, **backend_options):
-        """Load an exported pipeline, a local directory or a hub repo id, on `backend` ("onnxruntime", "openvino";
-        None: the one the export's graphs are for, onnxruntime where it holds both). `inference_precision`
+        """Load an exported pipeline, a local directory or a hub repo id, on `backend` ("onnxruntime", "openvino",
+        "tensorrt"; None: the one the export's graphs are for, onnxruntime where it holds both). `inference_precision`
         ("auto": bf16 where the export measured it within bound and the CPU has it, f32 elsewhere; "f32" for
         parity with PyTorch; see precision.py) and `static_shapes` (OpenVINO compiles each request's shapes; its
         default) pick how each graph runs; `compile_cache_dir` is where compiled graphs are cached (runtimes/
-        cache.py; False: no compile cache); `backend_options` go to the session class, e.g. `providers=[...]` for
-        onnxruntime, `device="GPU"` for OpenVINO.
+        cache.py; False: no compile cache); `backend_options` go to the session class, e.g. `provider="cuda"` (or
+        `providers=[...]`) for onnxruntime, `device="GPU"` for OpenVINO, `shapes=ShapeRange.static(1, 512, 512),
+        cuda_graph=True` for TensorRT (runtimes/tensorrt.py).
 
         A hub repo id (`org/name`, where no such directory exists) is downloaded with huggingface_hub, only the
         files the backend reads, as in diffusers: `revision`, `cache_dir` (the hub cache), `token`,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from diffship.checks import read_json_object
 from diffship.errors import DiffshipError, MissingComponentError
@@ -98,6 +98,17 @@ class CLIPTokenizer:
             if count > 1:
                 prompt = prompt.replace(token, " ".join([token] + [f"{token}_{i}" for i in range(1, count)]))
         return prompt
+
+    def has_token(self, token: str) -> bool:
+        """Whether `token` is in the vocabulary (added tokens included)."""
+        return self._tokenizer.token_to_id(token) is not None
+
+    def add_tokens(self, tokens: list[str]) -> list[int]:
+        """Add tokens to the vocabulary as transformers' tokenizers add a textual inversion's (whole, normalized
+        like the text); their ids, the next free ones."""
+        self._tokenizer.add_tokens([AddedToken(token, normalized=True) for token in tokens])
+        self.added_tokens |= set(tokens)
+        return [self._tokenizer.token_to_id(token) for token in tokens]
 
     def _encode_batch(self, prompts: list[str]):
         return self._tokenizer.encode_batch([self.maybe_convert_prompt(p) for p in prompts])

@@ -30,8 +30,11 @@ class Backend:
 BACKENDS = {
     "onnxruntime": Backend("diffship.runtimes.onnxruntime", "OnnxRuntimeSession", ONNX_MODEL),
     "openvino": Backend("diffship.runtimes.openvino", "OpenVINOSession", OPENVINO_MODEL, also_reads=(ONNX_MODEL,)),
+    # TensorRT runs engines built from model.onnx (runtimes/engines.py): the ONNX graph is what it reads, an engine
+    # an export wrote beside it is used when it was built for this GPU and TensorRT.
+    "tensorrt": Backend("diffship.runtimes.tensorrt", "TensorRTSession", ONNX_MODEL),
 }
-ALIASES = {"ort": "onnxruntime", "onnx": "onnxruntime", "ov": "openvino"}
+ALIASES = {"ort": "onnxruntime", "onnx": "onnxruntime", "ov": "openvino", "trt": "tensorrt"}
 
 
 def backend_name(name: str) -> str:

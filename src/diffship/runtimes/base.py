@@ -32,13 +32,16 @@ class Session(Protocol):
     backend names: `can_reshape` says whether `reshape` fixes input shapes (OpenVINO compiles faster code for
     static shapes; ONNX Runtime takes any shape as it comes), `compile` does what a first run would do ahead of
     time (a no-op where loading compiled already), and `settings` reports what the runtime chose (precision,
-    threads, providers), for benchmarks and the timing table."""
+    threads, providers), for benchmarks and the timing table. `swap_weights` runs the graph with some of its
+    weights (by the graph's own names) replaced, `{}` with the file's own again: run-time LoRA
+    (pipelines/lora.py); `can_swap_weights` says whether the backend can."""
 
     backend: str
     inputs: list[TensorInfo]
     outputs: list[TensorInfo]
     path: str
     can_reshape: bool
+    can_swap_weights: bool
     # The component's config.json (diffusers' `pipe.unet.config`), set by the pipeline that loads the session
     # from an export folder; {} for a session made alone.
     config: dict
@@ -48,6 +51,8 @@ class Session(Protocol):
     def reshape(self, shapes: dict[str, tuple[int, ...]]) -> None: ...
 
     def compile(self) -> None: ...
+
+    def swap_weights(self, values: dict[str, np.ndarray]) -> None: ...
 
     def settings(self) -> dict: ...
 

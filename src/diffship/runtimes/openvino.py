@@ -122,6 +122,7 @@ class OpenVINOSession:
 
     backend = "openvino"
     can_reshape = True
+    can_swap_weights = True
 
     def __init__(
         self,
@@ -177,6 +178,7 @@ class OpenVINOSession:
             if rewritten is not None:
                 self._path, self._reshaped = rewritten, False
         self._declared = {p.get_any_name(): p.get_partial_shape() for p in self._model.inputs}
+        self._weights: dict[str, np.ndarray] = {}  # constants swap_weights replaced, by friendly name
         self._dynamic = None  # (compiled model, infer request) at the declared shapes
         self._static = None  # (shapes, compiled model, infer request)
         self._describe()
@@ -213,6 +215,17 @@ class OpenVINOSession:
         if self._static is None:
             self._compiled_dynamic()
 
+    def swap_weights(self, values: dict[str, np.ndarray]) -> None:
+        """Compile with these constants (by friendly name) in place of the file's, from then on; `{}`: the
+        file's own again. The next run compiles."""
+        if not values and not self._weights:
+            return
+        self._weights = dict(values)
+        self._dynamic = self._static = None
+        self.release_graph()
+        if values:
+            self._graph()  # an unknown name or a wrong shape fails here, not at the next run
+
     def _compiled_dynamic(self):
         """(compiled model, request) at the declared shapes, compiled on first use."""
         if self._dynamic is None:
@@ -224,17 +237,19 @@ class OpenVINOSession:
         """Compile the graph at its declared shapes, or reshaped to `shapes`. At the declared shapes of the file
         itself, OpenVINO is given the path: its compile cache then keys on the file rather than hashing every
         weight of a model in memory (a second load of a full-size UNet: 3 s instead of 5)."""
-        if shapes is None and not self._reshaped:
+        if shapes is None and not self._reshaped and not self._weights:
             self.release_graph()
             model = str(self._path)
         else:
             model = self._graph()
             if shapes is not None:
                 model.reshape({name: list(shape) for name, shape in shapes.items()})
+        # Swapped weights are not cached: each adapter state would leave a compiled blob of the model behind.
+        config = {k: v for k, v in self._config.items() if not (self._weights and k == "CACHE_DIR")}
         try:
-            compiled = self._core.compile_model(model, self.device, self._config)
+            compiled = self._core.compile_model(model, self.device, config)
         except Exception as e:
-            if "CACHE_DIR" not in self._config:
+            if "CACHE_DIR" not in config:
                 raise BackendError(f"OpenVINO could not compile {self.path} for {self.device}: {e}") from e
             # Writing the compile cache may be what failed (a full disk): compile without it.
             self._config.pop("CACHE_DIR")
@@ -249,6 +264,8 @@ class OpenVINOSession:
             self._model = read_model(self._core, self._path)
             float_timestep(self._model)
             self._model.reshape(self._declared)
+            if self._weights:
+                _replace_constants(self._model, self._weights, self.path)
         return self._model
 
     def release_graph(self) -> None:
@@ -287,6 +304,25 @@ class OpenVINOSession:
 
     def __repr__(self) -> str:
         return f"OpenVINOSession({self.path!r}, device={self.device!r})"
+
+
+def _replace_constants(model, values: dict[str, np.ndarray], path: str) -> None:
+    """Replace the model's constants named in `values` (friendly names) by new ones holding those arrays."""
+    ov = _ov()
+    constants = {op.get_friendly_name(): op for op in model.get_ops()
+                 if op.get_type_name() == "Constant" and op.get_friendly_name() in values}
+    for name, value in values.items():
+        old = constants.get(name)
+        if old is None:
+            raise BackendError(f"{path} has no constant {name} to replace")
+        value = np.ascontiguousarray(value)
+        shape, dtype = tuple(int(d) for d in old.get_output_shape(0)), old.get_element_type().to_dtype()
+        if shape != value.shape or dtype != value.dtype:
+            raise BackendError(f"{path}: constant {name} is {old.get_element_type()} {old.get_output_shape(0)}, "
+                               f"the replacement {value.dtype} {list(value.shape)}")
+        new = ov.op.Constant(value, shared_memory=False)
+        new.set_friendly_name(name)
+        old.output(0).replace(new.output(0))
 
 
 def has_bf16(core=None) -> bool:

@@ -79,10 +79,12 @@ class Scheduler:
 
     @property
     def compatibles(self) -> list[type]:
-        """The scheduler classes this one's config can be switched to (all of diffship's, as in diffusers)."""
-        from .registry import SCHEDULERS
+        """The scheduler classes this one's config can be switched to: those for the same kind of model
+        (registry.scheduler_kind): every noise-prediction class for a noise-prediction scheduler; for a flow model's,
+        the flow-matching classes and the solvers that take use_flow_sigmas."""
+        from .registry import SCHEDULERS, scheduler_kind, schedulers_for
 
-        return list(SCHEDULERS.values())
+        return [SCHEDULERS[name] for name in schedulers_for(scheduler_kind(self))]
 
     # ---- where in the schedule we are ---------------------------------------------------------------------
     # diffusers finds the first step index from the timestep passed to the first `step`/`scale_model_input`

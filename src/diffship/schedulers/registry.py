@@ -1,4 +1,5 @@
-"""Finding a scheduler class: by diffusers class name (from a config) or by a short command-line name."""
+"""Finding a scheduler class: by diffusers class name (from a config) or by a short command-line name; and what
+kind of model output a scheduler expects (noise prediction or a flow-matching velocity)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,19 @@ _MODULES = {
     "DEISMultistepScheduler": "deis_multistep",
     "LCMScheduler": "lcm",
     "TCDScheduler": "tcd",
+    "FlowMatchEulerDiscreteScheduler": "flow_match_euler_discrete",
+    "FlowMatchHeunDiscreteScheduler": "flow_match_heun_discrete",
 }
+
+# What the denoiser's output is, which decides the families a scheduler can serve. The two kinds are not
+# interchangeable: a noise-prediction scheduler (epsilon, v_prediction or sample, on a variance-preserving
+# diffusion: the UNet families) turns a flow model's velocity into garbage, and the other way round.
+NOISE = "noise"
+FLOW = "flow"
+# The flow-matching classes; every other class is NOISE, except the multistep solvers that diffusers lets the flow
+# families use when configured for flow (use_flow_sigmas=True, prediction_type="flow_prediction"): see
+# scheduler_kind.
+FLOW_MATCHING = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 
 # diffusers schedulers diffship knows of but does not run, and why
 UNSUPPORTED = {
@@ -72,6 +85,59 @@ def scheduler_from_config(config: Mapping[str, Any], class_name: str | None = No
     return scheduler_class(class_name).from_config(config, **kwargs)
 
 
+def scheduler_kind(scheduler) -> str:
+    """NOISE or FLOW: what the model driving `scheduler` (an instance, or a config with `_class_name`) must
+    predict. FLOW for the flow-matching classes and for a solver whose prediction_type is "flow_prediction"
+    (DPMSolverMultistep / Singlestep, UniPC, DEIS with use_flow_sigmas=True, as diffusers' SD3 / Flux / Sana docs
+    configure them); NOISE otherwise."""
+    from .config import init_keys
+
+    config = scheduler if isinstance(scheduler, Mapping) else getattr(scheduler, "config", None) or {}
+    class_name = config.get("_class_name") if isinstance(scheduler, Mapping) else type(scheduler).__name__
+    if class_name in FLOW_MATCHING:
+        return FLOW
+    cls = SCHEDULERS.get(class_name)
+    # a solver that takes flow sigmas, set to predict flow (not a prediction_type carried along unused from
+    # another class's config)
+    if cls is not None and "use_flow_sigmas" in init_keys(cls) and config.get("prediction_type") == "flow_prediction":
+        return FLOW
+    return NOISE
+
+
+def schedulers_for(kind: str) -> list[str]:
+    """The class names that can serve a model of `kind`: for FLOW, the flow-matching classes and the solvers that
+    take use_flow_sigmas."""
+    from .config import init_keys
+
+    if kind == NOISE:
+        return [name for name in SCHEDULERS if name not in FLOW_MATCHING]
+    if kind == FLOW:
+        return [name for name in SCHEDULERS if name in FLOW_MATCHING or "use_flow_sigmas" in init_keys(SCHEDULERS[name])]
+    raise ValueError(f"kind must be {NOISE!r} or {FLOW!r}, got {kind!r}")
+
+
+def check_scheduler_kind(scheduler, kind: str, user: str) -> None:
+    """A DiffshipError unless `scheduler` expects a model output of `kind` (what `user`, a pipeline, runs)."""
+    found = scheduler_kind(scheduler)
+    if found == kind:
+        return
+    name = type(scheduler).__name__
+    if kind == NOISE:
+        raise DiffshipError(
+            f"{user} runs a noise-prediction model, but {name} "
+            + ("is a flow-matching scheduler (for SD3 / Flux)" if name in FLOW_MATCHING
+               else "is configured for flow matching (prediction_type='flow_prediction')")
+            + f"; use one of {', '.join(n for n in schedulers_for(NOISE))} (e.g. "
+            "EulerDiscreteScheduler.from_config(pipe.scheduler.config), or the short names euler, dpm++2m-karras, ...)"
+        )
+    raise DiffshipError(
+        f"{user} runs a flow-matching model (its output is a velocity), but {name} is a noise-prediction "
+        "scheduler; use FlowMatchEulerDiscreteScheduler or FlowMatchHeunDiscreteScheduler (short names flow-euler, "
+        "flow-heun), or DPMSolverMultistepScheduler / UniPCMultistepScheduler with use_flow_sigmas=True and "
+        "prediction_type='flow_prediction' (flow-dpm++2m, flow-unipc)"
+    )
+
+
 # Short names (as on the command line and in other UIs) -> (class name, config overrides).
 SHORT_NAMES: dict[str, tuple[str, dict[str, Any]]] = {
     "ddpm": ("DDPMScheduler", {}),
@@ -112,6 +178,17 @@ SHORT_NAMES: dict[str, tuple[str, dict[str, Any]]] = {
     "deis": ("DEISMultistepScheduler", {}),
     "lcm": ("LCMScheduler", {}),
     "tcd": ("TCDScheduler", {}),
+    # flow matching (SD3, Flux): a flow model's scheduler, never a UNet's (see scheduler_kind)
+    "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "flow-euler-karras": ("FlowMatchEulerDiscreteScheduler", {"use_karras_sigmas": True}),
+    "flow-heun": ("FlowMatchHeunDiscreteScheduler", {}),
+    # the solvers configured for a flow model, as diffusers' docs switch SD3 / Flux to them (flow_shift: the base
+    # config's shift, see scheduler_by_name)
+    "flow-dpm++2m": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_flow_sigmas": True, "prediction_type": "flow_prediction"},
+    ),
+    "flow-unipc": ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
 }
 
 
@@ -136,12 +213,15 @@ def scheduler_by_name(name: str, base_config: Mapping[str, Any] | None = None):
     class_name, overrides = SHORT_NAMES[key]
     cls = scheduler_class(class_name)
     # the short name's own settings win over the base config's (e.g. karras sigmas off in a DPM++ 2M config)
-    flags_off = {
+    settings = {
         k: False
         for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
         if k not in overrides and k in base_config
     }
-    return cls.from_config(base_config, **{**_applicable(cls, flags_off), **overrides})
+    # a flow model's config names its shift `shift` (FlowMatch*); the solvers call theirs `flow_shift`
+    if overrides.get("use_flow_sigmas") and "shift" in base_config and "flow_shift" not in base_config:
+        settings["flow_shift"] = base_config["shift"]
+    return cls.from_config(base_config, **{**_applicable(cls, settings), **overrides})
 
 
 def _applicable(cls: type, values: dict[str, Any]) -> dict[str, Any]:

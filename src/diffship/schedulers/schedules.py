@@ -280,3 +280,62 @@ def torch_lerp(start: np.ndarray, end: np.ndarray, weight: float) -> np.ndarray:
     if abs(weight) < 0.5:
         return start + weight * (end - start)
     return end - (end - start) * (1 - weight)
+
+
+# ---- flow matching (rectified flow: x_sigma = (1 - sigma) x_0 + sigma noise) -----------------------------------
+def shift_sigmas(shift: float, sigmas):
+    """SD3's resolution shift of flow-matching sigmas (Esser et al. 2024, eq. 23): shift sigma / (1 + (shift - 1) sigma)."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def time_shift(time_shift_type: str, mu: float, sigma: float, t):
+    """Resolution-dependent shift of flow-matching times t in (0, 1] by `mu` (Flux's dynamic shifting):
+    exponential e^mu / (e^mu + (1/t - 1)^sigma), or linear mu / (mu + (1/t - 1)^sigma)."""
+    if time_shift_type == "exponential":
+        return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
+    if time_shift_type == "linear":
+        return mu / (mu + (1 / t - 1) ** sigma)
+    raise ValueError("`time_shift_type` must either be 'exponential' or 'linear'.")
+
+
+def stretch_shift_to_terminal(t, shift_terminal: float):
+    """Stretch a flow schedule so that it ends at `shift_terminal` (LTX-Video's rf.py)."""
+    one_minus_z = 1 - t
+    scale_factor = one_minus_z[-1] / (1 - shift_terminal)
+    return 1 - (one_minus_z / scale_factor)
+
+
+# What diffusers' SD3 and Flux pipelines compute before calling a flow-matching scheduler's set_timesteps; the
+# numpy pipelines of those families call these. The defaults are Flux's (SD3's pipeline reads max_shift with a
+# default of 1.16 when the config lacks it: pass `max_shift=config.get("max_shift", 1.16)` there).
+def calculate_shift(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """`mu` for `set_timesteps(mu=...)` from the image's token count, linear in it from (base_seq_len, base_shift)
+    to (max_seq_len, max_shift) (diffusers' `calculate_shift`). image_seq_len: (height / 8 / 2) * (width / 8 / 2)
+    for Flux's packed latents and SD3's 2x2 patches."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    b = base_shift - m * base_seq_len
+    return image_seq_len * m + b
+
+
+def calculate_shift_for(config, image_seq_len: int, max_shift_default: float = 1.15) -> float:
+    """`calculate_shift` with the scheduler config's base / max values, as the SD3 (max_shift_default=1.16) and
+    Flux (1.15) pipelines read them: config.get("base_image_seq_len", 256), ... ."""
+    return calculate_shift(
+        image_seq_len,
+        config.get("base_image_seq_len", 256),
+        config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5),
+        config.get("max_shift", max_shift_default),
+    )
+
+
+def flux_default_sigmas(num_inference_steps: int) -> np.ndarray:
+    """The sigmas Flux's pipelines pass to set_timesteps when the caller gave none: linspace(1, 1/n, n) (float64);
+    diffusers passes None instead when the scheduler has use_flow_sigmas (DPM++ / UniPC configured for flow)."""
+    return np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)

@@ -96,6 +96,8 @@ class ServedModel:
             backend = choose_backend(graph_folders(Path(model_dir).expanduser()))
         if backend == "openvino":
             return {"config": {"INFERENCE_NUM_THREADS": threads}}
+        if backend == "tensorrt":
+            return {}  # the GPU runs the graphs: no CPU thread pool to bound (the CPUs are still reserved)
         return {"intra_op_num_threads": threads}
 
     def describe(self) -> dict:
@@ -109,6 +111,8 @@ class ServedModel:
         return {
             "model_dir": self.model_dir, "backend": self.backend, "pipeline": self.pipeline_class,
             "tasks": tasks, "unavailable": self.unavailable,
+            # the kind of scheduler its denoiser takes (schedulers.scheduler_kind): a request naming another is a 400
+            "scheduler_kind": first.denoiser_kind,
             "default_height": first.default_height, "default_width": first.default_width,
             "size_multiple": max(8, first.vae_scale_factor),
             # More steps than the noise levels the model was trained on have no meaning (the pipelines' own check).

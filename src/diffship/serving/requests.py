@@ -248,7 +248,7 @@ def _resolved(body: dict, model: dict, task: str, prompt: str, height: int, widt
         from diffship.checks import check_scheduler_name
 
         with _field("scheduler"):
-            check_scheduler_name(scheduler)
+            check_scheduler_name(scheduler, kind=model.get("scheduler_kind"), user=model.get("pipeline") or "this model")
     strength = None
     if task != TEXT_TO_IMAGE:
         from diffship.pipelines.steps import check_strength
