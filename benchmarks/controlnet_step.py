@@ -92,8 +92,10 @@ def time_backend(backend: str, steps: int, runs: int, warmup: int, precision: st
         unet = statistics.median(t["unet_per_step"] for t in runs_)
         controlnet = statistics.median(t.get("controlnet_per_step", 0.0) for t in runs_)
         step = statistics.median((t["unet"] + t.get("controlnet", 0.0)) / t["unet_steps"] for t in runs_)
-        rows[name] = {"unet_ms_per_step": round(unet * 1e3, 1), "controlnet_ms_per_step": round(controlnet * 1e3, 1),
-                      "step_ms": round(step * 1e3, 1), "total_s": round(statistics.median(t["total"] for t in runs_), 2)}
+        rows[name] = {"unet_ms_per_step": round(unet * 1e3, 1),
+                      "controlnet_ms_per_step": round(controlnet * 1e3, 1),
+                      "step_ms": round(step * 1e3, 1),
+                      "total_s": round(statistics.median(t["total"] for t in runs_), 2)}
     rows["with ControlNet"]["step_ratio"] = round(rows["with ControlNet"]["step_ms"]
                                                   / rows["without ControlNet"]["step_ms"], 2)
     return {"backend": backend, "inference_precision": with_cn.inference_precisions, "load_s": round(load_s, 1),

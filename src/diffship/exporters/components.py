@@ -360,7 +360,8 @@ def _residual_shapes(unet, sample_shape) -> dict[str, tuple[int, ...]]:
     from diffship.pipelines.controlnet import residual_shapes
 
     shapes = residual_shapes(unet.config, sample_shape[0], *sample_shape[2:])
-    names = [DOWN_BLOCK_ADDITIONAL_RESIDUAL.format(i) for i in range(len(shapes) - 1)] + [MID_BLOCK_ADDITIONAL_RESIDUAL]
+    names = [DOWN_BLOCK_ADDITIONAL_RESIDUAL.format(i) for i in range(len(shapes) - 1)]
+    names.append(MID_BLOCK_ADDITIONAL_RESIDUAL)
     return dict(zip(names, shapes))
 
 

@@ -42,7 +42,7 @@ from diffship.layout import (
     vae_scale_factor,
 )
 from diffship.pipelines.base import DiffusionPipeline
-from diffship.pipelines.controlnet import ControlNetConditioning, image_size  # noqa: F401 (image_size: re-used by SDXL)
+from diffship.pipelines.controlnet import ControlNetConditioning, image_size, prepare_control, prompt_batch
 from diffship.pipelines.image_processing import dpt_preprocess, interpolate_bicubic
 from diffship.pipelines.prompts import check_clip_skip, check_negative_prompt, encode_prompt
 from diffship.pipelines.steps import (
@@ -95,7 +95,8 @@ def export_specs(pipe, shapes, deepcache_branch: int | None = None, controlnets=
     # LCM runs no unconditional batch.
     unet = unet_spec(pipe.unet, shapes, scale, conditioning, guided=not lcm, atol=ATOL[UNET],
                      deepcache_branch=deepcache_branch)
-    nets = [controlnet_spec(controlnet_folder(i), net, unet, scale, ATOL[CONTROLNET]) for i, net in enumerate(controlnets)]
+    nets = [controlnet_spec(controlnet_folder(i), net, unet, scale, ATOL[CONTROLNET])
+            for i, net in enumerate(controlnets)]
     if controlnets:
         unet = with_controlnet_residuals(pipe.unet, unet)
     specs = [
@@ -579,27 +580,6 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionFamilyPipeline):
 
 
 # ---- ControlNet ------------------------------------------------------------------------------------------------
-
-def prompt_batch(prompt, prompt_embeds) -> int:
-    """How many prompts a call has (the control images must be one, or one per prompt)."""
-    if prompt is not None:
-        return 1 if isinstance(prompt, str) else len(prompt)
-    return len(prompt_embeds) if prompt_embeds is not None else 1
-
-
-def prepare_control(pipe, control: ControlNetConditioning, image, height, width, batch_size, crops_coords=None,
-                    resize_mode="default") -> tuple[int, int]:
-    """The control images preprocessed (numpy only: before any graph runs) at height x width, or at their own size
-    (which must be one); for a task that edits `image`, that size must be the one `image` comes out at: a control
-    image of another size is refused, naming both. Returns the generation's size."""
-    control.preprocess(pipe, height, width, batch_size, crops_coords, resize_mode)
-    if image is None:  # text-to-image: the control images' size
-        return control.height, control.width
-    size = image_size(pipe, image, height, width, "image")
-    if crops_coords is None:
-        control.check_size(*size, "image")
-    return size
-
 
 CONTROLNET_COMPONENTS = (VAE_ENCODER, VAE_DECODER, TEXT_ENCODER, TOKENIZER, UNET, CONTROLNET, SCHEDULER,
                          SAFETY_CHECKER, FEATURE_EXTRACTOR, IMAGE_ENCODER)

@@ -41,7 +41,7 @@ from diffship.layout import (
     vae_scale_factor,
 )
 from diffship.pipelines.base import DiffusionPipeline
-from diffship.pipelines.controlnet import ControlNetConditioning
+from diffship.pipelines.controlnet import ControlNetConditioning, image_size, prepare_control, prompt_batch
 from diffship.pipelines.prompts import check_negative_prompt, hidden_state_outputs, run_text_encoder, warn_truncated
 from diffship.pipelines.steps import (
     as_generator,
@@ -96,7 +96,8 @@ def export_specs(pipe, shapes, deepcache_branch: int | None = None, controlnets=
         specs.append(text_encoder_spec(TEXT_ENCODER, pipe.text_encoder, shapes, ATOL[TEXT_ENCODER]))
     unet = unet_spec(pipe.unet, shapes, scale, conditioning, guided=not lcm, atol=ATOL[UNET],
                      deepcache_branch=deepcache_branch)
-    nets = [controlnet_spec(controlnet_folder(i), net, unet, scale, ATOL[CONTROLNET]) for i, net in enumerate(controlnets)]
+    nets = [controlnet_spec(controlnet_folder(i), net, unet, scale, ATOL[CONTROLNET])
+            for i, net in enumerate(controlnets)]
     if controlnets:
         unet = with_controlnet_residuals(pipe.unet, unet)
     specs += [
@@ -536,8 +537,6 @@ class StableDiffusionXLControlNetPipeline(StableDiffusionXLFamilyPipeline):
                  control_guidance_end=1.0, original_size=None, crops_coords_top_left=(0, 0), target_size=None,
                  negative_original_size=None, negative_crops_coords_top_left=(0, 0), negative_target_size=None,
                  clip_skip=None, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",)):
-        from diffship.families.stable_diffusion import prepare_control, prompt_batch
-
         control = ControlNetConditioning(self, image, controlnet_conditioning_scale, control_guidance_start,
                                          control_guidance_end, guess_mode, name="image")
         check_image_size({"height": height, "width": width}, max(IMAGE_SIZE_MULTIPLE, self.vae_scale_factor))
@@ -575,8 +574,6 @@ class StableDiffusionXLControlNetImg2ImgPipeline(StableDiffusionXLFamilyPipeline
                  negative_original_size=None, negative_crops_coords_top_left=(0, 0), negative_target_size=None,
                  aesthetic_score=6.0, negative_aesthetic_score=2.5, clip_skip=None, callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs=("latents",)):
-        from diffship.families.stable_diffusion import prepare_control, prompt_batch
-
         control = ControlNetConditioning(self, control_image, controlnet_conditioning_scale, control_guidance_start,
                                          control_guidance_end, guess_mode, name="control_image")
         self.check_inputs(prompt, prompt_2, height, width, negative_prompt, negative_prompt_2, prompt_embeds,
@@ -616,8 +613,6 @@ class StableDiffusionXLControlNetInpaintPipeline(StableDiffusionXLFamilyPipeline
                  control_guidance_start=0.0, control_guidance_end=1.0, guidance_rescale=0.0, original_size=None,
                  crops_coords_top_left=(0, 0), target_size=None, aesthetic_score=6.0, negative_aesthetic_score=2.5,
                  clip_skip=None, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",)):
-        from diffship.families.stable_diffusion import image_size, prepare_control, prompt_batch
-
         control = ControlNetConditioning(self, control_image, controlnet_conditioning_scale, control_guidance_start,
                                          control_guidance_end, guess_mode, name="control_image")
         start_at = denoising_start if valid_fraction(denoising_start) else None

@@ -141,6 +141,27 @@ def image_size(pipe, image, height, width, name: str) -> tuple[int, int]:
         np.empty((1, 1, *size)), height, width, name)
 
 
+def prompt_batch(prompt, prompt_embeds) -> int:
+    """How many prompts a call has (the control images must be one, or one per prompt)."""
+    if prompt is not None:
+        return 1 if isinstance(prompt, str) else len(prompt)
+    return len(prompt_embeds) if prompt_embeds is not None else 1
+
+
+def prepare_control(pipe, control: ControlNetConditioning, image, height, width, batch_size, crops_coords=None,
+                    resize_mode="default") -> tuple[int, int]:
+    """The control images preprocessed (numpy only: before any graph runs) at height x width, or at their own size
+    (which must be one); for a task that edits `image`, that size must be the one `image` comes out at: a control
+    image of another size is refused, naming both. Returns the generation's size."""
+    control.preprocess(pipe, height, width, batch_size, crops_coords, resize_mode)
+    if image is None:  # text-to-image: the control images' size
+        return control.height, control.width
+    size = image_size(pipe, image, height, width, "image")
+    if crops_coords is None:
+        control.check_size(*size, "image")
+    return size
+
+
 class ControlNetConditioning:
     """One generation's ControlNet inputs, checked when made (before any graph runs): `image` (one control image,
     or a batch, per ControlNet: a list of them for several), `conditioning_scale`, `guidance_start` and
@@ -294,4 +315,4 @@ def zero_residuals(pipe, feeds: dict) -> dict:
 
 
 __all__ = ["CONTROLNET", "CONTROLNET_STAGE", "ControlNetConditioning", "check_controlnets", "controlnet_names",
-           "residual_shapes", "zero_residuals"]
+           "image_size", "prepare_control", "prompt_batch", "residual_shapes", "zero_residuals"]
