@@ -228,7 +228,8 @@ def export(
         embedding_report = apply_textual_inversions(pipe, embeddings)
         if swappable_lora:
             reserve_token_rows(pipe)
-        default_size = pipe.unet.config.sample_size * scale
+        denoiser = getattr(pipe, "unet", None) or pipe.transformer  # the UNet families' or the transformers'
+        default_size = denoiser.config.sample_size * scale
         tokenizer = getattr(pipe, "tokenizer", None) or pipe.tokenizer_2
         shapes = ExportShapes(
             batch_size=batch_size,

@@ -12,6 +12,7 @@ from diffship.families.stable_diffusion import (
     StableDiffusionPipeline,
     StableDiffusionPipelineOutput,
 )
+from diffship.families.stable_diffusion_3 import StableDiffusion3Pipeline, StableDiffusion3PipelineOutput
 from diffship.families.stable_diffusion_xl import (
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
@@ -31,6 +32,8 @@ __all__ = [
     "AutoPipelineForText2Image",
     "DiffusionPipeline",
     "LatentConsistencyModelPipeline",
+    "StableDiffusion3Pipeline",
+    "StableDiffusion3PipelineOutput",
     "StableDiffusionDepth2ImgPipeline",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",

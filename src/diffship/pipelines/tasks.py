@@ -48,7 +48,7 @@ class Task:
 
     def prepare_latents(self, pipe, batch_size, height, width, generator, latents, timesteps,
                         do_classifier_free_guidance, timer) -> np.ndarray:
-        shape = (batch_size, pipe.unet_config.get("in_channels", 4), height // pipe.vae_scale_factor,
+        shape = (batch_size, pipe.denoiser_config.get("in_channels", 4), height // pipe.vae_scale_factor,
                  width // pipe.vae_scale_factor)
         if latents is None:
             latents = randn(shape, generator, np.float32)
@@ -56,8 +56,8 @@ class Task:
             latents = np.asarray(latents, dtype=np.float32)
             if latents.shape != shape:
                 raise ValueError(f"latents have shape {latents.shape}, expected {shape}")
-        # Sigma-parameterised schedulers start from noise of std init_noise_sigma.
-        return latents * np.float32(pipe.scheduler.init_noise_sigma)
+        # Sigma-parameterised schedulers start from noise of std init_noise_sigma (the flow pipelines: plain noise).
+        return latents * np.float32(pipe.scheduler.init_noise_sigma) if pipe.scales_model_input else latents
 
     def model_input(self, latent_model_input: np.ndarray) -> np.ndarray:
         """What the UNet's sample input is made of at each step: the (scaled) latents alone."""

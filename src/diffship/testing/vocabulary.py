@@ -120,8 +120,12 @@ def build_t5_tokenizer():
     vocab += [("\u2581" + word, -2.0 - 0.01 * i) for i, word in enumerate(words)]
     vocab += [("\u2581", -3.0)] + [(symbol, -5.0 - 0.01 * i) for i, symbol in enumerate(_T5_SYMBOLS)]
     tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
-    tokenizer.normalizer = normalizers.Replace(Regex(" {2,}"), " ")
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    # Split on any white space, then mark word starts: the pipeline transformers 5's T5TokenizerFast builds for a
+    # Unigram vocabulary (it rebuilds it on load), so that the saved tokenizer.json says what transformers does.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always"),
+    ])
     tokenizer.post_processor = processors.TemplateProcessing(single=f"$A {T5_EOS_TOKEN}",
                                                              pair=f"$A {T5_EOS_TOKEN} $B {T5_EOS_TOKEN}",
                                                              special_tokens=[(T5_EOS_TOKEN, 1)])
