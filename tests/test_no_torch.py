@@ -52,7 +52,8 @@ def test_runtime_modules_import_no_torch():
     code = (
         "import sys, diffship, diffship.pipelines, diffship.schedulers, diffship.runtimes, "
         "diffship.runtimes.onnxruntime, diffship.runtimes.openvino, diffship.cli, diffship.families, "
-        "diffship.families.stable_diffusion, diffship.families.stable_diffusion_xl, diffship.layout, "
+        "diffship.families.stable_diffusion, diffship.families.stable_diffusion_xl, diffship.families.stable_diffusion_3, "
+        "diffship.layout, "
         "diffship.output_directory, diffship.pipelines.saving, diffship.serving, diffship.serving.options, "
         "diffship.serving.requests, diffship.serving.model, diffship.serving.metrics, diffship.serving.app, "
         "diffship.pipelines.lora, diffship.pipelines.textual_inversion\n"
