@@ -12,7 +12,11 @@ from diffship.families.stable_diffusion import (
     StableDiffusionPipeline,
     StableDiffusionPipelineOutput,
 )
-from diffship.families.stable_diffusion_3 import StableDiffusion3Pipeline, StableDiffusion3PipelineOutput
+from diffship.families.stable_diffusion_3 import (
+    StableDiffusion3Img2ImgPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusion3PipelineOutput,
+)
 from diffship.families.stable_diffusion_xl import (
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
@@ -32,6 +36,7 @@ __all__ = [
     "AutoPipelineForText2Image",
     "DiffusionPipeline",
     "LatentConsistencyModelPipeline",
+    "StableDiffusion3Img2ImgPipeline",
     "StableDiffusion3Pipeline",
     "StableDiffusion3PipelineOutput",
     "StableDiffusionDepth2ImgPipeline",
