@@ -172,3 +172,42 @@ def test_t5_tokenizer_matches_transformers(tiny_model_dirs):
     for length in (16, 256):
         expected = theirs(prompts, padding="max_length", max_length=length, truncation=True).input_ids
         np.testing.assert_array_equal(ours(prompts, length), np.asarray(expected))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sd3_image_to_image(backend, tiny_model_dirs, sd3_export):
+    """The image resized to a non-square size, encoded (the VAE's shift and scale), taken along the flow by
+    scale_noise to where strength 0.5 of 5 steps starts (diffusers keeps 3 steps there, not int(2.5)); guidance;
+    AutoPipelineForImage2Image picks the pipeline."""
+    import diffusers
+
+    from diffship.pipelines import AutoPipelineForImage2Image, StableDiffusion3Img2ImgPipeline
+    from image_tasks import rgb_image
+
+    if "img2img" not in _PIPES:
+        _PIPES["img2img"] = diffusers.StableDiffusion3Img2ImgPipeline.from_pretrained(tiny_model_dirs("sd3"))
+        _PIPES["img2img"].set_progress_bar_config(disable=True)
+    kwargs = dict(prompt=PROMPTS, negative_prompt=["blurry", "dark"], image=rgb_image(40, 64), strength=0.5,
+                  num_inference_steps=5, guidance_scale=5.0, height=48, width=80)
+    expected = _run_reference(_PIPES["img2img"], **kwargs)
+    pipe = AutoPipelineForImage2Image.from_pretrained(sd3_export, backend=backend, inference_precision="f32")
+    assert isinstance(pipe, StableDiffusion3Img2ImgPipeline)
+    steps = []
+    real_run = pipe.transformer.run
+    pipe.transformer.run = lambda feeds: steps.append(1) or real_run(feeds)
+    _check(f"sd3 image-to-image {backend} 48x80", expected, _run(pipe, **kwargs))
+    assert len(steps) == 3
+
+
+def test_sd3_generate_command(sd3_export, tmp_path, capsys):
+    """`diffship generate` on an SD3 export (no eta / step-cache options passed to a pipeline without them), and
+    --eta refused for it rather than ignored."""
+    from diffship.cli import main
+
+    out = tmp_path / "sd3.png"
+    assert main(["generate", str(sd3_export), "--prompt", "a red cat", "--steps", "2", "--seed", "0", "--height",
+                 "48", "--width", "80", "--out", str(out), "--no-progress"]) == 0
+    assert out.is_file() and "StableDiffusion3Pipeline" in capsys.readouterr().out
+    assert main(["generate", str(sd3_export), "--prompt", "a red cat", "--steps", "2", "--eta", "0.5", "--out",
+                 str(tmp_path / "x.png"), "--no-progress"]) != 0
+    assert "--eta" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import signal
 import sys
@@ -586,9 +587,19 @@ def cmd_generate(args) -> None:
         # One negative prompt for every prompt, or one per prompt (checked above); the pipeline takes prompt's type.
         negatives = args.negative_prompt * (len(args.prompt) // len(args.negative_prompt))
         negative = negatives[0] if isinstance(prompt, str) else negatives
+    # eta (DDIM's) and the step caches are options of the UNet families' pipelines; diffusers' SD3 pipelines
+    # take neither, and a flag given for them is refused rather than ignored.
+    extra = {"eta": args.eta, "cache": args.cache, "cache_interval": args.cache_interval,
+             "cache_start": args.cache_start}
+    accepted = inspect.signature(pipe.__call__).parameters
+    unsupported = [name for name in extra if name not in accepted]
+    if args.eta or (args.cache is not None and "cache" in unsupported):
+        names = [f"--{n.replace('_', '-')}" for n in unsupported if n in ("eta", "cache")]
+        if names:
+            raise ValueError(f"{', '.join(names)}: {type(pipe).__name__} takes no such option")
     result = pipe(prompt, negative_prompt=negative, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                  num_images_per_prompt=args.num_images, eta=args.eta, generator=args.seed, clip_skip=args.clip_skip,
-                  cache=args.cache, cache_interval=args.cache_interval, cache_start=args.cache_start, **task_kwargs)
+                  num_images_per_prompt=args.num_images, generator=args.seed, clip_skip=args.clip_skip,
+                  **{k: v for k, v in extra.items() if k in accepted}, **task_kwargs)
     paths = _image_paths(args.out, len(result.images))
     for image, path in zip(result.images, paths):
         path.parent.mkdir(parents=True, exist_ok=True)
