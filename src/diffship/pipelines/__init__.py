@@ -14,6 +14,7 @@ from diffship.families.stable_diffusion import (
 )
 from diffship.families.stable_diffusion_3 import (
     StableDiffusion3Img2ImgPipeline,
+    StableDiffusion3InpaintPipeline,
     StableDiffusion3Pipeline,
     StableDiffusion3PipelineOutput,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "DiffusionPipeline",
     "LatentConsistencyModelPipeline",
     "StableDiffusion3Img2ImgPipeline",
+    "StableDiffusion3InpaintPipeline",
     "StableDiffusion3Pipeline",
     "StableDiffusion3PipelineOutput",
     "StableDiffusionDepth2ImgPipeline",
