@@ -211,3 +211,24 @@ def test_sd3_generate_command(sd3_export, tmp_path, capsys):
     assert main(["generate", str(sd3_export), "--prompt", "a red cat", "--steps", "2", "--eta", "0.5", "--out",
                  str(tmp_path / "x.png"), "--no-progress"]) != 0
     assert "--eta" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("height,width,strength", [(64, 64, 1.0), (48, 80, 0.7)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sd3_inpainting(backend, height, width, strength, tiny_model_dirs, sd3_export):
+    """The 16-channel transformer: the original kept outside the mask, moved along the flow to each next sigma;
+    from pure noise (strength 1) and from the image at strength 0.7; AutoPipelineForInpainting picks the pipeline."""
+    import diffusers
+
+    from diffship.pipelines import AutoPipelineForInpainting, StableDiffusion3InpaintPipeline
+    from image_tasks import mask_image, rgb_image
+
+    if "inpaint" not in _PIPES:
+        _PIPES["inpaint"] = diffusers.StableDiffusion3InpaintPipeline.from_pretrained(tiny_model_dirs("sd3"))
+        _PIPES["inpaint"].set_progress_bar_config(disable=True)
+    kwargs = dict(prompt=PROMPTS, image=rgb_image(height, width), mask_image=mask_image(height, width),
+                  strength=strength, num_inference_steps=4, guidance_scale=5.0, height=height, width=width)
+    expected = _run_reference(_PIPES["inpaint"], **kwargs)
+    pipe = AutoPipelineForInpainting.from_pretrained(sd3_export, backend=backend, inference_precision="f32")
+    assert isinstance(pipe, StableDiffusion3InpaintPipeline)
+    _check(f"sd3 inpainting {backend} {height}x{width} strength {strength}", expected, _run(pipe, **kwargs))
