@@ -154,6 +154,9 @@ def test_sd3_export_layout_is_optimums(sd3_export):
     assert [case["inputs"]["encoder_hidden_states"][1] for case in cases] == [77 + 256, 77 + 77]
     for name in ("tokenizer", "tokenizer_2", "tokenizer_3", "scheduler", "transformer", "text_encoder_3"):
         assert (sd3_export / name).is_dir()
+    # T5's tokenizer as OpenVINO models too (what OpenVINO GenAI tokenizes with), checked like the CLIP ones.
+    assert (sd3_export / "tokenizer_3" / "openvino_tokenizer.xml").is_file()
+    assert report_file["tokenizers"]["tokenizer_3"]["checked_prompts"] > 0
     index = json.loads((sd3_export / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusion3Pipeline" and "image_encoder" not in index
 
@@ -232,3 +235,18 @@ def test_sd3_inpainting(backend, height, width, strength, tiny_model_dirs, sd3_e
     pipe = AutoPipelineForInpainting.from_pretrained(sd3_export, backend=backend, inference_precision="f32")
     assert isinstance(pipe, StableDiffusion3InpaintPipeline)
     _check(f"sd3 inpainting {backend} {height}x{width} strength {strength}", expected, _run(pipe, **kwargs))
+
+
+def test_sd3_static_shapes_on_openvino(tiny_model_dirs, sd3_export):
+    """A request that repeats is compiled with static shapes on OpenVINO (T5 at the request's max_sequence_length,
+    the transformer at the guided batch and joint text length), and draws what the dynamic graphs drew."""
+    pipe = _load(sd3_export, "openvino")
+    kwargs = dict(prompt=PROMPTS[0], num_inference_steps=2, guidance_scale=5.0, height=48, width=80,
+                  max_sequence_length=32, latents=sd3_latents(1, 48, 80))
+    first = _run(pipe, **kwargs)
+    shapes = pipe.request_shapes(1, 48, 80)  # the request's: its max_sequence_length
+    assert shapes["transformer"]["encoder_hidden_states"][:2] == (2, 77 + 32)
+    assert shapes["text_encoder_3"]["input_ids"] == (1, 32)
+    second = _run(pipe, **kwargs)  # the repeat runs static graphs
+    assert pipe.transformer._static is not None and pipe.transformer._static[0]["hidden_states"] == (2, 16, 6, 10)
+    _check("sd3 static shapes openvino 48x80", first, second)

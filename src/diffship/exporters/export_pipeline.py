@@ -49,6 +49,7 @@ from diffship.layout import (
     SOURCE_VAE,
     TOKENIZER,
     TOKENIZER_2,
+    TOKENIZER_3,
     UNET,
     UNET_SHALLOW,
     vae_scale_factor,
@@ -371,7 +372,7 @@ def _openvino_tokenizers(pipe, staging: Path) -> dict:
     from diffship.exporters.openvino import convert_tokenizer
 
     report = {}
-    for name in (TOKENIZER, TOKENIZER_2):
+    for name in (TOKENIZER, TOKENIZER_2, TOKENIZER_3):
         tokenizer = getattr(pipe, name, None)
         if tokenizer is not None and (staging / name).is_dir():
             report[name] = convert_tokenizer(tokenizer, staging / name, TOKENIZER_CHECK_PROMPTS)

@@ -129,9 +129,39 @@ class StableDiffusion3FamilyPipeline(DiffusionPipeline):
     def patch_size(self) -> int:
         return int(self.denoiser_config.get("patch_size", 2))
 
-    def prepare_request(self, batch_size, height, width, num_images_per_prompt, guidance) -> None:
-        """Graphs run as declared (dynamic): the static-shape compile of a repeated request (request_shapes) does
-        not know T5's per-request max_sequence_length yet."""
+    # T5's token count of the current request (generate sets it), for request_shapes; diffusers' default.
+    max_sequence_length = 256
+
+    def request_shapes(self, batch_size: int = 1, height: int | None = None, width: int | None = None,
+                       num_images_per_prompt: int = 1, guidance: bool = True) -> dict[str, dict[str, tuple]]:
+        """{component: {input: shape}} for the dynamic inputs of every graph at a request (see
+        DiffusionPipeline.request_shapes): the CLIP encoders take the prompts at 77 tokens, T5 at
+        max_sequence_length, the transformer twice the images with guidance and the joint text of both."""
+        height = self.default_height if height is None else height
+        width = self.default_width if width is None else width
+        check_image_size({"height": height, "width": width}, self.vae_scale_factor * self.patch_size)
+        check_int(batch_size, "batch_size", 1)
+        check_int(num_images_per_prompt, "num_images_per_prompt", 1)
+        images = batch_size * num_images_per_prompt
+        denoised = images * (2 if guidance else 1)
+        latent = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        clip = self.tokenizer.model_max_length
+        config = self.denoiser_config
+        wanted = {
+            TEXT_ENCODER: {"input_ids": (batch_size, clip)},
+            TEXT_ENCODER_2: {"input_ids": (batch_size, clip)},
+            TEXT_ENCODER_3: {"input_ids": (batch_size, self.max_sequence_length)},
+            TRANSFORMER: {"hidden_states": (denoised, config.get("in_channels", 16), *latent),
+                          "encoder_hidden_states": (denoised, clip + self.max_sequence_length,
+                                                    config.get("joint_attention_dim", 4096)),
+                          "pooled_projections": (denoised, config.get("pooled_projection_dim", 2048)),
+                          "timestep": (denoised,)},
+            VAE_DECODER: {"latent_sample": (images, self.vae_config.get("latent_channels", 16), *latent)},
+            VAE_ENCODER: {"sample": (images, self.vae_config.get("in_channels", 3), height, width)},
+        }
+        return {name: {info.name: wanted[name][info.name] for info in session.inputs
+                       if info.name in wanted.get(name, {}) and not all(isinstance(d, int) for d in info.shape)}
+                for name, session in self.sessions.items()}
 
     # ---- checks ------------------------------------------------------------------------------------------------
     def check_inputs(self, prompt, prompt_2, prompt_3, height, width, negative_prompt, negative_prompt_2,
@@ -277,6 +307,8 @@ class StableDiffusion3FamilyPipeline(DiffusionPipeline):
         batch_size = (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else len(prompt_embeds)
         images = batch_size * num_images_per_prompt
         do_classifier_free_guidance = guidance_scale > 1.0
+        self.max_sequence_length = max_sequence_length
+        self.prepare_request(batch_size, height, width, num_images_per_prompt, do_classifier_free_guidance)
 
         # 2. Encode the prompt with the three encoders.
         with timer.stage(stage_of(TEXT_ENCODER)):
