@@ -250,3 +250,24 @@ def test_sd3_static_shapes_on_openvino(tiny_model_dirs, sd3_export):
     second = _run(pipe, **kwargs)  # the repeat runs static graphs
     assert pipe.transformer._static is not None and pipe.transformer._static[0]["hidden_states"] == (2, 16, 6, 10)
     _check("sd3 static shapes openvino 48x80", first, second)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sd3_inpainting_33_channels(backend, tiny_model_dirs, exported_dirs):
+    """A dedicated inpainting transformer (latents + mask + masked-image latents, 33 channels), exported to ONNX
+    only (OpenVINO runs model.onnx): its transformer differs from sd3's by its input width alone."""
+    import diffusers
+
+    from diffship.pipelines import AutoPipelineForInpainting, StableDiffusion3InpaintPipeline
+    from image_tasks import mask_image, rgb_image
+
+    if "inpaint-33" not in _PIPES:
+        _PIPES["inpaint-33"] = diffusers.StableDiffusion3InpaintPipeline.from_pretrained(tiny_model_dirs("sd3-inpaint"))
+        _PIPES["inpaint-33"].set_progress_bar_config(disable=True)
+    kwargs = dict(prompt=PROMPTS[0], image=rgb_image(48, 80), mask_image=mask_image(48, 80), strength=0.8,
+                  num_inference_steps=3, guidance_scale=5.0, height=48, width=80)
+    expected = _run_reference(_PIPES["inpaint-33"], **kwargs)
+    pipe = AutoPipelineForInpainting.from_pretrained(exported_dirs("sd3-inpaint", ("onnx",)), backend=backend,
+                                                     inference_precision="f32")
+    assert isinstance(pipe, StableDiffusion3InpaintPipeline) and pipe.denoiser_config["in_channels"] == 33
+    _check(f"sd3 inpainting 33-channel {backend} 48x80", expected, _run(pipe, **kwargs))

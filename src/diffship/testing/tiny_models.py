@@ -22,7 +22,8 @@ from pathlib import Path
 from diffship.testing.vocabulary import BOS_TOKEN, EOS_TOKEN, build_clip_vocabulary
 
 KINDS = ("sd1", "sd2", "sd1-inpaint", "sd2-depth", "sd1-lcm", "sd-turbo", "sdxl", "sdxl-refiner", "sdxl-inpaint",
-         "sdxl-lcm", "sdxl-turbo", "sd3", "full-size", "full-size-sdxl")
+         "sdxl-lcm", "sdxl-turbo", "sd3", "sd3-inpaint", "full-size",
+         "full-size-sdxl")
 
 _SCHEDULER_SD1 = {
     "_class_name": "PNDMScheduler",
@@ -262,6 +263,9 @@ _SPECS["sd3"] = {
     "scheduler": {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0},
     "pipeline": "StableDiffusion3Pipeline",
 }
+# A dedicated SD3 inpainting transformer: latents + mask + masked-image latents (16 + 1 + 16 = 33 channels in, 16 out).
+_SPECS["sd3-inpaint"] = {**_SPECS["sd3"], "transformer": {**_SPECS["sd3"]["transformer"], "in_channels": 33},
+                         "pipeline": "StableDiffusion3InpaintPipeline"}
 
 # Task kinds: a base kind with another UNet input width, and the diffusers pipeline class that holds it.
 _TASK_KINDS = {
