@@ -210,7 +210,8 @@ def test_sd3_generate_command(sd3_export, tmp_path, capsys):
     out = tmp_path / "sd3.png"
     assert main(["generate", str(sd3_export), "--prompt", "a red cat", "--steps", "2", "--seed", "0", "--height",
                  "48", "--width", "80", "--out", str(out), "--no-progress"]) == 0
-    assert out.is_file() and "StableDiffusion3Pipeline" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert out.is_file() and "StableDiffusion3Pipeline" in printed and "transformer (2 steps)" in printed
     assert main(["generate", str(sd3_export), "--prompt", "a red cat", "--steps", "2", "--eta", "0.5", "--out",
                  str(tmp_path / "x.png"), "--no-progress"]) != 0
     assert "--eta" in capsys.readouterr().err

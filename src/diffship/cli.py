@@ -30,7 +30,7 @@ from diffship.checks import (
     software_exif,
 )
 from diffship.errors import DiffshipError
-from diffship.layout import REPORT_FILE
+from diffship.layout import REPORT_FILE, UNET
 from diffship.pipelines.precision import INFERENCE_PRECISIONS
 from diffship.testing.tiny_models import KINDS as TINY_KINDS
 
@@ -610,7 +610,7 @@ def cmd_generate(args) -> None:
             print(terminal_image(image))
     print(f"saved {', '.join(str(p) for p in paths)}  ({type(pipe).__name__}, {pipe.backend}, "
           f"{type(pipe.scheduler).__name__}, {args.steps} steps)")
-    print(format_timings(result.timings))
+    print(format_timings(result.timings, "UNet" if pipe.denoiser == UNET else pipe.denoiser))
     print("inference precision: " + ", ".join(f"{name} {precision}"
                                               for name, precision in pipe.inference_precisions.items()))
     if args.json:
