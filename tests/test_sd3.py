@@ -272,3 +272,35 @@ def test_sd3_inpainting_33_channels(backend, tiny_model_dirs, exported_dirs):
                                                      inference_precision="f32")
     assert isinstance(pipe, StableDiffusion3InpaintPipeline) and pipe.denoiser_config["in_channels"] == 33
     _check(f"sd3 inpainting 33-channel {backend} 48x80", expected, _run(pipe, **kwargs))
+
+
+def test_openvino_genai_runs_the_sd3_export(sd3_export):
+    """OpenVINO GenAI's Text2ImagePipeline runs diffship's OpenVINO SD3 export as it is (tokenizer_3's OpenVINO
+    models, the transformer's float [B] timestep) and, from the same latents, draws what diffship draws (which is
+    diffusers' image within 1e-5): within 2/255 on its uint8 image (measured 1/255, mean 0.5/255: float order and
+    uint8 rounding; GenAI runs f32 here, see test_openvino_genai.py)."""
+    openvino_genai = pytest.importorskip("openvino_genai")
+    import openvino as ov
+
+    class NumpyGenerator(openvino_genai.Generator):
+        def __init__(self, seed: int):
+            super().__init__()
+            self.rng, self.drawn = np.random.default_rng(seed), []
+
+        def next(self) -> float:
+            return float(self.rng.standard_normal())
+
+        def randn_tensor(self, shape):
+            self.drawn.append(self.rng.standard_normal(list(shape)).astype(np.float32))
+            return ov.Tensor(self.drawn[-1])
+
+    generator = NumpyGenerator(0)
+    genai = openvino_genai.Text2ImagePipeline(str(sd3_export), "CPU", INFERENCE_PRECISION_HINT="f32")
+    drawn = np.asarray(genai.generate(PROMPTS[0], width=64, height=64, num_inference_steps=4, guidance_scale=5.0,
+                                      generator=generator).data)[0]
+    assert [d.shape for d in generator.drawn] == [(1, LATENT_CHANNELS, 8, 8)]
+    ours = _run(_load(sd3_export, "openvino"), prompt=PROMPTS[0], num_inference_steps=4, guidance_scale=5.0,
+                latents=generator.drawn[0])[0]
+    diff = int(np.abs(drawn.astype(np.int32) - np.round(ours * 255).astype(np.int32)).max())
+    report("sd3 OpenVINO GenAI vs diffship (of 255)", diff)
+    assert diff <= 2
