@@ -317,6 +317,20 @@ def write_pipeline(pipe, out_dir: str | Path, pad_token: str = EOS_TOKEN, pad_to
             save_tokenizer(out_dir / folder, pad)
     for folder in ("text_encoder", "text_encoder_2"):
         _text_encoder_hub_layout(out_dir / folder / "model.safetensors")
+    index_path = out_dir / "model_index.json"
+    index = json.loads(index_path.read_text())
+    if "tokenizer_3" in index:
+        # transformers 5 names its T5 tokenizer class T5Tokenizer (the fast one); transformers 4 (Optimum's) takes
+        # that name for the sentencepiece one. SD3's hub repos say T5TokenizerFast, which both versions read.
+        index["tokenizer_3"] = ["transformers", "T5TokenizerFast"]
+        index_path.write_text(json.dumps(index, indent=2) + "\n")
+        # transformers 5 writes extra_special_tokens as a list, which transformers 4 reads as a dict and fails on;
+        # the tiny T5 vocabulary has none (extra_ids=0).
+        config_path = out_dir / "tokenizer_3" / "tokenizer_config.json"
+        config = json.loads(config_path.read_text())
+        if config.get("extra_special_tokens") == []:
+            del config["extra_special_tokens"]
+            config_path.write_text(json.dumps(config, indent=2) + "\n")
     return out_dir
 
 
