@@ -13,6 +13,7 @@ One export of the tiny SD3 model, to both formats, for the module.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -304,3 +305,22 @@ def test_openvino_genai_runs_the_sd3_export(sd3_export):
     diff = int(np.abs(drawn.astype(np.int32) - np.round(ours * 255).astype(np.int32)).max())
     report("sd3 OpenVINO GenAI vs diffship (of 255)", diff)
     assert diff <= 2
+
+
+OPTIMUM_SD3 = Path(__file__).parent / "fixtures" / "optimum-sd3" / "onnx"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_optimums_sd3_export_runs_in_diffship(backend, tiny_model_dirs):
+    """Optimum's own ONNX export of the tiny SD3 model (committed: tests/fixtures/optimum-sd3, MANIFEST.json says how
+    it was made) loads with AutoPipelineForText2Image and matches diffusers on the same weights (the seeded tiny
+    model), on ONNX Runtime and on OpenVINO (which reads model.onnx): same layout and tensor names as diffship's."""
+    reference = _reference(tiny_model_dirs, {})
+    kwargs = dict(prompt=PROMPTS, negative_prompt=["blurry", "dark"], num_inference_steps=3, guidance_scale=5.0,
+                  height=48, width=80, latents=sd3_latents(2, 48, 80))
+    expected = _run_reference(reference, **kwargs)
+    pipe = AutoPipelineForText2Image.from_pretrained(OPTIMUM_SD3, backend=backend, inference_precision="f32")
+    assert isinstance(pipe, StableDiffusion3Pipeline)
+    assert [i.name for i in pipe.transformer.inputs] == ["hidden_states", "encoder_hidden_states",
+                                                         "pooled_projections", "timestep"]
+    _check(f"optimum's sd3 export {backend} 48x80", expected, _run(pipe, **kwargs))
