@@ -324,3 +324,20 @@ def test_optimums_sd3_export_runs_in_diffship(backend, tiny_model_dirs):
     assert [i.name for i in pipe.transformer.inputs] == ["hidden_states", "encoder_hidden_states",
                                                          "pooled_projections", "timestep"]
     _check(f"optimum's sd3 export {backend} 48x80", expected, _run(pipe, **kwargs))
+
+
+def test_sd3_save_pretrained_and_reload(sd3_export, tmp_path):
+    """save_pretrained copies the transformer, the three encoders and tokenizer_3, writes the current scheduler, and
+    the saved directory loads again as an SD3 pipeline that draws the same image."""
+    import diffship.schedulers
+
+    pipe = _load(sd3_export, "onnxruntime")
+    pipe.scheduler = diffship.schedulers.FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config,
+                                                                                     use_dynamic_shifting=True)
+    saved = pipe.save_pretrained(tmp_path / "saved")
+    for name in ("transformer", "text_encoder_3", "tokenizer_3"):
+        assert (saved / name).is_dir()
+    again = AutoPipelineForText2Image.from_pretrained(saved, backend="onnxruntime", inference_precision="f32")
+    assert isinstance(again, StableDiffusion3Pipeline) and again.scheduler.config.use_dynamic_shifting
+    kwargs = dict(prompt=PROMPTS[0], num_inference_steps=2, guidance_scale=4.0, latents=sd3_latents(1, 64, 64))
+    np.testing.assert_array_equal(_run(pipe, **kwargs), _run(again, **kwargs))
