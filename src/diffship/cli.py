@@ -592,11 +592,10 @@ def cmd_generate(args) -> None:
     extra = {"eta": args.eta, "cache": args.cache, "cache_interval": args.cache_interval,
              "cache_start": args.cache_start}
     accepted = inspect.signature(pipe.__call__).parameters
-    unsupported = [name for name in extra if name not in accepted]
-    if args.eta or (args.cache is not None and "cache" in unsupported):
-        names = [f"--{n.replace('_', '-')}" for n in unsupported if n in ("eta", "cache")]
-        if names:
-            raise ValueError(f"{', '.join(names)}: {type(pipe).__name__} takes no such option")
+    given = [flag for flag, name, value in (("--eta", "eta", args.eta), ("--cache", "cache", args.cache))
+             if value and name not in accepted]
+    if given:
+        raise ValueError(f"{', '.join(given)}: {type(pipe).__name__} takes no such option")
     result = pipe(prompt, negative_prompt=negative, num_inference_steps=args.steps, guidance_scale=args.guidance,
                   num_images_per_prompt=args.num_images, generator=args.seed, clip_skip=args.clip_skip,
                   **{k: v for k, v in extra.items() if k in accepted}, **task_kwargs)
