@@ -341,3 +341,21 @@ def test_sd3_save_pretrained_and_reload(sd3_export, tmp_path):
     assert isinstance(again, StableDiffusion3Pipeline) and again.scheduler.config.use_dynamic_shifting
     kwargs = dict(prompt=PROMPTS[0], num_inference_steps=2, guidance_scale=4.0, latents=sd3_latents(1, 64, 64))
     np.testing.assert_array_equal(_run(pipe, **kwargs), _run(again, **kwargs))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sd35_text_to_image(backend, tiny_model_dirs, exported_dirs):
+    """SD 3.5's transformer (qk_norm RMS norms, and 3.5 Medium's dual attention in its first block), exported to
+    ONNX only (OpenVINO runs model.onnx), at the non-square size."""
+    import diffusers
+
+    if "sd3.5" not in _PIPES:
+        _PIPES["sd3.5"] = diffusers.StableDiffusion3Pipeline.from_pretrained(tiny_model_dirs("sd3.5"))
+        _PIPES["sd3.5"].set_progress_bar_config(disable=True)
+    assert _PIPES["sd3.5"].transformer.config.qk_norm == "rms_norm"
+    kwargs = dict(prompt=PROMPTS, num_inference_steps=3, guidance_scale=5.0, height=48, width=80,
+                  latents=sd3_latents(2, 48, 80))
+    expected = _run_reference(_PIPES["sd3.5"], **kwargs)
+    pipe = StableDiffusion3Pipeline.from_pretrained(exported_dirs("sd3.5", ("onnx",)), backend=backend,
+                                                    inference_precision="f32")
+    _check(f"sd3.5 text-to-image {backend} 48x80", expected, _run(pipe, **kwargs))

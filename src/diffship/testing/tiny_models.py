@@ -22,7 +22,7 @@ from pathlib import Path
 from diffship.testing.vocabulary import BOS_TOKEN, EOS_TOKEN, build_clip_vocabulary
 
 KINDS = ("sd1", "sd2", "sd1-inpaint", "sd2-depth", "sd1-lcm", "sd-turbo", "sdxl", "sdxl-refiner", "sdxl-inpaint",
-         "sdxl-lcm", "sdxl-turbo", "sd3", "sd3-inpaint", "full-size",
+         "sdxl-lcm", "sdxl-turbo", "sd3", "sd3.5", "sd3-inpaint", "full-size",
          "full-size-sdxl")
 
 _SCHEDULER_SD1 = {
@@ -263,6 +263,10 @@ _SPECS["sd3"] = {
     "scheduler": {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0},
     "pipeline": "StableDiffusion3Pipeline",
 }
+# SD 3.5 in small: RMS-normalised queries and keys (qk_norm) and, as 3.5 Medium's MMDiT-X, a second self-attention
+# over the image tokens in its first block (dual_attention_layers).
+_SPECS["sd3.5"] = {**_SPECS["sd3"], "transformer": {**_SPECS["sd3"]["transformer"], "qk_norm": "rms_norm",
+                                                     "dual_attention_layers": (0,)}}
 # A dedicated SD3 inpainting transformer: latents + mask + masked-image latents (16 + 1 + 16 = 33 channels in, 16 out).
 _SPECS["sd3-inpaint"] = {**_SPECS["sd3"], "transformer": {**_SPECS["sd3"]["transformer"], "in_channels": 33},
                          "pipeline": "StableDiffusion3InpaintPipeline"}
