@@ -12,7 +12,9 @@ pooled embedding at every step; the scheduler is a flow-matching one (denoiser_k
 latents nor the model input. SD3's own steps are here: the prompt encoded by three encoders (the CLIP pair's
 penultimate hidden states side by side, zero-padded to T5's width, then T5's tokens after them; the two pooled
 embeddings side by side), T5 tokenized with the `tokenizers` library, and the dynamic shift `mu` computed from the
-image's patch count when the scheduler asks for it.
+image's patch count when the scheduler asks for it. The tasks are the shared ones for text-to-image (Task) and the
+flow-matching ones for image-to-image and inpainting (FlowImageToImage, FlowInpaint: `scale_noise` where the UNet
+families add noise).
 """
 
 from __future__ import annotations
