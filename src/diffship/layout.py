@@ -15,20 +15,25 @@ REPORT_FILE = "export_report.json"
 # Graph components, by role.
 TEXT_ENCODER = "text_encoder"
 TEXT_ENCODER_2 = "text_encoder_2"
+TEXT_ENCODER_3 = "text_encoder_3"  # SD3's T5 encoder
 UNET = "unet"
+# The diffusion transformers' denoiser (SD3, Flux): the role a UNet has in the UNet families.
+TRANSFORMER = "transformer"
 VAE_ENCODER = "vae_encoder"
 VAE_DECODER = "vae_decoder"
 DEPTH_ESTIMATOR = "depth_estimator"
 # DeepCache's shallow UNet (`export --deepcache`): the steps between two full UNet steps run it on the deep feature
 # the last full step output beside out_sample. Not in model_index.json: Optimum's loaders know no such component.
 UNET_SHALLOW = "unet_shallow"
-GRAPH_COMPONENTS = (TEXT_ENCODER, TEXT_ENCODER_2, UNET, UNET_SHALLOW, VAE_ENCODER, VAE_DECODER, DEPTH_ESTIMATOR)
+GRAPH_COMPONENTS = (TEXT_ENCODER, TEXT_ENCODER_2, TEXT_ENCODER_3, UNET, UNET_SHALLOW, TRANSFORMER, VAE_ENCODER,
+                    VAE_DECODER, DEPTH_ESTIMATOR)
 # The tensor a DeepCache export's UNet outputs second (after out_sample) and its unet_shallow takes.
 DEEP_FEATURES = "deep_features"
 
 # Plain-file components, copied from the source model as they are.
 TOKENIZER = "tokenizer"
 TOKENIZER_2 = "tokenizer_2"
+TOKENIZER_3 = "tokenizer_3"  # SD3's T5 tokenizer
 SCHEDULER = "scheduler"
 SCHEDULER_CONFIG = "scheduler_config.json"
 FEATURE_EXTRACTOR = "feature_extractor"

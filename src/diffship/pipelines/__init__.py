@@ -12,6 +12,12 @@ from diffship.families.stable_diffusion import (
     StableDiffusionPipeline,
     StableDiffusionPipelineOutput,
 )
+from diffship.families.stable_diffusion_3 import (
+    StableDiffusion3Img2ImgPipeline,
+    StableDiffusion3InpaintPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusion3PipelineOutput,
+)
 from diffship.families.stable_diffusion_xl import (
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
@@ -31,6 +37,10 @@ __all__ = [
     "AutoPipelineForText2Image",
     "DiffusionPipeline",
     "LatentConsistencyModelPipeline",
+    "StableDiffusion3Img2ImgPipeline",
+    "StableDiffusion3InpaintPipeline",
+    "StableDiffusion3Pipeline",
+    "StableDiffusion3PipelineOutput",
     "StableDiffusionDepth2ImgPipeline",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
