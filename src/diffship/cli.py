@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import signal
 import sys
@@ -29,7 +30,7 @@ from diffship.checks import (
     software_exif,
 )
 from diffship.errors import DiffshipError
-from diffship.layout import REPORT_FILE
+from diffship.layout import REPORT_FILE, UNET
 from diffship.pipelines.precision import INFERENCE_PRECISIONS
 from diffship.testing.tiny_models import KINDS as TINY_KINDS
 
@@ -670,11 +671,18 @@ def cmd_generate(args) -> None:
         # One negative prompt for every prompt, or one per prompt (checked above); the pipeline takes prompt's type.
         negatives = args.negative_prompt * (len(args.prompt) // len(args.negative_prompt))
         negative = negatives[0] if isinstance(prompt, str) else negatives
-    if not controlnets:  # the ControlNet pipelines take no step cache (as diffusers')
-        task_kwargs.update(cache=args.cache, cache_interval=args.cache_interval, cache_start=args.cache_start)
+    # eta (DDIM's) and the step caches are options of the UNet families' pipelines; diffusers' SD3 pipelines
+    # take neither, and a flag given for them is refused rather than ignored.
+    extra = {"eta": args.eta, "cache": args.cache, "cache_interval": args.cache_interval,
+             "cache_start": args.cache_start}
+    accepted = inspect.signature(pipe.__call__).parameters
+    given = [flag for flag, name, value in (("--eta", "eta", args.eta), ("--cache", "cache", args.cache))
+             if value and name not in accepted]
+    if given:
+        raise ValueError(f"{', '.join(given)}: {type(pipe).__name__} takes no such option")
     result = pipe(prompt, negative_prompt=negative, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                  num_images_per_prompt=args.num_images, eta=args.eta, generator=args.seed, clip_skip=args.clip_skip,
-                  **task_kwargs)
+                  num_images_per_prompt=args.num_images, generator=args.seed, clip_skip=args.clip_skip,
+                  **{k: v for k, v in extra.items() if k in accepted}, **task_kwargs)
     paths = _image_paths(args.out, len(result.images))
     for image, path in zip(result.images, paths):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -685,7 +693,7 @@ def cmd_generate(args) -> None:
             print(terminal_image(image))
     print(f"saved {', '.join(str(p) for p in paths)}  ({type(pipe).__name__}, {pipe.backend}, "
           f"{type(pipe.scheduler).__name__}, {args.steps} steps)")
-    print(format_timings(result.timings))
+    print(format_timings(result.timings, "UNet" if pipe.denoiser == UNET else pipe.denoiser))
     print("inference precision: " + ", ".join(f"{name} {precision}"
                                               for name, precision in pipe.inference_precisions.items()))
     if args.json:

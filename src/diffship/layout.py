@@ -15,7 +15,10 @@ REPORT_FILE = "export_report.json"
 # Graph components, by role.
 TEXT_ENCODER = "text_encoder"
 TEXT_ENCODER_2 = "text_encoder_2"
+TEXT_ENCODER_3 = "text_encoder_3"  # SD3's T5 encoder
 UNET = "unet"
+# The diffusion transformers' denoiser (SD3, Flux): the role a UNet has in the UNet families.
+TRANSFORMER = "transformer"
 VAE_ENCODER = "vae_encoder"
 VAE_DECODER = "vae_decoder"
 DEPTH_ESTIMATOR = "depth_estimator"
@@ -25,8 +28,8 @@ UNET_SHALLOW = "unet_shallow"
 # ControlNets (`export --controlnet`): the first in controlnet/, the next in controlnet_1/, controlnet_2/, ... (the
 # folders diffusers' MultiControlNetModel.save_pretrained writes). Their UNet takes the residuals they output.
 CONTROLNET = "controlnet"
-GRAPH_COMPONENTS = (TEXT_ENCODER, TEXT_ENCODER_2, UNET, UNET_SHALLOW, VAE_ENCODER, VAE_DECODER, DEPTH_ESTIMATOR,
-                    CONTROLNET)
+GRAPH_COMPONENTS = (TEXT_ENCODER, TEXT_ENCODER_2, TEXT_ENCODER_3, UNET, UNET_SHALLOW, TRANSFORMER, VAE_ENCODER,
+                    VAE_DECODER, DEPTH_ESTIMATOR, CONTROLNET)
 # A ControlNet's outputs, and the UNet inputs they are added at (diffusers' UNet2DConditionModel.forward arguments).
 DOWN_BLOCK_RES_SAMPLE = "down_block_res_samples.{}"
 MID_BLOCK_RES_SAMPLE = "mid_block_res_sample"
@@ -38,6 +41,7 @@ DEEP_FEATURES = "deep_features"
 # Plain-file components, copied from the source model as they are.
 TOKENIZER = "tokenizer"
 TOKENIZER_2 = "tokenizer_2"
+TOKENIZER_3 = "tokenizer_3"  # SD3's T5 tokenizer
 SCHEDULER = "scheduler"
 SCHEDULER_CONFIG = "scheduler_config.json"
 FEATURE_EXTRACTOR = "feature_extractor"

@@ -18,6 +18,7 @@ from diffship.layout import (
     DOWN_BLOCK_RES_SAMPLE,
     MID_BLOCK_ADDITIONAL_RESIDUAL,
     MID_BLOCK_RES_SAMPLE,
+    TRANSFORMER,
     UNET,
     UNET_SHALLOW,
     VAE_DECODER,
@@ -443,6 +444,90 @@ def unet_shallow_spec(unet, unet_spec: ComponentSpec, branch: int) -> ComponentS
         config_source={**dict(unet.config), "deepcache_branch": branch},
         atol=unet_spec.atol,
         other_shapes=[{**other, DEEP_FEATURES: deep(other["sample"])} for other in unet_spec.other_shapes],
+    )
+
+
+class _T5Encoder(torch.nn.Module):
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        return self.text_encoder(input_ids=input_ids, return_dict=True).last_hidden_state
+
+
+def t5_encoder_spec(name: str, text_encoder, shapes: ExportShapes, sequence_lengths: tuple[int, int],
+                    atol: float = 1e-3) -> ComponentSpec:
+    """A T5 encoder: input_ids -> last_hidden_state (Optimum's t5-encoder contract). Traced at the first of
+    `sequence_lengths` and, dynamic, checked at the second with another batch: T5's relative position buckets
+    are computed from the sequence length, which a trace must not bake in."""
+    batch = shapes.batch_size
+    traced, other = sequence_lengths
+    return ComponentSpec(
+        name=name,
+        module=_T5Encoder(text_encoder),
+        example_inputs={"input_ids": torch.randint(0, text_encoder.config.vocab_size, (batch, traced))},
+        output_names=["last_hidden_state"],
+        dynamic_axes={name: _maybe(shapes.static, {0: "batch_size", 1: "sequence_length"})
+                      for name in ("input_ids", "last_hidden_state")},
+        config_source=text_encoder.config,
+        atol=atol,
+        other_shapes=[] if shapes.static else [{"input_ids": (batch + 1, other)}],
+    )
+
+
+class _SD3Transformer(torch.nn.Module):
+    """hidden_states, encoder_hidden_states, pooled_projections, timestep -> out_hidden_states (Optimum's names)."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+        return self.transformer(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                pooled_projections=pooled_projections, timestep=timestep, return_dict=False)[0]
+
+
+def sd3_transformer_spec(transformer, shapes: ExportShapes, vae_scale_factor: int, sequence_lengths: tuple[int, int],
+                         atol: float = 1e-3) -> ComponentSpec:
+    """SD3's MMDiT: the latent as hidden_states [B, C, h, w] (h, w multiples of the patch size), the text tokens
+    (encoder_hidden_states [B, S, joint_attention_dim]: CLIP's then T5's), the pooled CLIP embeddings and a float
+    timestep per batch item ([B], as diffusers and Optimum feed it). Traced at the guided batch and the requested
+    latent; dynamic graphs are also checked unguided, at a non-square latent whose patch grid differs from the
+    traced one on both axes (the position embedding is cropped from the shape) and at the other text length."""
+    config = transformer.config
+    batch = 2 * shapes.batch_size
+    h, w = shapes.height // vae_scale_factor, shapes.width // vae_scale_factor
+    patch = config.patch_size
+    traced, other = sequence_lengths
+    sample_axes = {0: "batch_size", 2: "height", 3: "width"}
+    other_latent = (h + patch, w + 2 * patch)
+    single = shapes.batch_size
+    return ComponentSpec(
+        name=TRANSFORMER,
+        module=_SD3Transformer(transformer),
+        example_inputs={
+            "hidden_states": torch.randn(batch, config.in_channels, h, w),
+            "encoder_hidden_states": torch.randn(batch, traced, config.joint_attention_dim),
+            "pooled_projections": torch.randn(batch, config.pooled_projection_dim),
+            "timestep": torch.full((batch,), 981.0),
+        },
+        output_names=["out_hidden_states"],
+        dynamic_axes={
+            "hidden_states": _maybe(shapes.static, sample_axes),
+            "encoder_hidden_states": _maybe(shapes.static, {0: "batch_size", 1: "sequence_length"}),
+            "pooled_projections": _maybe(shapes.static, {0: "batch_size"}),
+            "timestep": _maybe(shapes.static, {0: "batch_size"}),
+            "out_hidden_states": _maybe(shapes.static, sample_axes),
+        },
+        config_source=config,
+        atol=atol,
+        other_shapes=[] if shapes.static else [{
+            "hidden_states": (single, config.in_channels, *other_latent),
+            "encoder_hidden_states": (single, other, config.joint_attention_dim),
+            "pooled_projections": (single, config.pooled_projection_dim),
+            "timestep": (single,),
+        }],
     )
 
 

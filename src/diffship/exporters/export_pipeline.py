@@ -52,6 +52,7 @@ from diffship.layout import (
     SOURCE_VAE,
     TOKENIZER,
     TOKENIZER_2,
+    TOKENIZER_3,
     UNET,
     UNET_SHALLOW,
     vae_scale_factor,
@@ -248,6 +249,9 @@ def export(
     vae_config = read_json_object(source / SOURCE_VAE / CONFIG, {"block_out_channels": list})
     scale = vae_scale_factor(vae_config.get("block_out_channels", [0] * 4))
     check_image_size({"height": height, "width": width}, multiple=max(scale, 8))
+    if swappable_lora and UNET not in family.components:
+        raise DiffshipError(f"swappable_lora: run-time LoRA is built for the UNet families (SD 1.x/2.x, SDXL), not "
+                            f"{family.name}; bake LoRAs in with loras= (--lora) instead")
     if deepcache:
         check_deepcache(family, source, deepcache_branch)
         if swappable_lora:  # the shallow UNet would keep the base weights while the UNet's are swapped
@@ -262,7 +266,8 @@ def export(
         if swappable_lora:
             reserve_token_rows(pipe)
         controlnet_models = load_controlnets(controlnets, allow_pickle)
-        default_size = pipe.unet.config.sample_size * scale
+        denoiser = getattr(pipe, "unet", None) or pipe.transformer  # the UNet families' or the transformers'
+        default_size = denoiser.config.sample_size * scale
         tokenizer = getattr(pipe, "tokenizer", None) or pipe.tokenizer_2
         shapes = ExportShapes(
             batch_size=batch_size,
@@ -352,6 +357,8 @@ def check_controlnet_model(family, source: Path, index: dict, controlnets) -> No
     from diffship.families import diffusers_class_name
 
     class_name = diffusers_class_name(index.get("_class_name") or "StableDiffusionPipeline")
+    if not family.controlnet_tasks:
+        raise DiffshipError(f"controlnet: diffship runs no ControlNets with {family.name} models ({source})")
     unet_config = read_json_object(source / UNET / CONFIG, {"in_channels": int})
     pipeline_name = family.controlnet_class_name(class_name)
     pipeline = next((p for p in family.controlnet_tasks.values() if p.__name__ == pipeline_name), None)
@@ -453,7 +460,7 @@ def _openvino_tokenizers(pipe, staging: Path) -> dict:
     from diffship.exporters.openvino import convert_tokenizer
 
     report = {}
-    for name in (TOKENIZER, TOKENIZER_2):
+    for name in (TOKENIZER, TOKENIZER_2, TOKENIZER_3):
         tokenizer = getattr(pipe, name, None)
         if tokenizer is not None and (staging / name).is_dir():
             report[name] = convert_tokenizer(tokenizer, staging / name, TOKENIZER_CHECK_PROMPTS)

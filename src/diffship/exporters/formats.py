@@ -14,7 +14,7 @@ from diffship.exporters.memory import release
 from diffship.exporters.validate import BF16_RTOL, DEFAULT_RTOL
 from diffship.graphs.external_data import save_model
 from diffship.graphs.model_io import on_disk
-from diffship.layout import LORA_COMPONENTS, ONNX_MODEL
+from diffship.layout import LORA_COMPONENTS, ONNX_MODEL, TRANSFORMER
 
 
 @dataclass
@@ -114,7 +114,10 @@ def export_openvino(traced: Traced, folder: Path, bounds, entry: dict) -> None:
     elif precision in ("int8", "int4"):
         ov_model = ov_export.compress_weights(ov_model, precision)
         applied.append(f"nncf_{precision}_weights")
-    ov_model = ov_export.genai_timestep(ov_model)  # GenAI's timestep form; diffship's runtime reads both
+    if spec.name != TRANSFORMER:
+        # GenAI's UNet timestep form; diffship's runtime reads both. Its SD3 / Flux transformers take the float
+        # [batch] timestep as exported (as Optimum Intel writes them).
+        ov_model = ov_export.genai_timestep(ov_model)
     status("writing OpenVINO IR")
     files = ov_export.save(ov_model, folder, compress_to_fp16=precision == "fp16")
     ov_model = None  # validation compiles the saved IR: not two copies of the weights at once

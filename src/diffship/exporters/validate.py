@@ -40,6 +40,8 @@ def validation_inputs(spec: ComponentSpec, shapes: dict[str, tuple[int, ...]] | 
             inputs[name] = torch.tensor(float(torch.randint(1, 1000, (), generator=g)), dtype=example.dtype)
         elif example.ndim == 0:  # a scale (a ControlNet's conditioning_scale): around the traced value
             inputs[name] = example * (0.5 + torch.rand((), generator=g, dtype=example.dtype))
+        elif name == "timestep":  # a timestep per batch item (the transformers'), in the training range
+            inputs[name] = (torch.rand(shape, generator=g) * 999 + 1).to(example.dtype)
         else:
             inputs[name] = torch.randn(shape, generator=g, dtype=example.dtype)
     return inputs

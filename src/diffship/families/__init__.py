@@ -8,9 +8,10 @@ from __future__ import annotations
 from diffship.errors import DiffshipError
 from diffship.families.base import Family
 from diffship.families.stable_diffusion import FAMILY as STABLE_DIFFUSION
+from diffship.families.stable_diffusion_3 import FAMILY as STABLE_DIFFUSION_3
 from diffship.families.stable_diffusion_xl import FAMILY as STABLE_DIFFUSION_XL
 
-FAMILIES: tuple[Family, ...] = (STABLE_DIFFUSION, STABLE_DIFFUSION_XL)
+FAMILIES: tuple[Family, ...] = (STABLE_DIFFUSION, STABLE_DIFFUSION_XL, STABLE_DIFFUSION_3)
 # Optimum's runtime class names carry these prefixes (ORTStableDiffusionXLPipeline, OVStableDiffusionPipeline).
 _RUNTIME_PREFIXES = ("ORT", "OV")
 

@@ -15,6 +15,12 @@ from diffship.families.stable_diffusion import (
     StableDiffusionPipeline,
     StableDiffusionPipelineOutput,
 )
+from diffship.families.stable_diffusion_3 import (
+    StableDiffusion3Img2ImgPipeline,
+    StableDiffusion3InpaintPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusion3PipelineOutput,
+)
 from diffship.families.stable_diffusion_xl import (
     StableDiffusionXLControlNetImg2ImgPipeline,
     StableDiffusionXLControlNetInpaintPipeline,
@@ -40,6 +46,10 @@ __all__ = [
     "StableDiffusionControlNetImg2ImgPipeline",
     "StableDiffusionControlNetInpaintPipeline",
     "StableDiffusionControlNetPipeline",
+    "StableDiffusion3Img2ImgPipeline",
+    "StableDiffusion3InpaintPipeline",
+    "StableDiffusion3Pipeline",
+    "StableDiffusion3PipelineOutput",
     "StableDiffusionDepth2ImgPipeline",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",

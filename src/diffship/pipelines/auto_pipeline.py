@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffship.errors import DiffshipError
-from diffship.layout import CONTROLNET, UNET
+from diffship.layout import CONTROLNET, TRANSFORMER, UNET
 from diffship.pipelines.base import _read_index, read_config
 
 # What a UNet's input width says about a model, for errors: 9, a dedicated inpainting model; 5, depth-to-image.
@@ -56,13 +56,21 @@ def pipeline_class_named(model_dir) -> type:
     for pipeline in family.pipelines():
         if pipeline.__name__ == name:
             return pipeline
-    in_channels = (read_config(model_dir, UNET) if (model_dir / UNET).is_dir() else {}).get("in_channels")
+    in_channels = _denoiser_config(model_dir).get("in_channels")
     for task in family.tasks:
         pipeline = family.pipeline_for(task, name, in_channels or 4)
         if pipeline is not None:
             return pipeline
     raise DiffshipError(f"{model_dir}: no {family.name} pipeline runs a {name} whose UNet takes {in_channels} "
                         "input channels")
+
+
+def _denoiser_config(model_dir: Path) -> dict:
+    """The config of a model's denoiser: its UNet's, or its transformer's (SD3); {} when it has neither."""
+    for name in (UNET, TRANSFORMER):
+        if (model_dir / name).is_dir():
+            return read_config(model_dir, name)
+    return {}
 
 
 class _AutoPipeline:
@@ -76,11 +84,10 @@ class _AutoPipeline:
         """The class `from_pretrained(model_dir)` would load, without loading anything."""
         model_dir = Path(model_dir).expanduser()
         index = _read_index(model_dir)
-        unet_config = read_config(model_dir, UNET) if (model_dir / UNET).is_dir() else {}
         from diffship.runtimes import holds_graph
 
-        return pipeline_class_for(cls.task, index.get("_class_name"), unet_config.get("in_channels"), model_dir,
-                                  controlnet=holds_graph(model_dir / CONTROLNET))
+        return pipeline_class_for(cls.task, index.get("_class_name"), _denoiser_config(model_dir).get("in_channels"),
+                                  model_dir, controlnet=holds_graph(model_dir / CONTROLNET))
 
     @classmethod
     def from_pretrained(cls, model_dir, backend: str | None = None, *, revision: str | None = None, cache_dir=None,
@@ -100,7 +107,7 @@ class _AutoPipeline:
         where = pipe.model_dir if getattr(pipe, "model_dir", None) is not None else f"the {type(pipe).__name__}"
         configs = getattr(pipe, "configs", {})
         pipeline_class = pipeline_class_for(cls.task, configs.get("model_index", {}).get("_class_name"),
-                                            configs.get(UNET, {}).get("in_channels"), where,
+                                            getattr(pipe, "denoiser_config", {}).get("in_channels"), where,
                                             controlnet=bool(getattr(pipe, "controlnets", None)))
         return pipeline_class.from_pipe(pipe, **kwargs)
 

@@ -28,6 +28,7 @@ from diffship.layout import (
     SCHEDULER_CONFIG,
     TOKENIZER,
     TOKENIZER_2,
+    TOKENIZER_3,
     UNET,
     UNET_SHALLOW,
     VAE_DECODER,
@@ -100,6 +101,17 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
     # The current generation's ControlNet inputs (pipelines/controlnet.py), set by generate; None: no ControlNet runs
     # (a UNet that takes residuals gets zeros).
     control = None
+    # The graph that denoises, its latent input and its prediction, by the names its export gives them: the UNet
+    # families' `unet` (sample -> out_sample); the diffusion transformers' `transformer` (hidden_states ->
+    # out_hidden_states, Optimum's names).
+    denoiser: str = UNET
+    denoiser_sample: str = "sample"
+    denoiser_output: str = "out_sample"
+    # Whether the loop scales the latents by the scheduler (init_noise_sigma, scale_model_input), as diffusers' UNet
+    # pipelines do; its flow-matching pipelines (SD3, Flux) call neither, whatever the scheduler.
+    scales_model_input: bool = True
+    # Tokenizer folders whose tokenizer is not CLIP's: folder -> class with from_pretrained (SD3's T5 tokenizer).
+    tokenizer_classes: dict = {}
 
     def __init__(self, *, model_index: dict | None = None, **components):
         """The pipeline on these components, by diffusers' names (`component_names`): Sessions for the graphs
@@ -128,7 +140,8 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
                                 f"from_pretrained), got {type(session).__name__}")
             if not session.config:
                 session.config = _config_beside(session)
-        tokenizers = {key: components[key] for key in (TOKENIZER, TOKENIZER_2) if components.get(key) is not None}
+        tokenizers = {key: components[key] for key in (TOKENIZER, TOKENIZER_2, TOKENIZER_3)
+                      if components.get(key) is not None}
         folders = {Path(session.path).parent.parent for session in sessions.values()}
         model_dir = folders.pop() if len(folders) == 1 else None
         where = f" {model_dir}" if model_dir is not None else " this pipeline"
@@ -149,7 +162,7 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
         if components.get(FEATURE_EXTRACTOR) is not None:
             configs[FEATURE_EXTRACTOR] = components[FEATURE_EXTRACTOR]
         configs["model_index"] = dict(model_index) if model_index is not None else {"_class_name": name}
-        in_channels = configs.get(UNET, {}).get("in_channels", 4)
+        in_channels = configs.get(self.denoiser, {}).get("in_channels", 4)
         if in_channels not in self.unet_in_channels:
             raise DiffshipError(f"{name} cannot run{where}: its UNet takes {in_channels} input "
                                 f"channels; {_pipelines_for(in_channels)}")
@@ -168,6 +181,7 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
         self.tokenizers = tokenizers
         self.tokenizer = tokenizers.get(TOKENIZER)
         self.tokenizer_2 = tokenizers.get(TOKENIZER_2)
+        self.tokenizer_3 = tokenizers.get(TOKENIZER_3)
         self.scheduler = components[SCHEDULER]
         self.configs = configs
         self.model_dir = model_dir
@@ -240,9 +254,10 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
         backend = choose_backend([model_dir / n for n in present], backend)
         options = session_options(names, model_dir, backend, inference_precision, static_shapes)
         # Every settings file first: a malformed one fails before any graph is loaded.
-        components = {name: CLIPTokenizer.from_pretrained(_required_dir(model_dir, name))
-                      for name in cls.required_tokenizers}
-        components.update({name: CLIPTokenizer.from_pretrained(model_dir / name) for name in (TOKENIZER, TOKENIZER_2)
+        components = {name: cls.tokenizer_classes.get(name, CLIPTokenizer).from_pretrained(
+                      _required_dir(model_dir, name)) for name in cls.required_tokenizers}
+        components.update({name: cls.tokenizer_classes.get(name, CLIPTokenizer).from_pretrained(model_dir / name)
+                           for name in (TOKENIZER, TOKENIZER_2, TOKENIZER_3)
                            if name not in components and name in cls.component_names and (model_dir / name).is_dir()})
         components[SCHEDULER] = read_scheduler(_required_dir(model_dir, SCHEDULER) / SCHEDULER_CONFIG)
         configs = {name: read_config(model_dir, name) for name in present}
@@ -331,8 +346,11 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
         return self._final_layer_norm
 
     @property
-    def unet_config(self) -> dict:
-        return self.configs.get(UNET, {})
+    def denoiser_config(self) -> dict:
+        """The denoiser's config.json (the UNet's, or the transformer's)."""
+        return self.configs.get(self.denoiser, {})
+
+    unet_config = denoiser_config  # the UNet families' name for it
 
     @property
     def image_processor(self) -> VaeImageProcessor:
@@ -458,7 +476,8 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
         return self._static_latent_dim(3) or self.unet_config.get("sample_size", 64) * self.vae_scale_factor
 
     def _static_latent_dim(self, axis: int) -> int | None:
-        info = input_info(self.unet, "sample") if self.unet is not None else None
+        denoiser = self.sessions.get(self.denoiser)
+        info = input_info(denoiser, self.denoiser_sample) if denoiser is not None else None
         if info is not None and isinstance(info.shape[axis], int):
             return info.shape[axis] * self.vae_scale_factor
         return None
@@ -493,12 +512,13 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
         for i, t in enumerate(self.progress_bar(timesteps)):
             latents = tensors["latents"]
             latent_model_input = np.concatenate([latents] * 2) if do_classifier_free_guidance else latents
-            latent_model_input = self.scheduler.scale_model_input(latent_model_input, t).astype(np.float32,
-                                                                                                copy=False)
+            if self.scales_model_input:
+                latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
+            latent_model_input = latent_model_input.astype(np.float32, copy=False)
             sample = task.model_input(latent_model_input)
 
             feeds = {
-                "sample": sample.astype(np.float32, copy=False),
+                self.denoiser_sample: sample.astype(np.float32, copy=False),
                 "timestep": self.timestep_feed(t, sample.shape[0]),
                 **self.denoiser_inputs(tensors),
                 **conditioning,
@@ -530,7 +550,7 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
         `step_cache`: DeepCache), whatever that cache runs in its place at this step."""
         if self.step_cache is None:
             with timer.stage(STEP_STAGE):
-                return self.unet.run(feeds)["out_sample"]
+                return self.sessions[self.denoiser].run(feeds)[self.denoiser_output]
         return self.step_cache.run(self, i, feeds, timer)
 
     def decode_images(self, latents: np.ndarray, output_type: str, timer) -> list | np.ndarray:
@@ -542,9 +562,9 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
         return postprocess(image, output_type)
 
     def timestep_feed(self, t, batch: int, session=None) -> np.ndarray:
-        """The timestep in the form this UNet graph (or `session`'s: a ControlNet) takes: float rank-0 (Optimum's
-        ONNX) or [B] of its dtype."""
-        info = input_info(session if session is not None else self.unet, "timestep")
+        """The timestep in the form this denoiser graph (or `session`'s: a ControlNet) takes: float rank-0
+        (Optimum's ONNX) or [B] of its dtype."""
+        info = input_info(session if session is not None else self.sessions.get(self.denoiser), "timestep")
         dtype = info.dtype if info is not None else np.dtype(np.float32)
         if info is not None and info.rank == 0:
             return np.asarray(t, dtype=dtype)

@@ -48,7 +48,7 @@ class Task:
 
     def prepare_latents(self, pipe, batch_size, height, width, generator, latents, timesteps,
                         do_classifier_free_guidance, timer) -> np.ndarray:
-        shape = (batch_size, pipe.unet_config.get("in_channels", 4), height // pipe.vae_scale_factor,
+        shape = (batch_size, pipe.denoiser_config.get("in_channels", 4), height // pipe.vae_scale_factor,
                  width // pipe.vae_scale_factor)
         if latents is None:
             latents = randn(shape, generator, np.float32)
@@ -56,8 +56,8 @@ class Task:
             latents = np.asarray(latents, dtype=np.float32)
             if latents.shape != shape:
                 raise ValueError(f"latents have shape {latents.shape}, expected {shape}")
-        # Sigma-parameterised schedulers start from noise of std init_noise_sigma.
-        return latents * np.float32(pipe.scheduler.init_noise_sigma)
+        # Sigma-parameterised schedulers start from noise of std init_noise_sigma (the flow pipelines: plain noise).
+        return latents * np.float32(pipe.scheduler.init_noise_sigma) if pipe.scales_model_input else latents
 
     def model_input(self, latent_model_input: np.ndarray) -> np.ndarray:
         """What the UNet's sample input is made of at each step: the (scaled) latents alone."""
@@ -267,3 +267,106 @@ def check_inpaint_inputs(image, mask_image, strength, output_type, padding_mask_
             raise ValueError(f"padding_mask_crop needs mask_image as a PIL image, got {type(mask_image).__name__}")
         if output_type != "pil":
             raise ValueError(f"padding_mask_crop needs output_type='pil', got {output_type!r}")
+
+
+class FlowImageToImage(ImageToImage):
+    """Image-to-image for the flow-matching families (diffusers' StableDiffusion3Img2ImgPipeline): the image is
+    resized to the requested size (the model's default unless given), encoded, and taken along the flow to the first
+    kept sigma with the scheduler's `scale_noise` (there is no add_noise). `latents`, when given, start the loop as
+    they are. The kept tail of the schedule is counted as diffusers' flow pipelines count it:
+    t_start = int(n - min(n * strength, n)), not int(n * strength) steps (5 steps at strength 0.5 keep 3, not 2)."""
+
+    def __init__(self, image, strength):
+        super().__init__(image, strength)
+
+    def size(self, pipe, height, width):
+        return Task.size(self, pipe, height, width)
+
+    def preprocess(self, pipe, height, width, batch_size, do_classifier_free_guidance, timer):
+        self.original_image = self.image
+        self.image = pipe.image_processor.preprocess(self.image, height=height, width=width, name="image")
+        check_image_channels(self.image, pipe.vae_config.get("in_channels", 3))
+
+    def schedule(self, pipe, timesteps, num_inference_steps):
+        init_timestep = min(num_inference_steps * self.strength, num_inference_steps)
+        t_start = int(max(num_inference_steps - init_timestep, 0))
+        pipe.scheduler.set_begin_index(t_start * pipe.scheduler.order)
+        return pipe.scheduler.timesteps[t_start * pipe.scheduler.order:], num_inference_steps - t_start
+
+    def prepare_latents(self, pipe, batch_size, height, width, generator, latents, timesteps,
+                        do_classifier_free_guidance, timer):
+        if latents is not None:
+            return np.asarray(latents, dtype=np.float32)
+        check_generators(generator, batch_size)
+        image = self.image
+        if isinstance(generator, list) and len(generator) > 1:
+            image = tile_to_batch(image, batch_size, "images")
+        init_latents = tile_to_batch(pipe.encode_vae_image(image, generator, timer), batch_size, "images")
+        noise = randn(init_latents.shape, generator, np.float32)
+        return pipe.scheduler.scale_noise(init_latents, np.repeat(timesteps[:1], batch_size), noise)
+
+
+class FlowInpaint(Inpaint):
+    """Inpainting for the flow-matching families (diffusers' StableDiffusion3InpaintPipeline): as Inpaint, with
+    the flow's forward process (`scale_noise`) where the UNet pipelines add noise, plain noise at strength 1 (no
+    init_noise_sigma), the kept tail counted as FlowImageToImage counts it, and the denoiser's widths: one of the
+    latents' (the original kept outside the mask after every step) or latents + mask + masked-image latents (33 for
+    SD3)."""
+
+    def __init__(self, image, mask_image, masked_image_latents, strength, padding_mask_crop):
+        super().__init__(image, mask_image, masked_image_latents, strength, padding_mask_crop)
+
+    schedule = FlowImageToImage.schedule
+
+    def prepare_latents(self, pipe, batch_size, height, width, generator, latents, timesteps,
+                        do_classifier_free_guidance, timer):
+        self.timesteps = timesteps
+        self.do_classifier_free_guidance = do_classifier_free_guidance
+        latent_channels = int(pipe.vae_config.get("latent_channels", 16))
+        self.keeps_original = pipe.denoiser_config.get("in_channels", latent_channels) == latent_channels
+        self.unet_channels = None  # Inpaint's model_input / after_step are replaced below
+        shape = (batch_size, latent_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        check_generators(generator, batch_size)
+        is_strength_max = self.strength == 1.0
+        self.image_latents = None
+        if self.keeps_original or (latents is None and not is_strength_max):
+            image = self.init_image
+            image_latents = (image if image.shape[1] == latent_channels
+                             else pipe.encode_vae_image(image, generator, timer))
+            self.image_latents = tile_to_batch(image_latents, batch_size, "images")
+        if latents is None:
+            self.noise = randn(shape, generator, np.float32)
+            latents = self.noise if is_strength_max else pipe.scheduler.scale_noise(
+                self.image_latents, np.repeat(timesteps[:1], batch_size), self.noise)
+        else:
+            self.noise = latents = np.asarray(latents, dtype=np.float32)
+        masked_image = (self.init_image * (self.mask_condition < 0.5) if self.masked_image_latents is None
+                        else self.masked_image_latents)
+        mask = interpolate_nearest(self.mask_condition, shape[2:])
+        masked_image_latents = (np.asarray(masked_image, dtype=np.float32) if masked_image.shape[1] == latent_channels
+                                else pipe.encode_vae_image(masked_image, generator, timer))
+        mask = tile_to_batch(mask, batch_size, "masks")
+        masked_image_latents = tile_to_batch(masked_image_latents, batch_size, "images")
+        if do_classifier_free_guidance:
+            mask = np.concatenate([mask] * 2)
+            masked_image_latents = np.concatenate([masked_image_latents] * 2)
+        self.tensors = {"mask": mask.astype(np.float32, copy=False),
+                        "masked_image_latents": masked_image_latents.astype(np.float32, copy=False)}
+        return latents
+
+    def model_input(self, latent_model_input):
+        if self.keeps_original:
+            return latent_model_input
+        return np.concatenate([latent_model_input, self.tensors["mask"], self.tensors["masked_image_latents"]],
+                              axis=1)
+
+    def after_step(self, pipe, i, timesteps, latents):
+        if not self.keeps_original:
+            return latents
+        init_latents_proper = self.image_latents
+        mask = self.tensors["mask"]
+        init_mask = np.split(mask, 2)[0] if self.do_classifier_free_guidance else mask
+        if i < len(timesteps) - 1:
+            init_latents_proper = pipe.scheduler.scale_noise(init_latents_proper, np.array([timesteps[i + 1]]),
+                                                             self.noise)
+        return (1 - init_mask) * init_latents_proper + init_mask * latents

@@ -88,13 +88,14 @@ class StageTimer:
         return out
 
 
-def format_timings(timings: dict[str, float]) -> str:
-    """A small table for terminals: stage, milliseconds, share of the total."""
+def format_timings(timings: dict[str, float], denoiser: str = "UNet") -> str:
+    """A small table for terminals: stage, milliseconds, share of the total. `denoiser`: what the denoising steps'
+    row calls the graph (the "unet" stage holds the steps of the transformer families' denoiser too)."""
     total = timings.get("total", 0.0) or 1e-12
     rows = [
         ("text encoder", timings.get("text_encoder", 0.0), True),
-        (f"UNet ({timings.get('unet_steps', 0)} steps)", timings.get("unet", 0.0), True),
-        ("  UNet per step", timings.get("unet_per_step", 0.0), False),
+        (f"{denoiser} ({timings.get('unet_steps', 0)} steps)", timings.get("unet", 0.0), True),
+        (f"  {denoiser} per step", timings.get("unet_per_step", 0.0), False),
     ]
     if timings.get("unet_shallow_steps"):
         rows += [(f"UNet shallow ({timings['unet_shallow_steps']} cached steps)", timings["unet_shallow"], True),

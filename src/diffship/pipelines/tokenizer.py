@@ -1,4 +1,4 @@
-"""The CLIP tokenizer, from the `tokenizers` library alone (no transformers, no torch).
+"""The CLIP tokenizer (and SD3's T5 tokenizer), from the `tokenizers` library alone (no transformers, no torch).
 
 A tokenizer folder holds either `tokenizer.json` (a fast tokenizer, as transformers >= 5 writes it) or only
 `vocab.json` + `merges.txt` (as older exports, Optimum's included, write it). Both give the ids
@@ -138,6 +138,75 @@ class CLIPTokenizer:
 
     def decode(self, ids) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=True).replace("</w>", " ").strip()
+
+    def __len__(self) -> int:
+        return self._tokenizer.get_vocab_size()
+
+
+class T5Tokenizer:
+    """T5's SentencePiece (Unigram) tokenizer, read from the tokenizer.json transformers' T5TokenizerFast writes:
+    prompts -> int64 ids padded with <pad> and truncated keeping the final </s>, as the fast tokenizer gives them
+    with padding="max_length", truncation=True."""
+
+    def __init__(self, tokenizer: Tokenizer, model_max_length: int, eos_token: str, pad_token: str):
+        self._tokenizer = tokenizer
+        self.model_max_length = model_max_length
+        self.eos_token, self.pad_token = eos_token, pad_token
+        self.eos_token_id = self._id(eos_token)
+        self.pad_token_id = self._id(pad_token)
+        self.name_or_path: str | None = None
+
+    def _id(self, token: str) -> int:
+        token_id = self._tokenizer.token_to_id(token)
+        if token_id is None:
+            raise MissingComponentError(f"the T5 tokenizer's vocabulary has no special token {token!r}")
+        return token_id
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "T5Tokenizer":
+        folder = Path(folder)
+        config = _read_json(folder / "tokenizer_config.json")
+        config.update({k: v for k, v in _read_json(folder / "special_tokens_map.json").items() if k not in config})
+        if not (folder / "tokenizer.json").is_file():
+            # spiece.model alone would need sentencepiece; every T5TokenizerFast save writes tokenizer.json.
+            raise MissingComponentError(f"{folder} holds no tokenizer.json (a T5 tokenizer as transformers' "
+                                        "T5TokenizerFast saves it)")
+        try:
+            tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # the tokenizers library raises its own exception for a malformed file
+            raise DiffshipError(f"{folder / 'tokenizer.json'} is not a tokenizer file the tokenizers library "
+                                f"reads: {e}") from e
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        max_length = int(config.get("model_max_length", 512))
+        result = cls(tokenizer, max_length if max_length <= 10_000 else 512,
+                     _token(config.get("eos_token")) or "</s>", _token(config.get("pad_token")) or "<pad>")
+        result.name_or_path = str(folder)
+        return result
+
+    def _encode_batch(self, prompts: list[str]):
+        return self._tokenizer.encode_batch(list(prompts))
+
+    def __call__(self, prompts: list[str], max_length: int | None = None) -> np.ndarray:
+        """ids [len(prompts), max_length]: </s> ends each prompt; longer prompts keep their first max_length - 1
+        tokens and the </s>."""
+        max_length = max_length or self.model_max_length
+        ids = np.full((len(prompts), max_length), self.pad_token_id, dtype=np.int64)
+        for row, encoding in enumerate(self._encode_batch(prompts)):
+            tokens = encoding.ids
+            if len(tokens) > max_length:
+                tokens = tokens[: max_length - 1] + [self.eos_token_id]
+            ids[row, : len(tokens)] = tokens
+        return ids
+
+    def truncated(self, prompts: list[str], max_length: int | None = None) -> list[str]:
+        """The text `__call__` cuts from each prompt ('' where it fits)."""
+        max_length = max_length or self.model_max_length
+        return [self.decode(e.ids[max_length - 1:-1]) if len(e.ids) > max_length else ""
+                for e in self._encode_batch(prompts)]
+
+    def decode(self, ids) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=True).strip()
 
     def __len__(self) -> int:
         return self._tokenizer.get_vocab_size()

@@ -22,7 +22,8 @@ from pathlib import Path
 from diffship.testing.vocabulary import BOS_TOKEN, EOS_TOKEN, build_clip_vocabulary
 
 KINDS = ("sd1", "sd2", "sd1-inpaint", "sd2-depth", "sd1-lcm", "sd-turbo", "sdxl", "sdxl-refiner", "sdxl-inpaint",
-         "sdxl-lcm", "sdxl-turbo", "full-size", "full-size-sdxl")
+         "sdxl-lcm", "sdxl-turbo", "sd3", "sd3.5", "sd3-inpaint", "full-size",
+         "full-size-sdxl")
 
 _SCHEDULER_SD1 = {
     "_class_name": "PNDMScheduler",
@@ -241,6 +242,35 @@ _SPECS["full-size-sdxl"] = {
     "pipeline": "StableDiffusionXLPipeline",
 }
 
+# Stable Diffusion 3 in small: an MMDiT transformer (2 joint blocks, 2x2 patches over 16 latent channels) under
+# the 16-channel VAE with its shift_factor; two CLIP encoders with projections (pooled 32 + 32 = the transformer's
+# pooled_projection_dim) and a T5 encoder whose 80 features are wider than the CLIP pair's 64, so that the CLIP
+# hidden states are zero-padded to T5's width as in SD3 (768 + 1280 < 4096). Flow matching, shift 3.0. Images
+# are multiples of 16 (VAE 8 x patch 2): 64x64 by default (an 8x8 latent, 4x4 patches).
+_SPECS["sd3"] = {
+    "transformer": dict(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=80,
+                        caption_projection_dim=16, pooled_projection_dim=64, pos_embed_max_size=16),
+    "vae": {**_VAE_8X, "latent_channels": 16, "scaling_factor": 1.5305, "shift_factor": 0.0609,
+            "use_quant_conv": False, "use_post_quant_conv": False},
+    "text_encoder": _CLIP_TINY,
+    "text_encoder_2": _CLIP_TINY,
+    "text_encoder_3": dict(d_model=80, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                           relative_attention_max_distance=32, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+                           is_encoder_decoder=False, use_cache=False),
+    "pad_token": EOS_TOKEN,
+    "pad_token_2": "!",
+    "scheduler": {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0},
+    "pipeline": "StableDiffusion3Pipeline",
+}
+# SD 3.5 in small: RMS-normalised queries and keys (qk_norm) and, as 3.5 Medium's MMDiT-X, a second self-attention
+# over the image tokens in its first block (dual_attention_layers).
+_SPECS["sd3.5"] = {**_SPECS["sd3"], "transformer": {**_SPECS["sd3"]["transformer"], "qk_norm": "rms_norm",
+                                                     "dual_attention_layers": (0,)}}
+# A dedicated SD3 inpainting transformer: latents + mask + masked-image latents (16 + 1 + 16 = 33 channels in, 16 out).
+_SPECS["sd3-inpaint"] = {**_SPECS["sd3"], "transformer": {**_SPECS["sd3"]["transformer"], "in_channels": 33},
+                         "pipeline": "StableDiffusion3InpaintPipeline"}
+
 # Task kinds: a base kind with another UNet input width, and the diffusers pipeline class that holds it.
 _TASK_KINDS = {
     "sd1-inpaint": ("sd1", 9, "StableDiffusionInpaintPipeline"),
@@ -291,6 +321,20 @@ def write_pipeline(pipe, out_dir: str | Path, pad_token: str = EOS_TOKEN, pad_to
             save_tokenizer(out_dir / folder, pad)
     for folder in ("text_encoder", "text_encoder_2"):
         _text_encoder_hub_layout(out_dir / folder / "model.safetensors")
+    index_path = out_dir / "model_index.json"
+    index = json.loads(index_path.read_text())
+    if "tokenizer_3" in index:
+        # transformers 5 names its T5 tokenizer class T5Tokenizer (the fast one); transformers 4 (Optimum's) takes
+        # that name for the sentencepiece one. SD3's hub repos say T5TokenizerFast, which both versions read.
+        index["tokenizer_3"] = ["transformers", "T5TokenizerFast"]
+        index_path.write_text(json.dumps(index, indent=2) + "\n")
+        # transformers 5 writes extra_special_tokens as a list, which transformers 4 reads as a dict and fails on;
+        # the tiny T5 vocabulary has none (extra_ids=0).
+        config_path = out_dir / "tokenizer_3" / "tokenizer_config.json"
+        config = json.loads(config_path.read_text())
+        if config.get("extra_special_tokens") == []:
+            del config["extra_special_tokens"]
+            config_path.write_text(json.dumps(config, indent=2) + "\n")
     return out_dir
 
 
@@ -315,6 +359,8 @@ def build_tiny_pipeline(kind: str = "sd1", seed: int = 0):
     if kind not in _SPECS:
         raise ValueError(f"unknown tiny model kind {kind!r}; choose one of {', '.join(KINDS)}")
     spec = _SPECS[kind]
+    if "transformer" in spec:
+        return _build_sd3(spec, seed)
 
     # One seed per component, so that changing one component's config leaves the others' weights alone.
     torch.manual_seed(seed)
@@ -348,6 +394,50 @@ def build_tiny_pipeline(kind: str = "sd1", seed: int = 0):
     pipe = getattr(diffusers, pipeline_class)(**components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _build_sd3(spec: dict, seed: int):
+    """diffusers' StableDiffusion3Pipeline on the tiny SD3 spec: one seed per component, as for the UNet kinds."""
+    import diffusers
+    import torch
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(**spec["transformer"])
+    torch.manual_seed(seed + 1)
+    vae_spec = dict(spec["vae"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, **_vae_blocks(vae_spec))
+    components = dict(transformer=transformer.eval(), vae=vae.eval())
+    for i, (suffix, pad) in enumerate((("", spec["pad_token"]), ("_2", spec["pad_token_2"]))):
+        tokenizer = load_tokenizer(pad)
+        torch.manual_seed(seed + 2 + 2 * i)
+        components[f"tokenizer{suffix}"] = tokenizer
+        components[f"text_encoder{suffix}"] = CLIPTextModelWithProjection(
+            _clip_config(spec[f"text_encoder{suffix}"], tokenizer)).eval()
+    tokenizer_3 = load_t5_tokenizer()
+    torch.manual_seed(seed + 6)
+    components["tokenizer_3"] = tokenizer_3
+    components["text_encoder_3"] = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_3), pad_token_id=tokenizer_3.pad_token_id, eos_token_id=tokenizer_3.eos_token_id,
+        **spec["text_encoder_3"])).eval()
+    scheduler_config = spec["scheduler"]
+    components["scheduler"] = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
+    pipe = getattr(diffusers, spec["pipeline"])(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_t5_tokenizer():
+    """transformers' T5TokenizerFast over the tiny T5 vocabulary (testing/vocabulary.build_t5_tokenizer)."""
+    from transformers import T5TokenizerFast
+
+    from diffship.testing.vocabulary import T5_EOS_TOKEN, T5_PAD_TOKEN, T5_UNK_TOKEN, build_t5_tokenizer
+
+    # extra_ids=0: no <extra_id_N> sentinels (T5's span-corruption tokens, which an encoder for prompts never
+    # sees); model_max_length 512, SD3's limit for max_sequence_length.
+    return T5TokenizerFast(tokenizer_object=build_t5_tokenizer(), eos_token=T5_EOS_TOKEN, unk_token=T5_UNK_TOKEN,
+                           pad_token=T5_PAD_TOKEN, extra_ids=0, model_max_length=512)
 
 
 def _tiny_depth_estimator(seed: int) -> dict:

@@ -102,3 +102,32 @@ def build_clip_vocabulary(max_merges: int | None = None) -> tuple[dict[str, int]
     vocab[BOS_TOKEN] = len(vocab)
     vocab[EOS_TOKEN] = len(vocab)
     return vocab, merges
+
+
+# ---- T5 ----------------------------------------------------------------------------------------------------------
+T5_PAD_TOKEN, T5_EOS_TOKEN, T5_UNK_TOKEN = "<pad>", "</s>", "<unk>"
+_T5_SYMBOLS = "abcdefghijklmnopqrstuvwxyz0123456789,.!?'-():"
+
+
+def build_t5_tokenizer():
+    """A small SentencePiece-style Unigram tokenizer laid out as T5's (<pad> 0, </s> 1, <unk> 2, "▁" word starts,
+    </s> appended), over the prompt words above and single symbols: T5 is case-sensitive, so capitals are <unk>.
+    Scores are fixed by hand (no trainer), so the vocabulary is the same on every run. A tokenizers.Tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, processors
+
+    words = sorted(set(_SUBJECTS + _ADJECTIVES + [w for phrase in _PHRASES for w in phrase.split()]))
+    vocab = [(T5_PAD_TOKEN, 0.0), (T5_EOS_TOKEN, 0.0), (T5_UNK_TOKEN, 0.0)]
+    vocab += [("\u2581" + word, -2.0 - 0.01 * i) for i, word in enumerate(words)]
+    vocab += [("\u2581", -3.0)] + [(symbol, -5.0 - 0.01 * i) for i, symbol in enumerate(_T5_SYMBOLS)]
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    # Split on any white space, then mark word starts: the pipeline transformers 5's T5TokenizerFast builds for a
+    # Unigram vocabulary (it rebuilds it on load), so that the saved tokenizer.json says what transformers does.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always"),
+    ])
+    tokenizer.post_processor = processors.TemplateProcessing(single=f"$A {T5_EOS_TOKEN}",
+                                                             pair=f"$A {T5_EOS_TOKEN} $B {T5_EOS_TOKEN}",
+                                                             special_tokens=[(T5_EOS_TOKEN, 1)])
+    tokenizer.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    return tokenizer
