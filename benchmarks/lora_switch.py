@@ -106,8 +106,9 @@ def main() -> int:
     for backend in args.backends.split(","):
         print(f"{backend}: switching", flush=True)
         out = subprocess.run([sys.executable, "-c", CHILD, str(swappable), backend, str(loras[0]), str(loras[1]),
-                              str(args.rounds), str(args.steps), str(args.size)],
-                             check=True, capture_output=True, text=True)
+                              str(args.rounds), str(args.steps), str(args.size)], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"{backend}: the switching run failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
         result = json.loads(out.stdout.strip().splitlines()[-1])
         warm = result["warm_generation_s"]
         result["reload_s"] = result["load_s"] + result["first_generation_s"] - warm

@@ -245,11 +245,15 @@ class OnnxRuntimeSession:
         arrays = [np.ascontiguousarray(values[name]) for name in names]
         ort_values = [ort.OrtValue.ortvalue_from_numpy(array) for array in arrays]
         options.add_external_initializers(names, ort_values)
+        providers = self._session.get_providers()
+        # The old session goes first: a full-size UNet's weights are not held twice while the new one builds.
+        self._session = None
         try:
-            session = ort.InferenceSession(self.path, sess_options=options, providers=self._session.get_providers())
+            session = ort.InferenceSession(self.path, sess_options=options, providers=providers)
         except Exception as e:  # onnxruntime's own exception types: an unknown name, a wrong shape or dtype
-            raise BackendError(f"onnxruntime could not load {self.path} with replaced weights: "
-                               f"{' '.join(str(e).split())}") from e
+            self._session, self._swapped = OnnxRuntimeSession(self.path, **self._load_arguments)._session, None
+            raise BackendError(f"onnxruntime could not load {self.path} with replaced weights (it runs the file's "
+                               f"own weights again): {' '.join(str(e).split())}") from e
         self._session, self._swapped = session, (names, arrays, ort_values)
 
     def settings(self) -> dict:
