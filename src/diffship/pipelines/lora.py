@@ -264,6 +264,7 @@ def _graph_values(session, weight_map: dict, updates: dict[str, np.ndarray],
     plus the update, in the graph's layout and dtype; `rows`: rows of the token table set to these vectors."""
     fmt = "onnx" if session.backend == "onnxruntime" or Path(session.path).suffix == ".onnx" else "openvino"
     folder = Path(session.path).parent
+    table = token_table(weight_map) if rows else None
     values = {}
     for path, update in updates.items():
         entry = weight_map["layers"][path][fmt]
@@ -271,7 +272,7 @@ def _graph_values(session, weight_map: dict, updates: dict[str, np.ndarray],
         base = np.fromfile(folder / entry["file"], entry["dtype"], count, offset=entry["offset"])
         base = base.reshape(entry["shape"]).astype(np.float32)
         value = base + (update.T if entry["transposed"] else update).reshape(base.shape)
-        if rows and path == token_table(weight_map):
+        if path == table:
             for row, vector in rows.items():
                 value[row] = vector
         if not np.isfinite(value).all():
@@ -285,15 +286,24 @@ def _read_lora(source, weight_name: str | None) -> tuple[dict[str, np.ndarray], 
     """The LoRA's tensors (numpy) and a name for messages."""
     if isinstance(source, dict):
         return {k: np.asarray(v) for k, v in source.items()}, "the state dict given"
+    return read_safetensors(
+        source, weight_name or "pytorch_lora_weights.safetensors",
+        missing="LoRA file {path} does not exist: give a .safetensors file (or a folder holding one, with weight_name)",
+        pickled="run-time LoRA reads .safetensors files (pickled files run code when loaded); convert it, or bake it "
+                "in at export with --lora and --allow-pickle")
+
+
+def read_safetensors(source, file_name: str, missing: str, pickled: str) -> tuple[dict[str, np.ndarray], str]:
+    """A run-time adapter file's tensors (numpy) and its path for messages: `source` is the file, or a folder
+    holding `file_name`. `missing` (with {path}) and `pickled` are the errors for a file that is not there or not
+    safetensors; a damaged one names safetensors' own error."""
     path = Path(source).expanduser()
     if path.is_dir():
-        path = path / (weight_name or "pytorch_lora_weights.safetensors")
+        path = path / file_name
     if not path.is_file():
-        raise DiffshipError(f"LoRA file {path} does not exist: give a .safetensors file (or a folder holding one, "
-                            "with weight_name)")
+        raise DiffshipError(missing.format(path=path))
     if path.suffix != ".safetensors":
-        raise DiffshipError(f"{path}: run-time LoRA reads .safetensors files (pickled files run code when loaded); "
-                            "convert it, or bake it in at export with --lora and --allow-pickle")
+        raise DiffshipError(f"{path}: {pickled}")
     from safetensors.numpy import load_file
 
     try:

@@ -19,7 +19,7 @@ import numpy as np
 
 from diffship.errors import DiffshipError
 from diffship.layout import TEXT_ENCODER, TEXT_ENCODER_2, TOKENIZER, TOKENIZER_2
-from diffship.pipelines.lora import token_table
+from diffship.pipelines.lora import read_safetensors, token_table
 from diffship.pipelines.tokenizer import CLIPTokenizer
 
 # An SDXL embedding file's keys -> the encoder and tokenizer each belongs to.
@@ -146,19 +146,9 @@ def _read_embedding(source, weight_name: str | None) -> tuple[dict[str, np.ndarr
         return {"emb_params": source}, "the vectors given"
     if isinstance(source, dict):
         return {k: np.asarray(v) for k, v in source.items()}, "the state dict given"
-    path = Path(source).expanduser()
-    if path.is_dir():
-        path = path / (weight_name or "learned_embeds.safetensors")
-    if not path.is_file():
-        raise DiffshipError(f"embedding file {path} does not exist: give a .safetensors file, a folder holding one "
-                            "(weight_name), or the vectors")
-    if path.suffix != ".safetensors":
-        raise DiffshipError(f"{path}: run-time textual inversion reads .safetensors files (pickled .pt/.bin files run "
-                            "code when loaded); convert it, or bake it in at export with --textual-inversion and "
-                            "--allow-pickle")
-    from safetensors.numpy import load_file
-
-    try:
-        return load_file(str(path)), str(path)
-    except Exception as error:  # safetensors raises its own SafetensorError on a damaged header
-        raise DiffshipError(f"{path} is not a readable safetensors file: {' '.join(str(error).split())}") from None
+    return read_safetensors(
+        source, weight_name or "learned_embeds.safetensors",
+        missing="embedding file {path} does not exist: give a .safetensors file, a folder holding one (weight_name), "
+                "or the vectors",
+        pickled="run-time textual inversion reads .safetensors files (pickled .pt/.bin files run code when loaded); "
+                "convert it, or bake it in at export with --textual-inversion and --allow-pickle")
