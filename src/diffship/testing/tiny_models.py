@@ -22,7 +22,7 @@ from pathlib import Path
 from diffship.testing.vocabulary import BOS_TOKEN, EOS_TOKEN, build_clip_vocabulary
 
 KINDS = ("sd1", "sd2", "sd1-inpaint", "sd2-depth", "sd1-lcm", "sd-turbo", "sdxl", "sdxl-refiner", "sdxl-inpaint",
-         "sdxl-lcm", "sdxl-turbo", "sd3", "sd3.5", "sd3-inpaint", "full-size",
+         "sdxl-lcm", "sdxl-turbo", "sd3", "sd3.5", "sd3-inpaint", "flux", "flux-schnell", "flux-fill", "full-size",
          "full-size-sdxl")
 
 _SCHEDULER_SD1 = {
@@ -271,6 +271,36 @@ _SPECS["sd3.5"] = {**_SPECS["sd3"], "transformer": {**_SPECS["sd3"]["transformer
 _SPECS["sd3-inpaint"] = {**_SPECS["sd3"], "transformer": {**_SPECS["sd3"]["transformer"], "in_channels": 33},
                          "pipeline": "StableDiffusion3InpaintPipeline"}
 
+# Flux.1 in small: a FluxTransformer2DModel (one double-stream and one single-stream block, 2 heads of 16 features
+# whose rotary embedding splits 4 + 6 + 6 over the id axes) over packed 2x2 patches of 16 latent channels (64 in),
+# the 16-channel VAE with Flux's scaling and shift factors, CLIP-L's pooled output (CLIPTextModel, 32 features = the
+# pooled_projection_dim) and T5's hidden states (text_encoder_2, 80 features = joint_attention_dim). `flux` is
+# FLUX.1-dev's layout (guidance_embeds: the guidance scale is an input; its scheduler shifts dynamically with the
+# image's patch count), `flux-schnell` FLUX.1-schnell's (no guidance input; shift 1, not dynamic), `flux-fill`
+# FLUX.1-Fill-dev's (latents + masked-image latents + the 8x8 pixel mask packed: 64 + 64 + 256 = 384 channels in).
+# Images are multiples of 16 (VAE 8 x packing 2); 64x64 is a 4x4 grid of patches.
+_FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                         num_attention_heads=2, joint_attention_dim=80, pooled_projection_dim=32,
+                         guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+_SCHEDULER_FLUX_DEV = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+                       "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+                       "base_image_seq_len": 256, "max_image_seq_len": 4096}
+_SPECS["flux"] = {
+    "transformer": _FLUX_TRANSFORMER,
+    "vae": {**_VAE_8X, "latent_channels": 16, "scaling_factor": 0.3611, "shift_factor": 0.1159,
+            "use_quant_conv": False, "use_post_quant_conv": False},
+    "text_encoder": _CLIP_TINY,
+    "text_encoder_2": _SPECS["sd3"]["text_encoder_3"],
+    "pad_token": EOS_TOKEN,
+    "scheduler": _SCHEDULER_FLUX_DEV,
+    "pipeline": "FluxPipeline",
+}
+_SPECS["flux-schnell"] = {**_SPECS["flux"], "transformer": {**_FLUX_TRANSFORMER, "guidance_embeds": False},
+                          "scheduler": {**_SCHEDULER_FLUX_DEV, "shift": 1.0, "use_dynamic_shifting": False}}
+_SPECS["flux-fill"] = {**_SPECS["flux"], "transformer": {**_FLUX_TRANSFORMER, "in_channels": 384,
+                                                         "out_channels": 64},
+                       "pipeline": "FluxFillPipeline"}
+
 # Task kinds: a base kind with another UNet input width, and the diffusers pipeline class that holds it.
 _TASK_KINDS = {
     "sd1-inpaint": ("sd1", 9, "StableDiffusionInpaintPipeline"),
@@ -315,22 +345,27 @@ def write_pipeline(pipe, out_dir: str | Path, pad_token: str = EOS_TOKEN, pad_to
     """Save a diffusers pipeline as a directory (safetensors) that transformers 4 and 5 both read right."""
     out_dir = Path(out_dir)
     pipe.save_pretrained(out_dir, safe_serialization=True)
-    # Replace the tokenizer folders with ours so that vocab.json/merges.txt sit beside tokenizer.json.
-    for folder, pad in (("tokenizer", pad_token), ("tokenizer_2", pad_token_2)):
-        if (out_dir / folder).is_dir():
-            save_tokenizer(out_dir / folder, pad)
-    for folder in ("text_encoder", "text_encoder_2"):
-        _text_encoder_hub_layout(out_dir / folder / "model.safetensors")
     index_path = out_dir / "model_index.json"
     index = json.loads(index_path.read_text())
-    if "tokenizer_3" in index:
+    # T5's folders (SD3's tokenizer_3, Flux's tokenizer_2 and text_encoder_2) keep what transformers wrote.
+    t5 = {name for name, entry in index.items() if isinstance(entry, list) and str(entry[-1]).startswith("T5")}
+    # Replace the CLIP tokenizer folders with ours so that vocab.json/merges.txt sit beside tokenizer.json.
+    for folder, pad in (("tokenizer", pad_token), ("tokenizer_2", pad_token_2)):
+        if (out_dir / folder).is_dir() and folder not in t5:
+            save_tokenizer(out_dir / folder, pad)
+    for folder in ("text_encoder", "text_encoder_2"):
+        if folder not in t5:
+            _text_encoder_hub_layout(out_dir / folder / "model.safetensors")
+    for folder in sorted(t5):
+        if not folder.startswith("tokenizer"):
+            continue
         # transformers 5 names its T5 tokenizer class T5Tokenizer (the fast one); transformers 4 (Optimum's) takes
-        # that name for the sentencepiece one. SD3's hub repos say T5TokenizerFast, which both versions read.
-        index["tokenizer_3"] = ["transformers", "T5TokenizerFast"]
+        # that name for the sentencepiece one. SD3's and Flux's hub repos say T5TokenizerFast, which both read.
+        index[folder] = ["transformers", "T5TokenizerFast"]
         index_path.write_text(json.dumps(index, indent=2) + "\n")
         # transformers 5 writes extra_special_tokens as a list, which transformers 4 reads as a dict and fails on;
         # the tiny T5 vocabulary has none (extra_ids=0).
-        config_path = out_dir / "tokenizer_3" / "tokenizer_config.json"
+        config_path = out_dir / folder / "tokenizer_config.json"
         config = json.loads(config_path.read_text())
         if config.get("extra_special_tokens") == []:
             del config["extra_special_tokens"]
@@ -359,6 +394,8 @@ def build_tiny_pipeline(kind: str = "sd1", seed: int = 0):
     if kind not in _SPECS:
         raise ValueError(f"unknown tiny model kind {kind!r}; choose one of {', '.join(KINDS)}")
     spec = _SPECS[kind]
+    if spec.get("pipeline", "").startswith("Flux"):
+        return _build_flux(spec, seed)
     if "transformer" in spec:
         return _build_sd3(spec, seed)
 
@@ -424,6 +461,34 @@ def _build_sd3(spec: dict, seed: int):
     scheduler_config = spec["scheduler"]
     components["scheduler"] = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
     pipe = getattr(diffusers, spec["pipeline"])(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _build_flux(spec: dict, seed: int):
+    """diffusers' Flux pipeline on a tiny Flux spec: one seed per component, as for the other kinds."""
+    import diffusers
+    import torch
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(**spec["transformer"])
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, **_vae_blocks(spec["vae"]))
+    tokenizer = load_tokenizer(spec["pad_token"])
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(_clip_config(spec["text_encoder"], tokenizer))
+    tokenizer_2 = load_t5_tokenizer()
+    torch.manual_seed(seed + 4)
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_2), pad_token_id=tokenizer_2.pad_token_id, eos_token_id=tokenizer_2.eos_token_id,
+        **spec["text_encoder_2"]))
+    scheduler_config = spec["scheduler"]
+    scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
+    pipe = getattr(diffusers, spec["pipeline"])(
+        transformer=transformer.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2.eval(), tokenizer_2=tokenizer_2, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
