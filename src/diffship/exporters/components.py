@@ -531,6 +531,120 @@ def sd3_transformer_spec(transformer, shapes: ExportShapes, vae_scale_factor: in
     )
 
 
+def _traceable_apply_rotary_emb(x, freqs_cis, use_real=True, use_real_unbind_dim=-1, sequence_dim=2):
+    """diffusers' apply_rotary_emb (the real form Flux uses), with the pairs taken by strided slices: its
+    x.reshape(*x.shape[:-1], -1, 2) is traced with the traced batch and length as constants. Same values, bit for
+    bit (the rotation of each (even, odd) pair)."""
+    cos, sin = freqs_cis
+    cos, sin = (cos[None, :, None, :], sin[None, :, None, :]) if sequence_dim == 1 else (cos[None, None],
+                                                                                           sin[None, None])
+    x_real, x_imag = x[..., 0::2], x[..., 1::2]
+    x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+    return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
+
+
+def _rms_norm_symbolic(opset: int):
+    """aten::rms_norm (torch.nn.RMSNorm, Flux's query and key norms) for the TorchScript exporter, which has none
+    below opset 23's RMSNormalization: x / sqrt(mean(x^2) + eps) * weight over the normalized axes, in fp32."""
+    from torch.onnx import symbolic_helper
+
+    def rms_norm(g, x, normalized_shape, weight, eps):
+        axes = list(range(-len(symbolic_helper._maybe_get_const(normalized_shape, "is")), 0))
+        eps = None if symbolic_helper._is_none(eps) else symbolic_helper._maybe_get_const(eps, "f")
+        eps = torch.finfo(torch.float32).eps if eps is None else float(eps)
+        square = g.op("Mul", x, x)
+        if opset >= 18:  # ReduceMean takes its axes as an input from opset 18
+            mean = g.op("ReduceMean", square, g.op("Constant", value_t=torch.tensor(axes)), keepdims_i=1)
+        else:
+            mean = g.op("ReduceMean", square, axes_i=axes, keepdims_i=1)
+        eps = g.op("Constant", value_t=torch.tensor(eps, dtype=torch.float32))
+        y = g.op("Div", x, g.op("Sqrt", g.op("Add", mean, eps)))
+        return y if symbolic_helper._is_none(weight) else g.op("Mul", y, weight)
+
+    return rms_norm
+
+
+def _register_rms_norm() -> None:
+    for opset in (14, 18):  # each registration serves its opset and those above it, up to the next
+        torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic(opset), opset)
+
+
+class _FluxTransformer(torch.nn.Module):
+    """hidden_states, encoder_hidden_states, pooled_projections, timestep, txt_ids, img_ids (+ guidance) ->
+    out_hidden_states: Optimum's names and order. Runs diffusers' model with the traceable rotary embedding."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, txt_ids, img_ids,
+                guidance=None):
+        from diffusers.models.transformers import transformer_flux
+
+        original = transformer_flux.apply_rotary_emb
+        transformer_flux.apply_rotary_emb = _traceable_apply_rotary_emb
+        try:
+            return self.transformer(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                    pooled_projections=pooled_projections, timestep=timestep, img_ids=img_ids,
+                                    txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
+        finally:
+            transformer_flux.apply_rotary_emb = original
+
+
+def flux_image_ids(height: int, width: int) -> torch.Tensor:
+    """diffusers' _prepare_latent_image_ids: (0, row, column) of each packed patch, row by row [h * w, 3]."""
+    ids = torch.zeros(height, width, 3)
+    ids[..., 1] += torch.arange(height)[:, None]
+    ids[..., 2] += torch.arange(width)[None, :]
+    return ids.reshape(height * width, 3)
+
+
+def flux_transformer_spec(transformer, shapes: ExportShapes, vae_scale_factor: int,
+                          sequence_lengths: tuple[int, int], atol: float = 1e-3) -> ComponentSpec:
+    """Flux's transformer: the latent as packed 2x2 patches (hidden_states [B, h/2 * w/2, in_channels]), T5's
+    tokens (encoder_hidden_states [B, S, joint_attention_dim]), CLIP's pooled embedding, the timestep divided by
+    1000 (float [B], as diffusers' pipelines feed it), the text and image position ids ([S, 3], [h/2 * w/2, 3],
+    float: diffusers' dtype and OpenVINO GenAI's) and, for guidance-distilled models (guidance_embeds: dev, Fill),
+    the guidance scale [B]. Traced at two images and the requested latent; dynamic graphs are also checked at one
+    image, at a non-square patch grid that differs from the traced one on both axes, and at the other text length."""
+    _register_rms_norm()
+    config = transformer.config
+    batch, single = 2 * shapes.batch_size, shapes.batch_size
+    h, w = shapes.height // vae_scale_factor // 2, shapes.width // vae_scale_factor // 2
+    traced, other = sequence_lengths
+
+    def inputs_at(images: int, grid: tuple[int, int], text: int) -> dict[str, torch.Tensor]:
+        inputs = {
+            "hidden_states": torch.randn(images, grid[0] * grid[1], config.in_channels),
+            "encoder_hidden_states": torch.randn(images, text, config.joint_attention_dim),
+            "pooled_projections": torch.randn(images, config.pooled_projection_dim),
+            "timestep": torch.full((images,), 0.981),
+            "txt_ids": torch.zeros(text, 3),
+            "img_ids": flux_image_ids(*grid),
+        }
+        if config.guidance_embeds:
+            inputs["guidance"] = torch.full((images,), 3.5)
+        return inputs
+
+    example = inputs_at(batch, (h, w), traced)
+    axes = {"hidden_states": {0: "batch_size", 1: "packed_height_width"},
+            "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
+            "pooled_projections": {0: "batch_size"}, "timestep": {0: "batch_size"},
+            "txt_ids": {0: "sequence_length"}, "img_ids": {0: "packed_height_width"},
+            "guidance": {0: "batch_size"}, "out_hidden_states": {0: "batch_size", 1: "packed_height_width"}}
+    other_inputs = inputs_at(single, (h + 1, w + 2), other)
+    return ComponentSpec(
+        name=TRANSFORMER,
+        module=_FluxTransformer(transformer),
+        example_inputs=example,
+        output_names=["out_hidden_states"],
+        dynamic_axes={name: _maybe(shapes.static, axes[name]) for name in [*example, "out_hidden_states"]},
+        config_source=config,
+        atol=atol,
+        other_shapes=[] if shapes.static else [{name: tuple(t.shape) for name, t in other_inputs.items()}],
+    )
+
+
 def vae_encoder_spec(vae, shapes: ExportShapes, vae_scale_factor: int, atol: float = 1e-3) -> ComponentSpec:
     axes = {0: "batch_size", 2: "height", 3: "width"}
     c = vae.config.in_channels

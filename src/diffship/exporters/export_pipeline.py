@@ -267,7 +267,8 @@ def export(
             reserve_token_rows(pipe)
         controlnet_models = load_controlnets(controlnets, allow_pickle)
         denoiser = getattr(pipe, "unet", None) or pipe.transformer  # the UNet families' or the transformers'
-        default_size = denoiser.config.sample_size * scale
+        # Flux's transformer has no sample_size: its pipelines' default_sample_size is 128 latents.
+        default_size = getattr(denoiser.config, "sample_size", 128) * scale
         tokenizer = getattr(pipe, "tokenizer", None) or pipe.tokenizer_2
         shapes = ExportShapes(
             batch_size=batch_size,

@@ -23,10 +23,18 @@ def convert(onnx_model: onnx.ModelProto):
 
 
 def convert_file(onnx_path: str | Path):
-    """An in-memory openvino.Model from an ONNX file (and its external data beside it)."""
+    """An in-memory openvino.Model from an ONNX file (and its external data beside it), each input named as in
+    the ONNX graph only: the frontend folds an input's no-op Cast (Flux's timestep.to(float32)) into the Parameter,
+    whose tensor then also carries the Cast's output name, which get_any_name() may return."""
     import openvino as ov
 
-    return ov.convert_model(str(onnx_path))
+    model = ov.convert_model(str(onnx_path))
+    inputs = {value.name for value in onnx.load(str(onnx_path), load_external_data=False).graph.input}
+    for parameter in model.get_parameters():
+        names = parameter.output(0).get_names() & inputs
+        if len(names) == 1:
+            parameter.output(0).set_names(names)
+    return model
 
 
 def genai_timestep(model):
