@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from diffship.errors import DiffshipError
 from diffship.families.base import Family
+from diffship.families.flux import FAMILY as FLUX
 from diffship.families.stable_diffusion import FAMILY as STABLE_DIFFUSION
 from diffship.families.stable_diffusion_3 import FAMILY as STABLE_DIFFUSION_3
 from diffship.families.stable_diffusion_xl import FAMILY as STABLE_DIFFUSION_XL
 
-FAMILIES: tuple[Family, ...] = (STABLE_DIFFUSION, STABLE_DIFFUSION_XL, STABLE_DIFFUSION_3)
+FAMILIES: tuple[Family, ...] = (STABLE_DIFFUSION, STABLE_DIFFUSION_XL, STABLE_DIFFUSION_3, FLUX)
 # Optimum's runtime class names carry these prefixes (ORTStableDiffusionXLPipeline, OVStableDiffusionPipeline).
 _RUNTIME_PREFIXES = ("ORT", "OV")
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from diffship.checks import check_image_size, check_int, check_number
+from diffship.checks import check_image_size, check_int
 from diffship.families.base import Family
 from diffship.layout import (
     FEATURE_EXTRACTOR,
@@ -45,7 +45,7 @@ from diffship.layout import (
 from diffship.pipelines.base import DiffusionPipeline
 from diffship.pipelines.prompts import check_negative_prompt, hidden_state_outputs, run_text_encoder, warn_truncated
 from diffship.pipelines.steps import as_generator, check_generation_options, retrieve_timesteps
-from diffship.pipelines.tasks import FlowImageToImage, FlowInpaint, Task, check_inpaint_inputs
+from diffship.pipelines.tasks import FlowImageToImage, FlowInpaint, Task, check_flow_strength, check_inpaint_inputs
 from diffship.pipelines.timing import StageTimer, stage_of
 from diffship.pipelines.tokenizer import T5Tokenizer
 from diffship.schedulers import FLOW
@@ -371,15 +371,6 @@ class StableDiffusion3Pipeline(StableDiffusion3FamilyPipeline):
                              num_images_per_prompt, generator, latents, prompt_embeds, negative_prompt_embeds,
                              pooled_prompt_embeds, negative_pooled_prompt_embeds, output_type, return_dict, clip_skip,
                              callback_on_step_end, callback_on_step_end_tensor_inputs, max_sequence_length, mu)
-
-
-def check_flow_strength(strength, num_inference_steps, sigmas) -> None:
-    """strength in [0, 1], leaving at least one step as diffusers' flow pipelines count them (FlowImageToImage)."""
-    check_number(strength, "strength", 0.0, 1.0)
-    steps = len(sigmas) if sigmas is not None else num_inference_steps
-    if steps - int(max(steps - min(steps * strength, steps), 0)) < 1:
-        raise ValueError(f"strength {strength} leaves no denoising step of {steps}; raise strength or "
-                         "num_inference_steps")
 
 
 class StableDiffusion3Img2ImgPipeline(StableDiffusion3FamilyPipeline):

@@ -4,6 +4,13 @@ The pipeline classes live in their family's module (diffship.families); they are
 users look for them.
 """
 
+from diffship.families.flux import (
+    FluxFillPipeline,
+    FluxImg2ImgPipeline,
+    FluxInpaintPipeline,
+    FluxPipeline,
+    FluxPipelineOutput,
+)
 from diffship.families.stable_diffusion import (
     LatentConsistencyModelPipeline,
     StableDiffusionControlNetImg2ImgPipeline,
@@ -42,6 +49,11 @@ __all__ = [
     "AutoPipelineForInpainting",
     "AutoPipelineForText2Image",
     "DiffusionPipeline",
+    "FluxFillPipeline",
+    "FluxImg2ImgPipeline",
+    "FluxInpaintPipeline",
+    "FluxPipeline",
+    "FluxPipelineOutput",
     "LatentConsistencyModelPipeline",
     "StableDiffusionControlNetImg2ImgPipeline",
     "StableDiffusionControlNetInpaintPipeline",

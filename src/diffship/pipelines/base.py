@@ -353,6 +353,12 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
     unet_config = denoiser_config  # the UNet families' name for it
 
     @property
+    def denoiser_latent_channels(self) -> int:
+        """The denoiser's input channels counted in the VAE's latent layout, which the tasks build latents in (Flux
+        packs 2x2 patches of them: its transformer's in_channels are four times this)."""
+        return int(self.denoiser_config.get("in_channels", 4))
+
+    @property
     def image_processor(self) -> VaeImageProcessor:
         """Images to the VAE's [-1, 1] NCHW at multiples of its scale factor, and back (diffusers' attribute)."""
         return VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from diffship.checks import check_int
+from diffship.checks import check_int, check_number
 from diffship.pipelines.image_processing import interpolate_nearest
 from diffship.pipelines.steps import (
     check_generators,
@@ -48,7 +48,7 @@ class Task:
 
     def prepare_latents(self, pipe, batch_size, height, width, generator, latents, timesteps,
                         do_classifier_free_guidance, timer) -> np.ndarray:
-        shape = (batch_size, pipe.denoiser_config.get("in_channels", 4), height // pipe.vae_scale_factor,
+        shape = (batch_size, pipe.denoiser_latent_channels, height // pipe.vae_scale_factor,
                  width // pipe.vae_scale_factor)
         if latents is None:
             latents = randn(shape, generator, np.float32)
@@ -269,6 +269,15 @@ def check_inpaint_inputs(image, mask_image, strength, output_type, padding_mask_
             raise ValueError(f"padding_mask_crop needs output_type='pil', got {output_type!r}")
 
 
+def check_flow_strength(strength, num_inference_steps, sigmas) -> None:
+    """strength in [0, 1], leaving at least one step as diffusers' flow pipelines count them (FlowImageToImage)."""
+    check_number(strength, "strength", 0.0, 1.0)
+    steps = len(sigmas) if sigmas is not None else num_inference_steps
+    if steps - int(max(steps - min(steps * strength, steps), 0)) < 1:
+        raise ValueError(f"strength {strength} leaves no denoising step of {steps}; raise strength or "
+                         "num_inference_steps")
+
+
 class FlowImageToImage(ImageToImage):
     """Image-to-image for the flow-matching families (diffusers' StableDiffusion3Img2ImgPipeline): the image is
     resized to the requested size (the model's default unless given), encoded, and taken along the flow to the first
@@ -323,7 +332,7 @@ class FlowInpaint(Inpaint):
         self.timesteps = timesteps
         self.do_classifier_free_guidance = do_classifier_free_guidance
         latent_channels = int(pipe.vae_config.get("latent_channels", 16))
-        self.keeps_original = pipe.denoiser_config.get("in_channels", latent_channels) == latent_channels
+        self.keeps_original = pipe.denoiser_latent_channels == latent_channels
         self.unet_channels = None  # Inpaint's model_input / after_step are replaced below
         shape = (batch_size, latent_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
         check_generators(generator, batch_size)
