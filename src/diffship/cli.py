@@ -660,7 +660,7 @@ def cmd_generate(args) -> None:
         pipe.load_textual_inversion(str(file), token=token)
     # The checks that need the model, under the flags' names (the pipeline makes them again, under its own).
     check_int(args.steps, "--steps", 1, pipe.scheduler.config.get("num_train_timesteps"))
-    if args.clip_skip is not None:
+    if args.clip_skip is not None and "clip_skip" in inspect.signature(pipe.__call__).parameters:
         check_clip_skip(pipe.text_encoder, args.clip_skip, pipe.text_encoder_final_layer_norm, "--clip-skip")
     pipe.set_progress_bar_config(disable=args.no_progress)
     if args.static:
@@ -672,16 +672,19 @@ def cmd_generate(args) -> None:
         negatives = args.negative_prompt * (len(args.prompt) // len(args.negative_prompt))
         negative = negatives[0] if isinstance(prompt, str) else negatives
     # eta (DDIM's) and the step caches are options of the UNet families' pipelines; diffusers' SD3 pipelines
-    # take neither, and a flag given for them is refused rather than ignored.
+    # take neither, its Flux pipelines no clip_skip either (FluxFillPipeline no negative prompt): a flag given for
+    # them is refused rather than ignored.
     extra = {"eta": args.eta, "cache": args.cache, "cache_interval": args.cache_interval,
-             "cache_start": args.cache_start}
+             "cache_start": args.cache_start, "clip_skip": args.clip_skip, "negative_prompt": negative}
     accepted = inspect.signature(pipe.__call__).parameters
-    given = [flag for flag, name, value in (("--eta", "eta", args.eta), ("--cache", "cache", args.cache))
+    given = [flag for flag, name, value in (("--eta", "eta", args.eta), ("--cache", "cache", args.cache),
+                                            ("--clip-skip", "clip_skip", args.clip_skip is not None),
+                                            ("--negative-prompt", "negative_prompt", negative is not None))
              if value and name not in accepted]
     if given:
         raise ValueError(f"{', '.join(given)}: {type(pipe).__name__} takes no such option")
-    result = pipe(prompt, negative_prompt=negative, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                  num_images_per_prompt=args.num_images, generator=args.seed, clip_skip=args.clip_skip,
+    result = pipe(prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                  num_images_per_prompt=args.num_images, generator=args.seed,
                   **{k: v for k, v in extra.items() if k in accepted}, **task_kwargs)
     paths = _image_paths(args.out, len(result.images))
     for image, path in zip(result.images, paths):
