@@ -2,7 +2,7 @@
 
 Export: the CLIP text encoder (`text_encoder`: Flux reads its pooled output), the T5 encoder (`text_encoder_2`:
 input_ids -> last_hidden_state), the transformer (`transformer`: hidden_states, encoder_hidden_states,
-pooled_projections, timestep, txt_ids, img_ids (+ guidance) -> out_hidden_states, Optimum's names and order) and
+pooled_projections, timestep, img_ids, txt_ids (+ guidance) -> out_hidden_states, Optimum's names and order) and
 the 16-channel VAE's encoder and decoder.
 
 Run time: `FluxFamilyPipeline.generate`, line for line with diffusers' Flux pipelines, on the shared denoising loop
@@ -203,8 +203,7 @@ class FluxFill(FlowImageToImage):
     def prepare_latents(self, pipe, batch_size, height, width, generator, latents, timesteps,
                         do_classifier_free_guidance, timer):
         if latents is not None:
-            latents = _check_packed(latents, pipe, batch_size, height, width, pipe.vae_config.get("latent_channels",
-                                                                                                 16))
+            latents = _check_packed(latents, pipe, batch_size, height, width, pipe.denoiser_latent_channels)
         else:
             latents = pack_latents(super().prepare_latents(pipe, batch_size, height, width, generator, None,
                                                            timesteps, do_classifier_free_guidance, timer))
@@ -239,6 +238,14 @@ class FluxPipelineOutput:
 
 def _as_list(text, batch_size: int) -> list[str]:
     return [text] * batch_size if isinstance(text, str) else list(text)
+
+
+def _check_packed_latents(pipe, latents, prompt, prompt_embeds, num_images_per_prompt, height, width, channels):
+    """Packed `latents` of the request's shape, before any graph runs (text-to-image, image-to-image, Fill)."""
+    if latents is None or (prompt is None and prompt_embeds is None):
+        return
+    batch_size = (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else len(prompt_embeds)
+    _check_packed(latents, pipe, batch_size * num_images_per_prompt, height, width, channels)
 
 
 class FluxFamilyPipeline(DiffusionPipeline):
@@ -491,6 +498,8 @@ class FluxPipeline(FluxFamilyPipeline):
                           negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, output_type,
                           callback_on_step_end_tensor_inputs, num_images_per_prompt, max_sequence_length,
                           num_inference_steps, sigmas, guidance_scale, true_cfg_scale)
+        _check_packed_latents(self, latents, prompt, prompt_embeds, num_images_per_prompt, height, width,
+                              self.denoiser_latent_channels)
         return self.generate(task, prompt, prompt_2, negative_prompt, negative_prompt_2, true_cfg_scale, height,
                              width, num_inference_steps, sigmas, guidance_scale, num_images_per_prompt, generator,
                              latents, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
@@ -520,6 +529,8 @@ class FluxImg2ImgPipeline(FluxFamilyPipeline):
         check_flow_strength(strength, num_inference_steps, sigmas)
         if image is None:
             raise ValueError(f"{type(self).__name__} needs image (PIL images or numpy arrays in [0, 1])")
+        _check_packed_latents(self, latents, prompt, prompt_embeds, num_images_per_prompt, height, width,
+                              self.denoiser_latent_channels)
         return self.generate(task, prompt, prompt_2, negative_prompt, negative_prompt_2, true_cfg_scale, height,
                              width, num_inference_steps, sigmas, guidance_scale, num_images_per_prompt, generator,
                              latents, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
@@ -585,6 +596,8 @@ class FluxFillPipeline(FluxFamilyPipeline):
             raise ValueError("FluxFillPipeline needs mask_image (white where to paint) or masked_image_latents")
         if mask_image is not None and masked_image_latents is not None:
             raise ValueError("pass either mask_image or masked_image_latents, not both")
+        _check_packed_latents(self, latents, prompt, prompt_embeds, num_images_per_prompt, height, width,
+                              self.denoiser_latent_channels)
         return self.generate(task, prompt, prompt_2, None, None, 1.0, height, width, num_inference_steps, sigmas,
                              guidance_scale, num_images_per_prompt, generator, latents, prompt_embeds,
                              pooled_prompt_embeds, None, None, output_type, return_dict, callback_on_step_end,
