@@ -571,6 +571,10 @@ class FluxFillPipeline(FluxFamilyPipeline):
     """Inpainting and outpainting with FLUX.1-Fill, as diffusers' FluxFillPipeline: a 384-channel transformer that
     sees the masked image's latents and the mask at every step (no negative prompt: Fill is guidance-distilled)."""
 
+    # diffusers' FluxFillPipeline takes no IP-Adapter components.
+    component_names = (SCHEDULER, VAE_ENCODER, VAE_DECODER, TEXT_ENCODER, TOKENIZER, TEXT_ENCODER_2, TOKENIZER_2,
+                       TRANSFORMER)
+    unused_components = ()
     required_components = (TEXT_ENCODER, TEXT_ENCODER_2, TRANSFORMER, VAE_ENCODER, VAE_DECODER)
     optional_components = ()
     unet_in_channels = (384,)
