@@ -570,14 +570,14 @@ def _register_rms_norm() -> None:
 
 
 class _FluxTransformer(torch.nn.Module):
-    """hidden_states, encoder_hidden_states, pooled_projections, timestep, txt_ids, img_ids (+ guidance) ->
+    """hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids (+ guidance) ->
     out_hidden_states: Optimum's names and order. Runs diffusers' model with the traceable rotary embedding."""
 
     def __init__(self, transformer):
         super().__init__()
         self.transformer = transformer
 
-    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, txt_ids, img_ids,
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
                 guidance=None):
         from diffusers.models.transformers import transformer_flux
 
@@ -603,13 +603,16 @@ def flux_transformer_spec(transformer, shapes: ExportShapes, vae_scale_factor: i
                           sequence_lengths: tuple[int, int], atol: float = 1e-3) -> ComponentSpec:
     """Flux's transformer: the latent as packed 2x2 patches (hidden_states [B, h/2 * w/2, in_channels]), T5's
     tokens (encoder_hidden_states [B, S, joint_attention_dim]), CLIP's pooled embedding, the timestep divided by
-    1000 (float [B], as diffusers' pipelines feed it), the text and image position ids ([S, 3], [h/2 * w/2, 3],
-    float: diffusers' dtype and OpenVINO GenAI's) and, for guidance-distilled models (guidance_embeds: dev, Fill),
-    the guidance scale [B]. Traced at two images and the requested latent; dynamic graphs are also checked at one
-    image, at a non-square patch grid that differs from the traced one on both axes, and at the other text length."""
+    1000 (float [B], as diffusers' pipelines feed it), the image and text position ids ([h/2 * w/2, 3], [S, 3],
+    float: diffusers' dtype and OpenVINO GenAI's; Optimum's ONNX export takes int64) and, for guidance-distilled models (guidance_embeds: dev, Fill),
+    the guidance scale [B]. Traced at twice the batch (dynamic graphs) and the requested latent; dynamic graphs are
+    also checked at the batch, at a non-square patch grid that differs from the traced one on both axes, and at the
+    other text length."""
     _register_rms_norm()
     config = transformer.config
-    batch, single = 2 * shapes.batch_size, shapes.batch_size
+    # Two images (true CFG's batch) so that no batch of one is traced in; a static graph runs the images alone.
+    single = shapes.batch_size
+    batch = single if shapes.static else 2 * single
     h, w = shapes.height // vae_scale_factor // 2, shapes.width // vae_scale_factor // 2
     traced, other = sequence_lengths
 
@@ -619,8 +622,8 @@ def flux_transformer_spec(transformer, shapes: ExportShapes, vae_scale_factor: i
             "encoder_hidden_states": torch.randn(images, text, config.joint_attention_dim),
             "pooled_projections": torch.randn(images, config.pooled_projection_dim),
             "timestep": torch.full((images,), 0.981),
-            "txt_ids": torch.zeros(text, 3),
             "img_ids": flux_image_ids(*grid),
+            "txt_ids": torch.zeros(text, 3),
         }
         if config.guidance_embeds:
             inputs["guidance"] = torch.full((images,), 3.5)
@@ -630,7 +633,7 @@ def flux_transformer_spec(transformer, shapes: ExportShapes, vae_scale_factor: i
     axes = {"hidden_states": {0: "batch_size", 1: "packed_height_width"},
             "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
             "pooled_projections": {0: "batch_size"}, "timestep": {0: "batch_size"},
-            "txt_ids": {0: "sequence_length"}, "img_ids": {0: "packed_height_width"},
+            "img_ids": {0: "packed_height_width"}, "txt_ids": {0: "sequence_length"},
             "guidance": {0: "batch_size"}, "out_hidden_states": {0: "batch_size", 1: "packed_height_width"}}
     other_inputs = inputs_at(single, (h + 1, w + 2), other)
     return ComponentSpec(
