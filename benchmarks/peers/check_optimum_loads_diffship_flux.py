@@ -75,7 +75,8 @@ def main() -> int:
                                                        "transformers", "onnxruntime", "openvino")}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = ["| Optimum pipeline on diffship's Flux export | max abs vs diffusers | within 1e-3 |", "| --- | ---: | :---: |"]
+    lines = ["| Optimum pipeline on diffship's Flux export | max abs vs diffusers | within 1e-3 |",
+             "| --- | ---: | :---: |"]
     for name, result in results.items():
         figure = f"{result['max_abs']:.2e}" if "max_abs" in result else result["error"].splitlines()[0][:120]
         lines.append(f"| {name} | {figure} | {'yes' if result['passed'] else 'no'} |")

@@ -604,10 +604,10 @@ def flux_transformer_spec(transformer, shapes: ExportShapes, vae_scale_factor: i
     """Flux's transformer: the latent as packed 2x2 patches (hidden_states [B, h/2 * w/2, in_channels]), T5's
     tokens (encoder_hidden_states [B, S, joint_attention_dim]), CLIP's pooled embedding, the timestep divided by
     1000 (float [B], as diffusers' pipelines feed it), the image and text position ids ([h/2 * w/2, 3], [S, 3],
-    float: diffusers' dtype and OpenVINO GenAI's; Optimum's ONNX export takes int64) and, for guidance-distilled models (guidance_embeds: dev, Fill),
-    the guidance scale [B]. Traced at twice the batch (dynamic graphs) and the requested latent; dynamic graphs are
-    also checked at the batch, at a non-square patch grid that differs from the traced one on both axes, and at the
-    other text length."""
+    float: diffusers' dtype and OpenVINO GenAI's; Optimum's ONNX export takes int64) and, for guidance-distilled
+    models (guidance_embeds: dev, Fill), the guidance scale [B]. Traced at twice the batch (dynamic graphs) and the
+    requested latent; dynamic graphs are also checked at the batch, at a non-square patch grid that differs from
+    the traced one on both axes, and at the other text length."""
     _register_rms_norm()
     config = transformer.config
     # Two images (true CFG's batch) so that no batch of one is traced in; a static graph runs the images alone.
