@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from diffship.errors import DiffshipError
+from diffship.families import family_for
 from diffship.families.flux import FluxFillPipeline, FluxPipeline, pack_latents
 from diffship.pipelines import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
 from image_tasks import ATOL, BACKENDS, TorchNoise, mask_image, max_abs, one_torch_thread, report, rgb_image
@@ -305,7 +306,7 @@ def test_optimums_flux_export_runs_in_diffship(backend, tiny_model_dirs):
                   max_sequence_length=48, latents=flux_latents(2, 48, 80))
     expected = _run_reference(_reference(tiny_model_dirs, "flux"), **kwargs)
     pipe = AutoPipelineForText2Image.from_pretrained(OPTIMUM_FLUX, backend=backend, inference_precision="f32")
-    assert isinstance(pipe, FluxPipeline)
+    assert isinstance(pipe, FluxPipeline) and family_for("ORTFluxPipeline", OPTIMUM_FLUX).name == "flux"
     assert [i.name for i in pipe.transformer.inputs] == ["hidden_states", "encoder_hidden_states",
                                                          "pooled_projections", "timestep", "img_ids", "txt_ids",
                                                          "guidance"]

@@ -13,14 +13,15 @@ from diffship.families.stable_diffusion_3 import FAMILY as STABLE_DIFFUSION_3
 from diffship.families.stable_diffusion_xl import FAMILY as STABLE_DIFFUSION_XL
 
 FAMILIES: tuple[Family, ...] = (STABLE_DIFFUSION, STABLE_DIFFUSION_XL, STABLE_DIFFUSION_3, FLUX)
-# Optimum's runtime class names carry these prefixes (ORTStableDiffusionXLPipeline, OVStableDiffusionPipeline).
+# Optimum's runtime class names carry these prefixes (ORTStableDiffusionXLPipeline, OVStableDiffusionPipeline,
+# OVFluxPipeline).
 _RUNTIME_PREFIXES = ("ORT", "OV")
 
 
 def diffusers_class_name(class_name: str) -> str:
     """diffusers' name for a pipeline class named in a model_index.json, Optimum's prefixes removed."""
     for prefix in _RUNTIME_PREFIXES:
-        if class_name.startswith(prefix) and class_name[len(prefix):].startswith(("StableDiffusion", "Latent")):
+        if class_name.startswith(prefix) and class_name[len(prefix):].startswith(("StableDiffusion", "Latent", "Flux")):
             return class_name[len(prefix):]
     return class_name
 
