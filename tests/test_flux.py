@@ -317,10 +317,11 @@ def test_optimums_flux_export_runs_in_diffship(backend, tiny_model_dirs):
 def test_openvino_genai_runs_the_flux_export(flux_exports, tmp_path):
     """OpenVINO GenAI's Text2ImagePipeline runs diffship's OpenVINO Flux export as it is (tokenizer_2's OpenVINO
     models, the transformer's float ids and guidance) and, from the same latents, draws what diffship draws within
-    2/255 on its uint8 image -- with a fixed-shift schedule. GenAI 2026.4's Flux pipeline does not follow the
-    scheduler config's dynamic shifting (changing max_shift does not change its schedule; at 64x64 and 3 steps
-    its first step goes to sigma 0.934 where diffusers' mu gives 0.760), so the dev export is run here with
-    schnell's scheduler config (shift 1, not dynamic), in which GenAI's sigmas are diffusers'."""
+    2/255 on its uint8 image -- with a fixed-shift schedule. With dynamic shifting GenAI 2026.4's Flux pipeline
+    ignores the scheduler config's base_shift / max_shift: at 64x64 and 3 steps its first step goes to sigma 0.934
+    whatever they are, also with both 0 (no shift: diffusers' 0.667), where diffusers' mu from dev's values gives
+    0.760. So the dev export is run here with schnell's scheduler config (shift 1, not dynamic), in which GenAI's
+    sigmas are diffusers'."""
     openvino_genai = pytest.importorskip("openvino_genai")
     import openvino as ov
 
