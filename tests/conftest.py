@@ -45,18 +45,20 @@ def exported_dirs(tiny_model_dirs, tmp_path_factory):
     """kind -> an export of the tiny pipeline holding both ONNX and OpenVINO graphs (built on first use).
     `formats=("onnx",)`: ONNX only, for model variants whose OpenVINO conversion is the one another kind's export
     already checks; the openvino backend then runs model.onnx (a shorter suite). `deepcache=True`: exported with
-    DeepCache's graphs (a separate export: the plain one stays as users get it)."""
+    DeepCache's graphs (a separate export: the plain one stays as users get it); other export() flags likewise
+    (`skip_layer_guidance=True`)."""
     from diffship.exporters import export
 
     root = tmp_path_factory.mktemp("exports")
     cache = {}
 
-    def get(kind: str, formats: tuple[str, ...] = ("onnx", "openvino"), deepcache: bool = False):
-        key = (kind, formats, deepcache)
+    def get(kind: str, formats: tuple[str, ...] = ("onnx", "openvino"), **flags: bool):
+        on = sorted(flag for flag, value in flags.items() if value)
+        key = (kind, formats, *on)
         if key not in cache:
-            name = "-".join((kind, *formats, *(["deepcache"] if deepcache else [])))
+            name = "-".join((kind, *formats, *on))
             cache[key] = export(tiny_model_dirs(kind), root / name, list(formats), progress=False,
-                                deepcache=deepcache)
+                                **{flag: True for flag in on})
         return cache[key]
 
     return get

@@ -212,9 +212,11 @@ def test_generate_cli_applies_adapters_at_run_time(swappable_exports, lora_files
     expected = pipe(prompt, num_inference_steps=2, generator=0).images[0]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "cli.png")), np.asarray(expected))
     # Bad flags: one line naming the flag and the file, before anything loads.
+    (tmp_path / "old.pt").write_bytes(b"never unpickled")
     for flags, message in [(["--lora", str(tmp_path / "missing.safetensors")], "no such file"),
                            (["--lora", f"{lora}:inf"], "SCALE"),
-                           (["--textual-inversion", str(tmp_path / "cli.png")], ".safetensors files")]:
+                           (["--textual-inversion", str(tmp_path / "cli.png")], "not a safetensors file"),
+                           (["--lora", str(tmp_path / "old.pt")], "bake it in at export")]:
         code = main(["generate", str(folder), "--prompt", "x", "--out", str(tmp_path / "bad.png"), *flags])
         line = capsys.readouterr().err.strip().splitlines()[-1]
         assert code == 2 and flags[0] in line and message in line, line

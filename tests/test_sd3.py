@@ -204,18 +204,22 @@ def test_sd3_image_to_image(backend, tiny_model_dirs, sd3_export):
 
 
 def test_sd3_generate_command(sd3_export, tmp_path, capsys):
-    """`diffship generate` on an SD3 export (no eta / step-cache options passed to a pipeline without them), and
-    --eta refused for it rather than ignored."""
+    """`diffship generate` on an SD3 export (no eta / step-cache options passed to a pipeline without them; SD3's
+    clip_skip rule, which needs no final layer norm file), --eta refused for it rather than ignored, and --clip-skip
+    past the CLIP encoders' layers refused under the flag's name."""
     from diffship.cli import main
 
     out = tmp_path / "sd3.png"
     assert main(["generate", str(sd3_export), "--prompt", "a red cat", "--steps", "2", "--seed", "0", "--height",
-                 "48", "--width", "80", "--out", str(out), "--no-progress"]) == 0
+                 "48", "--width", "80", "--clip-skip", "0", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert out.is_file() and "StableDiffusion3Pipeline" in printed and "transformer (2 steps)" in printed
     assert main(["generate", str(sd3_export), "--prompt", "a red cat", "--steps", "2", "--eta", "0.5", "--out",
                  str(tmp_path / "x.png"), "--no-progress"]) != 0
     assert "--eta" in capsys.readouterr().err
+    assert main(["generate", str(sd3_export), "--prompt", "a red cat", "--steps", "2", "--clip-skip", "9", "--out",
+                 str(tmp_path / "x.png"), "--no-progress"]) != 0
+    assert "--clip-skip" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("height,width,strength", [(64, 64, 1.0), (48, 80, 0.7)])
@@ -343,19 +347,91 @@ def test_sd3_save_pretrained_and_reload(sd3_export, tmp_path):
     np.testing.assert_array_equal(_run(pipe, **kwargs), _run(again, **kwargs))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_sd35_text_to_image(backend, tiny_model_dirs, exported_dirs):
-    """SD 3.5's transformer (qk_norm RMS norms, and 3.5 Medium's dual attention in its first block), exported to
-    ONNX only (OpenVINO runs model.onnx), at the non-square size."""
+@pytest.fixture(scope="module")
+def sd35_export(exported_dirs):
+    """The tiny SD 3.5 exported with --skip-layer-guidance, as an SD3.5-medium user who wants
+    skip_guidance_layers exports it: the plain runs below feed it no skipped layer."""
+    return exported_dirs("sd3.5", skip_layer_guidance=True)
+
+
+def _sd35_reference(tiny_model_dirs):
     import diffusers
 
     if "sd3.5" not in _PIPES:
         _PIPES["sd3.5"] = diffusers.StableDiffusion3Pipeline.from_pretrained(tiny_model_dirs("sd3.5"))
         _PIPES["sd3.5"].set_progress_bar_config(disable=True)
-    assert _PIPES["sd3.5"].transformer.config.qk_norm == "rms_norm"
+    return _PIPES["sd3.5"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sd35_text_to_image(backend, tiny_model_dirs, sd35_export):
+    """SD 3.5's transformer (qk_norm RMS norms, and 3.5 Medium's dual attention in its first block) at the
+    non-square size, on the skip-layer export with no layer skipped (the graph's Where keeps each block's output)."""
+    reference = _sd35_reference(tiny_model_dirs)
+    assert reference.transformer.config.qk_norm == "rms_norm"
     kwargs = dict(prompt=PROMPTS, num_inference_steps=3, guidance_scale=5.0, height=48, width=80,
                   latents=sd3_latents(2, 48, 80))
-    expected = _run_reference(_PIPES["sd3.5"], **kwargs)
-    pipe = StableDiffusion3Pipeline.from_pretrained(exported_dirs("sd3.5", ("onnx",)), backend=backend,
-                                                    inference_precision="f32")
+    expected = _run_reference(reference, **kwargs)
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd35_export, backend=backend, inference_precision="f32")
     _check(f"sd3.5 text-to-image {backend} 48x80", expected, _run(pipe, **kwargs))
+
+
+# Skip-layer guidance: the first block (3.5's dual attention), the last (context_pre_only: no text tokens out) and
+# both. The window (start 0, stop 0.7 of 5 steps: steps 1 to 3) is wider than diffusers' default (0.01 to 0.2,
+# which covers no step below 6 steps), so that most steps take the extra pass.
+@pytest.mark.parametrize("backend,layers", [("onnxruntime", [0]), ("openvino", [1]), ("onnxruntime", [0, 1])])
+def test_sd35_skip_layer_guidance(backend, layers, tiny_model_dirs, sd35_export):
+    reference = _sd35_reference(tiny_model_dirs)
+    kwargs = dict(prompt=PROMPTS, negative_prompt=["blurry", "dark"], num_inference_steps=5, guidance_scale=5.0,
+                  height=64, width=64, latents=sd3_latents(2, 64, 64, seed=5))
+    guidance = dict(skip_guidance_layers=layers, skip_layer_guidance_scale=2.8, skip_layer_guidance_start=0.0,
+                    skip_layer_guidance_stop=0.7)
+    expected = _run_reference(reference, **kwargs, **guidance)
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd35_export, backend=backend, inference_precision="f32")
+    _check(f"sd3.5 skip-layer guidance {layers} {backend}", expected, _run(pipe, **kwargs, **guidance))
+    # The extra pass changes the image: diffusers' image without it is far from this one.
+    assert max_abs(_run_reference(reference, **kwargs), expected) > 10 * ATOL
+
+
+def test_skip_layer_guidance_errors(sd3_export, sd35_export, tiny_model_dirs, tmp_path):
+    """An export without skip_layers, layers the transformer lacks, a bad window, an export flag for a family
+    without it: one line each, before any graph runs."""
+    from diffship.errors import DiffshipError
+    from diffship.exporters import export
+
+    plain = StableDiffusion3Pipeline.from_pretrained(sd3_export, backend="onnxruntime")
+    with pytest.raises(DiffshipError, match="export the model with --skip-layer-guidance"):
+        plain("a cat", num_inference_steps=2, skip_guidance_layers=[0])
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd35_export, backend="onnxruntime")
+    for layers in ([2], [-1], [], "7,8,9", [0.5]):
+        with pytest.raises(ValueError, match="skip_guidance_layers"):
+            pipe("a cat", num_inference_steps=2, skip_guidance_layers=layers)
+    with pytest.raises(ValueError, match="skip_layer_guidance_stop"):
+        pipe("a cat", num_inference_steps=2, skip_guidance_layers=[0], skip_layer_guidance_stop=1.5)
+    with pytest.raises(DiffshipError, match="skip-layer guidance is Stable Diffusion 3's"):
+        export(tiny_model_dirs("sd1"), tmp_path / "out", "onnx", skip_layer_guidance=True, progress=False)
+    assert not (tmp_path / "out").exists()
+    report = json.loads((Path(sd35_export) / "export_report.json").read_text())
+    assert report["skip_layer_guidance"] == {"component": "transformer", "input": "skip_layers"}
+
+
+def test_skip_guidance_layers_flag(sd35_export, tmp_path, capsys):
+    """`generate --skip-guidance-layers 0,1` gives the Python API's image bit for bit (10 steps: diffusers' default
+    window, 0.01 to 0.2 of the steps, then covers step 1); a value that is not a list of indices is refused."""
+    from PIL import Image
+
+    from diffship.cli import main
+
+    out = tmp_path / "slg.png"
+    assert main(["generate", str(sd35_export), "--prompt", "a red cat", "--steps", "10", "--seed", "0",
+                 "--skip-guidance-layers", "0,1", "--out", str(out), "--no-progress"]) == 0
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd35_export, backend="onnxruntime")
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(num_inference_steps=10, generator=0)
+    image = pipe("a red cat", skip_guidance_layers=[0, 1], **kwargs).images[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(image))
+    assert not np.array_equal(np.asarray(image), np.asarray(pipe("a red cat", **kwargs).images[0]))
+    with pytest.raises(SystemExit):
+        main(["generate", str(sd35_export), "--prompt", "a cat", "--skip-guidance-layers", "7;8",
+              "--out", str(tmp_path / "x.png")])
+    assert "not a list of block indices" in capsys.readouterr().err

@@ -128,6 +128,10 @@ def _add_export(sub) -> None:
     p.add_argument("--deepcache-branch", type=int, default=0,
                    help="with --deepcache: where the shallow UNet joins the cached feature, 0 (the shallowest and "
                         "fastest, the default) to the UNet's layers per block")
+    p.add_argument("--skip-layer-guidance", action="store_true",
+                   help="SD3: the transformer also takes skip_layers, so that generate's --skip-guidance-layers "
+                        "(diffusers' skip_guidance_layers, e.g. 7,8,9 for SD3.5 medium) runs; Optimum's and "
+                        "OpenVINO GenAI's pipelines cannot feed that input")
     p.add_argument("--trt-static", action="store_true",
                    help="TensorRT: build the engines for exactly --batch-size, --height and --width (fastest, CUDA "
                         "graphs); default: a range around them (sides half to twice, 1 to --trt-max-batch images)")
@@ -163,10 +167,12 @@ def _add_generate(sub) -> None:
     p.add_argument("--prompt", required=True, action="append", help="the prompt; repeat for a batch")
     p.add_argument("--negative-prompt", action="append", default=None,
                    help="what to steer away from: once for every prompt, or once per --prompt, in order")
-    p.add_argument("--steps", type=int, default=50,
-                   help="num_inference_steps: 1 to the scheduler's num_train_timesteps (1000)")
-    p.add_argument("--guidance", type=float, default=7.5,
-                   help="guidance_scale, a finite number (<= 1 turns guidance off)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="num_inference_steps: 1 to the scheduler's num_train_timesteps (1000); default: the "
+                        "pipeline's, as diffusers' (50; SD3 28; LCM 4)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance_scale, a finite number (<= 1 turns guidance off); default: the pipeline's, as "
+                        "diffusers' (SD 7.5, SDXL 5.0, SD3 7.0)")
     p.add_argument("--seed", type=int, default=None, help="0 to 2**64-1 (default: a random one)")
     p.add_argument("--height", type=int, help=SIZE_HELP)
     p.add_argument("--width", type=int, help=SIZE_HELP)
@@ -373,6 +379,9 @@ def _hub_kwargs(args) -> dict:
 
 
 def _add_step_cache_flags(p) -> None:
+    p.add_argument("--skip-guidance-layers", type=_layer_list, metavar="N[,N...]",
+                   help="SD3 skip-layer guidance: the transformer blocks skipped in the extra guidance pass (7,8,9 for "
+                        "SD3.5 medium); needs an export made with --skip-layer-guidance")
     p.add_argument("--cache", choices=["deepcache"],
                    help="step caching: deepcache runs the shallow UNet on the last full step's deep feature between "
                         "full steps (an export made with --deepcache)")
@@ -417,7 +426,7 @@ def cmd_export(args) -> None:
                  loras=loras, textual_inversions=embeddings, swappable_lora=args.swappable_lora,
                  tensorrt_static=args.trt_static, tensorrt_precision=args.trt_precision,
                  tensorrt_max_batch=args.trt_max_batch,
-                 controlnet=controlnets or None)
+                 controlnet=controlnets or None, skip_layer_guidance=args.skip_layer_guidance)
     report = json.loads((out / REPORT_FILE).read_text())
     print(f"exported to {out}")
     for lora in report.get("loras", []):
@@ -543,8 +552,10 @@ def _check_generate(args) -> None:
     if negatives not in (0, 1, len(args.prompt)):
         raise ValueError(f"--negative-prompt is given {negatives} times for {len(args.prompt)} --prompt: give it "
                          "once for every prompt, or once per prompt")
-    check_int(args.steps, "--steps", 1)
-    check_number(args.guidance, "--guidance")
+    if args.steps is not None:
+        check_int(args.steps, "--steps", 1)
+    if args.guidance is not None:
+        check_number(args.guidance, "--guidance")
     if args.seed is not None:
         check_int(args.seed, "--seed", 0, MAX_SEED)
     check_image_size({"--height": args.height, "--width": args.width})
@@ -554,7 +565,7 @@ def _check_generate(args) -> None:
         check_int(args.clip_skip, "--clip-skip", 0)
     if args.scheduler:
         check_scheduler_name(args.scheduler, "--scheduler")
-    if args.strength is not None:
+    if args.strength is not None:  # the step count too where given; the pipeline's default is checked once loaded
         check_strength(args.strength, args.steps, names=("--strength", "--steps"))
     check_int(args.cache_interval, "--cache-interval", 1)
     check_int(args.cache_start, "--cache-start", 0)
@@ -570,15 +581,24 @@ def _check_generate(args) -> None:
             raise ValueError(f"--json {args.json} is also where --out writes an image; give another path")
 
 
+def _layer_list(text: str) -> list[int]:
+    """--skip-guidance-layers' value: block indices separated by commas."""
+    try:
+        layers = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of block indices such as 7,8,9") from None
+    if any(layer < 0 for layer in layers):
+        raise argparse.ArgumentTypeError(f"{text!r}: block indices start at 0")
+    return layers
+
+
 def _adapter_file(path: str, value, flag: str) -> tuple[Path, object]:
-    """A run-time adapter flag's file, checked before anything loads: it exists and is a .safetensors file."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ValueError(f"{flag} {path}: no such file")
-    if file.suffix != ".safetensors":
-        raise ValueError(f"{flag} {path}: run-time adapters are read from .safetensors files (pickled files run code "
-                         "when loaded); bake it in at export instead (diffship export --lora/--textual-inversion "
-                         "--allow-pickle)")
+    """A run-time adapter flag's file, checked before anything loads: a .safetensors file that can be read
+    (pickled files are refused: they can only be baked in at export), and a LoRA's scale."""
+    from diffship.adapter_files import RUN_TIME_PICKLE_ADVICE, check_adapter_file
+
+    file = check_adapter_file(Path(path).expanduser(), False, flag,
+                              "LoRA" if flag == "--lora" else "embedding", RUN_TIME_PICKLE_ADVICE)
     if flag == "--lora":
         check_number(value, f"{flag} {path}: SCALE")
     return file, value
@@ -624,7 +644,6 @@ def _generate_task(args):
 
 
 def cmd_generate(args) -> None:
-    from diffship.pipelines.prompts import check_clip_skip
     from diffship.pipelines.timing import format_timings
     from diffship.schedulers import scheduler_by_name
 
@@ -658,10 +677,15 @@ def cmd_generate(args) -> None:
         pipe.set_adapters([f"lora_{i}" for i in range(len(args.lora))], [scale for _, scale in args.lora])
     for file, token in args.textual_inversion:
         pipe.load_textual_inversion(str(file), token=token)
-    # The checks that need the model, under the flags' names (the pipeline makes them again, under its own).
+    # The checks that need the model, under the flags' names (the pipeline makes them again, under its own);
+    # --steps and --guidance default to the pipeline's own defaults (diffusers': SD3's differ from SD's).
+    defaults = inspect.signature(pipe.__call__).parameters
+    args.steps = defaults["num_inference_steps"].default if args.steps is None else args.steps
+    args.guidance = defaults["guidance_scale"].default if args.guidance is None else args.guidance
     check_int(args.steps, "--steps", 1, pipe.scheduler.config.get("num_train_timesteps"))
-    if args.clip_skip is not None and "clip_skip" in inspect.signature(pipe.__call__).parameters:
-        check_clip_skip(pipe.text_encoder, args.clip_skip, pipe.text_encoder_final_layer_norm, "--clip-skip")
+    if args.strength is not None:
+        check_strength(args.strength, args.steps, names=("--strength", "--steps"))
+    pipe.check_clip_skip(args.clip_skip, "--clip-skip")
     pipe.set_progress_bar_config(disable=args.no_progress)
     if args.static:
         pipe.reshape(len(args.prompt), args.height, args.width, args.num_images, guidance=args.guidance > 1)
@@ -671,14 +695,16 @@ def cmd_generate(args) -> None:
         # One negative prompt for every prompt, or one per prompt (checked above); the pipeline takes prompt's type.
         negatives = args.negative_prompt * (len(args.prompt) // len(args.negative_prompt))
         negative = negatives[0] if isinstance(prompt, str) else negatives
-    # eta (DDIM's) and the step caches are options of the UNet families' pipelines; diffusers' SD3 pipelines
-    # take neither, its Flux pipelines no clip_skip either (FluxFillPipeline no negative prompt): a flag given for
-    # them is refused rather than ignored.
+    # eta (DDIM's) and the step caches are options of the UNet families' pipelines, skip-layer guidance SD3's,
+    # clip_skip not Flux's, a negative prompt not FluxFillPipeline's: a flag given for a pipeline without the option
+    # is refused rather than ignored.
     extra = {"eta": args.eta, "cache": args.cache, "cache_interval": args.cache_interval,
-             "cache_start": args.cache_start, "clip_skip": args.clip_skip, "negative_prompt": negative}
+             "cache_start": args.cache_start, "skip_guidance_layers": args.skip_guidance_layers,
+             "clip_skip": args.clip_skip, "negative_prompt": negative}
     accepted = inspect.signature(pipe.__call__).parameters
     given = [flag for flag, name, value in (("--eta", "eta", args.eta), ("--cache", "cache", args.cache),
-                                            ("--clip-skip", "clip_skip", args.clip_skip is not None),
+                                            ("--skip-guidance-layers", "skip_guidance_layers",
+                                             args.skip_guidance_layers),
                                             ("--negative-prompt", "negative_prompt", negative is not None))
              if value and name not in accepted]
     if given:

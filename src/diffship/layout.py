@@ -37,6 +37,9 @@ DOWN_BLOCK_ADDITIONAL_RESIDUAL = "down_block_additional_residuals.{}"
 MID_BLOCK_ADDITIONAL_RESIDUAL = "mid_block_additional_residual"
 # The tensor a DeepCache export's UNet outputs second (after out_sample) and its unet_shallow takes.
 DEEP_FEATURES = "deep_features"
+# The input an SD3 transformer exported with --skip-layer-guidance takes after timestep: bool [num_layers], True
+# where that joint block is skipped (diffusers' `skip_layers`); all False is the plain transformer.
+SKIP_LAYERS = "skip_layers"
 
 # Plain-file components, copied from the source model as they are.
 TOKENIZER = "tokenizer"

@@ -18,6 +18,7 @@ from diffship.layout import (
     DOWN_BLOCK_RES_SAMPLE,
     MID_BLOCK_ADDITIONAL_RESIDUAL,
     MID_BLOCK_RES_SAMPLE,
+    SKIP_LAYERS,
     TRANSFORMER,
     UNET,
     UNET_SHALLOW,
@@ -488,13 +489,52 @@ class _SD3Transformer(torch.nn.Module):
                                 pooled_projections=pooled_projections, timestep=timestep, return_dict=False)[0]
 
 
+class _SkippableBlock(torch.nn.Module):
+    """A joint block whose outputs are its inputs where `owner.skip_layers[index]` is True: diffusers' skip_layers
+    as a graph input rather than a Python list, so one graph runs every choice of layers. Both branches are
+    computed and one is selected (Where), so the kept path is bit for bit the block's."""
+
+    def __init__(self, block, index: int, owner):
+        super().__init__()
+        self.block, self.index, self.owner = block, index, [owner]  # a list: not a submodule (no cycle)
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs=None):
+        encoder_out, hidden_out = self.block(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                             temb=temb, joint_attention_kwargs=joint_attention_kwargs)
+        skip = self.owner[0].skip_layers[self.index]
+        hidden_out = torch.where(skip, hidden_states, hidden_out)
+        if encoder_out is not None:  # the last block of SD3 (context_pre_only) returns no text tokens
+            encoder_out = torch.where(skip, encoder_hidden_states, encoder_out)
+        return encoder_out, hidden_out
+
+
+class _SD3TransformerSkippingLayers(_SD3Transformer):
+    """The transformer with a fifth input, skip_layers (bool [num_layers]), for skip-layer guidance: its joint
+    blocks are swapped for _SkippableBlock while the wrapper runs (the pipeline's own module is left as it was)."""
+
+    def __init__(self, transformer):
+        super().__init__(transformer)
+        self.skippable = torch.nn.ModuleList(
+            _SkippableBlock(block, i, self) for i, block in enumerate(transformer.transformer_blocks))
+        self.skip_layers = None
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, skip_layers):
+        blocks, self.skip_layers = self.transformer.transformer_blocks, skip_layers
+        self.transformer.transformer_blocks = self.skippable
+        try:
+            return super().forward(hidden_states, encoder_hidden_states, pooled_projections, timestep)
+        finally:
+            self.transformer.transformer_blocks, self.skip_layers = blocks, None
+
+
 def sd3_transformer_spec(transformer, shapes: ExportShapes, vae_scale_factor: int, sequence_lengths: tuple[int, int],
-                         atol: float = 1e-3) -> ComponentSpec:
+                         atol: float = 1e-3, skip_layers: bool = False) -> ComponentSpec:
     """SD3's MMDiT: the latent as hidden_states [B, C, h, w] (h, w multiples of the patch size), the text tokens
     (encoder_hidden_states [B, S, joint_attention_dim]: CLIP's then T5's), the pooled CLIP embeddings and a float
     timestep per batch item ([B], as diffusers and Optimum feed it). Traced at the guided batch and the requested
     latent; dynamic graphs are also checked unguided, at a non-square latent whose patch grid differs from the
-    traced one on both axes (the position embedding is cropped from the shape) and at the other text length."""
+    traced one on both axes (the position embedding is cropped from the shape) and at the other text length.
+    `skip_layers`: the graph also takes SKIP_LAYERS (skip-layer guidance; validated with random layers skipped)."""
     config = transformer.config
     batch = 2 * shapes.batch_size
     h, w = shapes.height // vae_scale_factor, shapes.width // vae_scale_factor
@@ -503,15 +543,18 @@ def sd3_transformer_spec(transformer, shapes: ExportShapes, vae_scale_factor: in
     sample_axes = {0: "batch_size", 2: "height", 3: "width"}
     other_latent = (h + patch, w + 2 * patch)
     single = shapes.batch_size
+    example_inputs = {
+        "hidden_states": torch.randn(batch, config.in_channels, h, w),
+        "encoder_hidden_states": torch.randn(batch, traced, config.joint_attention_dim),
+        "pooled_projections": torch.randn(batch, config.pooled_projection_dim),
+        "timestep": torch.full((batch,), 981.0),
+    }
+    if skip_layers:
+        example_inputs[SKIP_LAYERS] = torch.zeros(len(transformer.transformer_blocks), dtype=torch.bool)
     return ComponentSpec(
         name=TRANSFORMER,
-        module=_SD3Transformer(transformer),
-        example_inputs={
-            "hidden_states": torch.randn(batch, config.in_channels, h, w),
-            "encoder_hidden_states": torch.randn(batch, traced, config.joint_attention_dim),
-            "pooled_projections": torch.randn(batch, config.pooled_projection_dim),
-            "timestep": torch.full((batch,), 981.0),
-        },
+        module=(_SD3TransformerSkippingLayers if skip_layers else _SD3Transformer)(transformer),
+        example_inputs=example_inputs,
         output_names=["out_hidden_states"],
         dynamic_axes={
             "hidden_states": _maybe(shapes.static, sample_axes),

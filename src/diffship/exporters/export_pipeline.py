@@ -49,10 +49,12 @@ from diffship.layout import (
     LORA_WEIGHTS,
     MODEL_INDEX,
     SAFETY_CHECKER,
+    SKIP_LAYERS,
     SOURCE_VAE,
     TOKENIZER,
     TOKENIZER_2,
     TOKENIZER_3,
+    TRANSFORMER,
     UNET,
     UNET_SHALLOW,
     vae_scale_factor,
@@ -157,6 +159,7 @@ def export(
     tensorrt_precision: str | None = None,
     tensorrt_max_batch: int | None = None,
     controlnet=None,
+    skip_layer_guidance: bool = False,
 ) -> Path:
     """Export `model` (a diffusers directory or hub id) to `output` for `backend` ("onnx", "openvino", "tensorrt",
     or a list of them).
@@ -207,6 +210,10 @@ def export(
     `deepcache=True` makes the UNet also output the deep feature DeepCache caches (`deep_features`, after
     `out_sample`) at `deepcache_branch` (0, the shallowest, to the UNet's layers per block), and adds the shallow
     UNet that the cached steps run (`unet_shallow/`); the pipelines then take `cache="deepcache"`.
+
+    `skip_layer_guidance=True` (SD3): the transformer also takes `skip_layers` (bool per joint block), so that
+    StableDiffusion3Pipeline's `skip_guidance_layers` runs (SD3.5-medium's [7, 8, 9]). Optimum's and OpenVINO
+    GenAI's pipelines do not feed that input: export without it for them.
     """
     # Every argument first, before anything is read, downloaded or loaded.
     formats, atols = check_arguments(backend=backend, height=height, width=width, batch_size=batch_size,
@@ -219,6 +226,8 @@ def export(
                             swappable_lora=swappable_lora)
     if not isinstance(swappable_lora, bool):
         raise ValueError(f"swappable_lora must be True or False, got {swappable_lora!r}")
+    if not isinstance(skip_layer_guidance, bool):
+        raise ValueError(f"skip_layer_guidance must be True or False, got {skip_layer_guidance!r}")
     options.check(formats)
     device = check_tensorrt_export(formats, tensorrt_static, tensorrt_precision, tensorrt_max_batch)
     adapters = check_loras(loras, allow_pickle)
@@ -249,6 +258,12 @@ def export(
     vae_config = read_json_object(source / SOURCE_VAE / CONFIG, {"block_out_channels": list})
     scale = vae_scale_factor(vae_config.get("block_out_channels", [0] * 4))
     check_image_size({"height": height, "width": width}, multiple=max(scale, 8))
+    if skip_layer_guidance and "skip_layer_guidance" not in family.export_flags:
+        raise DiffshipError(f"skip_layer_guidance: skip-layer guidance is Stable Diffusion 3's (its transformer's "
+                            f"joint blocks), not {family.name}'s; export without it")
+    if skip_layer_guidance and "tensorrt" in formats:
+        raise DiffshipError("skip_layer_guidance: TensorRT profiles are not built for the skip_layers input yet; "
+                            "export to onnx and/or openvino")
     if swappable_lora and UNET not in family.components:
         raise DiffshipError(f"swappable_lora: run-time LoRA is built for the UNet families (SD 1.x/2.x, SDXL), not "
                             f"{family.name}; bake LoRAs in with loras= (--lora) instead")
@@ -285,8 +300,11 @@ def export(
             options = dataclasses.replace(options, tensorrt=tensorrt.settings(ranges, scale, tensorrt_precision))
         staging = target_dir.path
         report = _export_components(family, pipe, shapes, staging, formats, atols, opset, external_data_threshold,
-                                    progress, options, deepcache_branch if deepcache else None, controlnet_models)
+                                    progress, options, deepcache_branch if deepcache else None, controlnet_models,
+                                    {"skip_layer_guidance": skip_layer_guidance})
         del controlnet_models
+        if skip_layer_guidance:
+            report["skip_layer_guidance"] = {"component": TRANSFORMER, "input": SKIP_LAYERS}
         if deepcache:
             report["deepcache"] = {"branch": deepcache_branch, "output": DEEP_FEATURES, "component": UNET_SHALLOW}
         report.update(
@@ -320,7 +338,7 @@ def export(
 
 
 def _export_components(family, pipe, shapes, staging, formats, atols, opset, threshold, progress, options,
-                       deepcache_branch=None, controlnets=()) -> dict:
+                       deepcache_branch=None, controlnets=(), flags=None) -> dict:
     calibration = None
     if options.quantize == "hybrid":
         from diffship.exporters.calibration import DEFAULT_PROMPTS, unet_calibration_feeds
@@ -328,7 +346,7 @@ def _export_components(family, pipe, shapes, staging, formats, atols, opset, thr
         calibration = unet_calibration_feeds(pipe, shapes.height, shapes.width,
                                              options.calibration_prompts or DEFAULT_PROMPTS, progress=progress)
     components = {}
-    specs = family.specs(pipe, shapes, deepcache_branch, controlnets)
+    specs = family.specs(pipe, shapes, deepcache_branch, controlnets, **(flags or {}))
     bar = tqdm(specs, desc="export", unit="component", disable=not progress)
     for i, spec in enumerate(bar):
         folder = staging / spec.name

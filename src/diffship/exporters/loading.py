@@ -7,18 +7,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from diffship.adapter_files import ALLOW_PICKLE_ADVICE, PICKLE_SUFFIXES
 from diffship.errors import DiffshipError, NotAPipelineError
 from diffship.hub import HubOptions, Snapshot, check_hub_id, not_found, repo_files
 from diffship.layout import MODEL_INDEX, TEXT_ENCODER, TEXT_ENCODER_2
 
 # Components the export does not load (the safety checker needs its own weights): not downloaded either.
 SKIPPED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
-# Pickled PyTorch weights: loading them runs the code they hold.
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 # diffusers' variant weight names: model.fp16.safetensors, diffusion_pytorch_model.fp16-00001-of-00002.safetensors.
 _VARIANT_WEIGHTS = re.compile(r"\.(\w+)(?:-\d{5}-of-\d{5})?\.safetensors$")
-ALLOW_PICKLE_ADVICE = ("pickled weights run code when loaded: export with --allow-pickle (allow_pickle=True) only "
-                       "if you trust where they come from")
 
 
 @dataclass(frozen=True)

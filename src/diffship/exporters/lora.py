@@ -23,9 +23,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from diffship.adapter_files import check_adapter_file, first_line, safetensors_keys
 from diffship.checks import check_number
 from diffship.errors import DiffshipError
-from diffship.exporters.loading import ALLOW_PICKLE_ADVICE, PICKLE_SUFFIXES
 
 # One LoRA layer in a state dict as diffusers' lora_state_dict returns it (PEFT's `lora_A`, the older
 # `to_q_lora.down` / `lora_linear_layer.down` it converts kohya files to, kohya's `lora_down`): its first matrix,
@@ -69,32 +69,6 @@ def check_loras(loras, allow_pickle: bool = False, flag: str = "loras") -> list[
                                 "LoRA file, not a model's weights")
         checked.append(Lora(path, float(scale), file_sha256(path)))
     return checked
-
-
-def check_adapter_file(path: Path, allow_pickle: bool, flag: str, what: str = "LoRA") -> Path:
-    """An adapter file (a LoRA, an embedding) that exists and can be read: a .safetensors file whose header
-    safetensors reads, or a pickled one (.pt, .bin, ...) only with `allow_pickle`. Returns its absolute path."""
-    if not path.exists():
-        raise DiffshipError(f"{flag} {path}: no such file")
-    if not path.is_file():
-        raise DiffshipError(f"{flag} {path}: not a file; give the {what}'s .safetensors file")
-    if path.name.endswith(PICKLE_SUFFIXES):
-        if not allow_pickle:
-            raise DiffshipError(f"{flag} {path} is a pickled file; {ALLOW_PICKLE_ADVICE}")
-        return path.resolve()
-    safetensors_keys(path, flag, what)
-    return path.resolve()
-
-
-def safetensors_keys(path: Path, flag: str, what: str) -> list[str]:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            return list(f.keys())
-    except (SafetensorError, OSError, ValueError) as e:
-        raise DiffshipError(f"{flag} {path} is not a safetensors file that can be read ({first_line(e)}); "
-                            f"give the {what} saved as .safetensors") from None
 
 
 def file_sha256(path: Path) -> str:
@@ -181,12 +155,3 @@ class _diffusers_warnings:
         self.messages.extend(first_line(record.message) for record in self.records)
         for logger in self.loggers:
             logger.removeHandler(self.handler)
-
-
-def first_line(error) -> str:
-    """An error's first line, with the next one when it only introduces it (torch's "Error(s) in loading
-    state_dict for UNet2DConditionModel:" / "size mismatch for ...")."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]

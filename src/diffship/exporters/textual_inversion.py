@@ -19,8 +19,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from diffship.adapter_files import check_adapter_file, first_line
 from diffship.errors import DiffshipError
-from diffship.exporters.lora import check_adapter_file, file_sha256, first_line
+from diffship.exporters.lora import file_sha256
 
 SDXL_KEYS = {"clip_l": ("text_encoder", "tokenizer"), "clip_g": ("text_encoder_2", "tokenizer_2")}
 

@@ -36,6 +36,8 @@ def validation_inputs(spec: ComponentSpec, shapes: dict[str, tuple[int, ...]] | 
         if example.dtype in (torch.int64, torch.int32):
             high = int(example.max()) + 1 if name != "input_ids" else spec.module.text_encoder.config.vocab_size
             inputs[name] = torch.randint(0, max(high, 2), shape, generator=g, dtype=example.dtype)
+        elif example.dtype == torch.bool:  # a mask (SD3's skip_layers): both values, so both paths are checked
+            inputs[name] = torch.rand(shape, generator=g) < 0.5
         elif example.ndim == 0 and name == "timestep":
             inputs[name] = torch.tensor(float(torch.randint(1, 1000, (), generator=g)), dtype=example.dtype)
         elif example.ndim == 0:  # a scale (a ControlNet's conditioning_scale): around the traced value

@@ -29,13 +29,17 @@ class Family:
     step_caches: tuple[str, ...] = ()
     # task -> the pipeline that runs it with ControlNets (an export made with --controlnet).
     controlnet_tasks: dict[str, type] = field(default_factory=dict)
+    # export() options only this family's graphs have (True/False flags export_specs takes by keyword), e.g. SD3's
+    # "skip_layer_guidance".
+    export_flags: tuple[str, ...] = ()
 
-    def specs(self, pipe, shapes, deepcache_branch: int | None = None, controlnets=()) -> list:
+    def specs(self, pipe, shapes, deepcache_branch: int | None = None, controlnets=(), **flags) -> list:
         module, function = self.export_specs.split(":")
         export_specs = getattr(importlib.import_module(module), function)
         options = {"deepcache_branch": deepcache_branch} if deepcache_branch is not None else {}
         if controlnets:
             options["controlnets"] = list(controlnets)
+        options.update({flag: True for flag, on in flags.items() if on})
         return export_specs(pipe, shapes, **options)
 
     def pipelines(self) -> list[type]:

@@ -185,7 +185,11 @@ class StableDiffusionFamilyPipeline(DiffusionPipeline):
             logger.warning("the negative prompt is ignored: guidance_scale %g (<= 1) turns classifier-free guidance "
                            "off", guidance_scale)
         if prompt is not None:  # diffusers applies clip_skip when it encodes a prompt, not to prompt_embeds
-            check_clip_skip(self.text_encoder, clip_skip, self.text_encoder_final_layer_norm)
+            self.check_clip_skip(clip_skip)
+
+    def check_clip_skip(self, clip_skip, name: str = "clip_skip") -> None:
+        """SD 1.x/2.x: the hidden states and the final layer norm diffusers applies to the chosen one."""
+        check_clip_skip(self.text_encoder, clip_skip, self.text_encoder_final_layer_norm, name)
 
     def denoiser_inputs(self, tensors: dict) -> dict:
         """The UNet's conditioning at each step: the prompt's embeddings ([negative, positive] with guidance)."""

@@ -25,12 +25,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from diffship.checks import check_image_size, check_int
+from diffship.checks import check_image_size, check_int, check_number
+from diffship.errors import DiffshipError
 from diffship.families.base import Family
 from diffship.layout import (
     FEATURE_EXTRACTOR,
     IMAGE_ENCODER,
     SCHEDULER,
+    SKIP_LAYERS,
     TEXT_ENCODER,
     TEXT_ENCODER_2,
     TEXT_ENCODER_3,
@@ -46,8 +48,9 @@ from diffship.pipelines.base import DiffusionPipeline
 from diffship.pipelines.prompts import check_negative_prompt, hidden_state_outputs, run_text_encoder, warn_truncated
 from diffship.pipelines.steps import as_generator, check_generation_options, retrieve_timesteps
 from diffship.pipelines.tasks import FlowImageToImage, FlowInpaint, Task, check_flow_strength, check_inpaint_inputs
-from diffship.pipelines.timing import StageTimer, stage_of
+from diffship.pipelines.timing import STEP_STAGE, StageTimer, stage_of
 from diffship.pipelines.tokenizer import T5Tokenizer
+from diffship.runtimes.base import input_info
 from diffship.schedulers import FLOW
 from diffship.schedulers.schedules import calculate_shift_for
 
@@ -63,8 +66,9 @@ ATOL = {TEXT_ENCODER: 1e-3, TEXT_ENCODER_2: 1e-3, TEXT_ENCODER_3: 1e-3, TRANSFOR
 T5_SEQUENCE_LENGTHS = (256, 77)
 
 
-def export_specs(pipe, shapes) -> list:
-    """The components an SD3 pipeline is exported as (text_encoder_3 only where the model has one)."""
+def export_specs(pipe, shapes, skip_layer_guidance: bool = False) -> list:
+    """The components an SD3 pipeline is exported as (text_encoder_3 only where the model has one);
+    `skip_layer_guidance`: the transformer also takes SKIP_LAYERS (StableDiffusion3Pipeline's skip_guidance_layers)."""
     from diffship.exporters.components import (
         sd3_transformer_spec,
         t5_encoder_spec,
@@ -84,7 +88,8 @@ def export_specs(pipe, shapes) -> list:
         specs.append(t5_encoder_spec(TEXT_ENCODER_3, pipe.text_encoder_3, shapes, T5_SEQUENCE_LENGTHS,
                                      ATOL[TEXT_ENCODER_3]))
     specs += [
-        sd3_transformer_spec(pipe.transformer, shapes, scale, text_lengths, ATOL[TRANSFORMER]),
+        sd3_transformer_spec(pipe.transformer, shapes, scale, text_lengths, ATOL[TRANSFORMER],
+                             skip_layers=skip_layer_guidance),
         vae_encoder_spec(pipe.vae, shapes, scale, ATOL[VAE_ENCODER]),
         vae_decoder_spec(pipe.vae, shapes, scale, ATOL[VAE_DECODER]),
     ]
@@ -104,6 +109,22 @@ class StableDiffusion3PipelineOutput:
 
 def _as_list(text, batch_size: int) -> list[str]:
     return [text] * batch_size if isinstance(text, str) else list(text)
+
+
+@dataclass(frozen=True)
+class SkipLayerGuidance:
+    """diffusers' skip-layer guidance (SD3.5): at the steps i with steps * start < i < steps * stop, the
+    conditional batch runs again with `layers` skipped, and (conditional - skipped) * scale is added to the guided
+    noise. `mask` is the transformer's SKIP_LAYERS input for that run."""
+
+    mask: np.ndarray
+    scale: float
+    start: float
+    stop: float
+    steps: int
+
+    def active(self, i: int) -> bool:
+        return self.steps * self.start < i < self.steps * self.stop
 
 
 class StableDiffusion3FamilyPipeline(DiffusionPipeline):
@@ -204,9 +225,13 @@ class StableDiffusion3FamilyPipeline(DiffusionPipeline):
         check_int(max_sequence_length, "max_sequence_length", 1, 512)
         check_generation_options(self, output_type, callback_on_step_end_tensor_inputs, num_images_per_prompt,
                                  num_inference_steps, None, sigmas, guidance_scale, 0.0, 0.0)
+        self.check_clip_skip(clip_skip)
+
+    def check_clip_skip(self, clip_skip, name: str = "clip_skip") -> None:
+        """SD3: layers back from the CLIP pair's penultimate hidden states (no final layer norm)."""
         if clip_skip is not None:
             layers = min(len(hidden_state_outputs(e)) for e in (self.text_encoder, self.text_encoder_2))
-            check_int(clip_skip, "clip_skip", 0, layers - 2)
+            check_int(clip_skip, name, 0, layers - 2)
 
     # ---- SD3's own steps ---------------------------------------------------------------------------------------
     def clip_prompt_embeds(self, tokenizer, text_encoder, prompts: list[str], num_images_per_prompt: int,
@@ -277,11 +302,66 @@ class StableDiffusion3FamilyPipeline(DiffusionPipeline):
             negative_pooled_prompt_embeds = np.asarray(negative_pooled_prompt_embeds, np.float32)
         return prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds
 
+    # The current generation's skip-layer guidance (set by generate; None: none).
+    skip_layer_guidance: SkipLayerGuidance | None = None
+
     def denoiser_inputs(self, tensors: dict) -> dict:
         """The transformer's conditioning at each step: the joint text tokens and the pooled embedding
-        ([negative, positive] with guidance)."""
-        return {"encoder_hidden_states": tensors["prompt_embeds"],
-                "pooled_projections": tensors["pooled_prompt_embeds"]}
+        ([negative, positive] with guidance); no layer skipped, where the graph takes skip_layers."""
+        feeds = {"encoder_hidden_states": tensors["prompt_embeds"],
+                 "pooled_projections": tensors["pooled_prompt_embeds"]}
+        if self.skip_layer_count:
+            feeds[SKIP_LAYERS] = np.zeros(self.skip_layer_count, dtype=np.bool_)
+        return feeds
+
+    @property
+    def skip_layer_count(self) -> int:
+        """The transformer's joint blocks, where its graph takes skip_layers (an export made with
+        --skip-layer-guidance); 0 where it does not."""
+        info = input_info(self.sessions.get(self.denoiser), SKIP_LAYERS)
+        if info is None:
+            return 0
+        return info.shape[0] if isinstance(info.shape[0], int) else int(self.denoiser_config["num_layers"])
+
+    def add_guidance(self, i: int, feeds: dict, noise_pred: np.ndarray, guided: np.ndarray, timer) -> np.ndarray:
+        """Skip-layer guidance, at the steps its window covers: the conditional half of the step's feeds through
+        the transformer with the chosen layers skipped, as diffusers' StableDiffusion3Pipeline does."""
+        slg = self.skip_layer_guidance
+        if slg is None or not slg.active(i):
+            return guided
+        half = noise_pred.shape[0] // 2
+        conditional = {name: value[half:] if name != SKIP_LAYERS and np.ndim(value) and len(value) == 2 * half
+                       else value for name, value in feeds.items()}
+        conditional[SKIP_LAYERS] = slg.mask
+        with timer.stage(STEP_STAGE):
+            skipped = self.sessions[self.denoiser].run(conditional)[self.denoiser_output]
+        return guided + (noise_pred[half:] - skipped) * slg.scale
+
+    def check_skip_guidance_layers(self, skip_guidance_layers, skip_layer_guidance_scale, skip_layer_guidance_start,
+                                   skip_layer_guidance_stop) -> None:
+        """The layers must be the transformer's joint blocks, and the export's transformer must take skip_layers."""
+        if skip_guidance_layers is None:
+            return
+        if not self.skip_layer_count:
+            raise DiffshipError("skip_guidance_layers: this export's transformer cannot skip layers; export the "
+                                "model with --skip-layer-guidance (export(..., skip_layer_guidance=True))")
+        layers = self.skip_layer_count
+        if isinstance(skip_guidance_layers, (str, bytes)) or not isinstance(skip_guidance_layers, (list, tuple)) \
+                or not skip_guidance_layers:
+            raise ValueError(f"skip_guidance_layers must be a non-empty list of the transformer's block indices "
+                             f"(0 to {layers - 1}), got {skip_guidance_layers!r}")
+        for index in skip_guidance_layers:
+            check_int(index, "skip_guidance_layers", 0, layers - 1)
+        check_number(skip_layer_guidance_scale, "skip_layer_guidance_scale")
+        check_number(skip_layer_guidance_start, "skip_layer_guidance_start", 0, 1)
+        check_number(skip_layer_guidance_stop, "skip_layer_guidance_stop", 0, 1)
+
+    def skip_layers(self, skip_guidance_layers, scale, start, stop, steps: int) -> SkipLayerGuidance | None:
+        if skip_guidance_layers is None:
+            return None
+        mask = np.zeros(self.skip_layer_count, dtype=np.bool_)
+        mask[list(skip_guidance_layers)] = True
+        return SkipLayerGuidance(mask, float(scale), float(start), float(stop), steps)
 
     def scheduler_kwargs(self, height: int, width: int, mu: float | None) -> dict:
         """`mu` for set_timesteps: given, or, where the scheduler shifts dynamically, computed from the number of
@@ -298,7 +378,8 @@ class StableDiffusion3FamilyPipeline(DiffusionPipeline):
                  latents=None, prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
                  negative_pooled_prompt_embeds=None, output_type="pil", return_dict=True, clip_skip=None,
                  callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
-                 max_sequence_length=256, mu=None):
+                 max_sequence_length=256, mu=None, skip_guidance_layers=None, skip_layer_guidance_scale=2.8,
+                 skip_layer_guidance_stop=0.2, skip_layer_guidance_start=0.01):
         """One generation (see the module's docstring); inputs are checked by the caller."""
         start = time.perf_counter()
         timer = StageTimer()
@@ -330,6 +411,10 @@ class StableDiffusion3FamilyPipeline(DiffusionPipeline):
         timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, None, sigmas,
                                                             **self.scheduler_kwargs(height, width, mu))
         timesteps, num_inference_steps = task.schedule(self, timesteps, num_inference_steps)
+        # Skip-layer guidance (text-to-image) needs classifier-free guidance's conditional half, as in diffusers.
+        self.skip_layer_guidance = self.skip_layers(skip_guidance_layers, skip_layer_guidance_scale,
+                                                    skip_layer_guidance_start, skip_layer_guidance_stop,
+                                                    num_inference_steps) if do_classifier_free_guidance else None
 
         # 5. Initial latents: plain noise (flow matching does not scale it).
         latents = task.prepare_latents(self, images, height, width, generator, latents, timesteps,
@@ -358,7 +443,11 @@ class StableDiffusion3Pipeline(StableDiffusion3FamilyPipeline):
                  negative_prompt_3=None, num_images_per_prompt=1, generator=None, latents=None, prompt_embeds=None,
                  negative_prompt_embeds=None, pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None,
                  output_type="pil", return_dict=True, clip_skip=None, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs=("latents",), max_sequence_length=256, mu=None):
+                 callback_on_step_end_tensor_inputs=("latents",), max_sequence_length=256, skip_guidance_layers=None,
+                 skip_layer_guidance_scale=2.8, skip_layer_guidance_stop=0.2, skip_layer_guidance_start=0.01,
+                 mu=None):
+        """`skip_guidance_layers` (e.g. [7, 8, 9] for SD3.5 medium): skip-layer guidance, on an export made with
+        --skip-layer-guidance; the other arguments as diffusers'."""
         task = Task()
         height, width = task.size(self, height, width)
         self.check_inputs(prompt, prompt_2, prompt_3, height, width, negative_prompt, negative_prompt_2,
@@ -366,11 +455,15 @@ class StableDiffusion3Pipeline(StableDiffusion3FamilyPipeline):
                           negative_pooled_prompt_embeds, output_type, callback_on_step_end_tensor_inputs,
                           num_images_per_prompt, max_sequence_length, num_inference_steps, sigmas, guidance_scale,
                           clip_skip)
+        self.check_skip_guidance_layers(skip_guidance_layers, skip_layer_guidance_scale, skip_layer_guidance_start,
+                                        skip_layer_guidance_stop)
         return self.generate(task, prompt, prompt_2, prompt_3, height, width, num_inference_steps, sigmas,
                              guidance_scale, negative_prompt, negative_prompt_2, negative_prompt_3,
                              num_images_per_prompt, generator, latents, prompt_embeds, negative_prompt_embeds,
                              pooled_prompt_embeds, negative_pooled_prompt_embeds, output_type, return_dict, clip_skip,
-                             callback_on_step_end, callback_on_step_end_tensor_inputs, max_sequence_length, mu)
+                             callback_on_step_end, callback_on_step_end_tensor_inputs, max_sequence_length, mu,
+                             skip_guidance_layers, skip_layer_guidance_scale, skip_layer_guidance_stop,
+                             skip_layer_guidance_start)
 
 
 class StableDiffusion3Img2ImgPipeline(StableDiffusion3FamilyPipeline):
@@ -452,4 +545,5 @@ FAMILY = Family(
     tasks={"text-to-image": {16: StableDiffusion3Pipeline}, "image-to-image": {16: StableDiffusion3Img2ImgPipeline},
            "inpainting": {16: StableDiffusion3InpaintPipeline, 33: StableDiffusion3InpaintPipeline}},
     copied=(TOKENIZER, TOKENIZER_2, TOKENIZER_3, SCHEDULER),
+    export_flags=("skip_layer_guidance",),
 )

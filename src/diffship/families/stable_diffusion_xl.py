@@ -192,12 +192,18 @@ class StableDiffusionXLFamilyPipeline(DiffusionPipeline):
                 check_number(value, name, 0.0, 1.0)
         if valid_fraction(denoising_start) and valid_fraction(denoising_end) and denoising_start >= denoising_end:
             raise ValueError(f"denoising_start ({denoising_start}) must be below denoising_end ({denoising_end})")
-        if clip_skip is not None and prompt is not None:
-            layers = min(len(hidden_state_outputs(encoder)) for _, encoder in self.encoders())
-            if not layers:
-                raise DiffshipError("clip_skip needs text encoders with hidden_states.N outputs; export the model "
-                                    "with `diffship export`")
-            check_int(clip_skip, "clip_skip", 0, layers - 2)
+        if prompt is not None:
+            self.check_clip_skip(clip_skip)
+
+    def check_clip_skip(self, clip_skip, name: str = "clip_skip") -> None:
+        """SDXL: layers back from the penultimate hidden state of both encoders (no final layer norm)."""
+        if clip_skip is None:
+            return
+        layers = min(len(hidden_state_outputs(encoder)) for _, encoder in self.encoders())
+        if not layers:
+            raise DiffshipError(f"{name} needs text encoders with hidden_states.N outputs; export the model with "
+                                "`diffship export`")
+        check_int(clip_skip, name, 0, layers - 2)
 
     # ---- SDXL's own steps --------------------------------------------------------------------------------------
     def encode_prompt(self, prompt, prompt_2, num_images_per_prompt, do_classifier_free_guidance,

@@ -502,6 +502,12 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
         latents = latents / np.float32(self.vae_scaling_factor) + np.float32(self.vae_shift_factor)
         return self.vae_decoder.run({"latent_sample": latents})["sample"]
 
+    def check_clip_skip(self, clip_skip, name: str = "clip_skip") -> None:
+        """clip_skip within what this pipeline's text encoders have (each family's rule); `name`: what errors call
+        it. A family without clip_skip refuses it."""
+        if clip_skip is not None:
+            raise DiffshipError(f"{name}: {type(self).__name__} takes no clip_skip")
+
     def denoiser_inputs(self, tensors: dict) -> dict:
         """The UNet's conditioning inputs at a step, from the loop's tensors (which callbacks may replace): how a
         family feeds its denoiser. Every family defines it."""
@@ -533,13 +539,19 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
             noise_pred = self.run_denoiser(i, feeds, timer)
 
             if do_classifier_free_guidance:
-                noise_pred = guide(noise_pred, guidance_scale, guidance_rescale)
+                noise_pred = self.add_guidance(i, feeds, noise_pred,
+                                               guide(noise_pred, guidance_scale, guidance_rescale), timer)
 
             latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
             tensors["latents"] = task.after_step(self, i, timesteps, latents)
             tensors = run_callback(self, callback_on_step_end, i, t, tensors, callback_on_step_end_tensor_inputs)
             task.tensors = {k: tensors[k] for k in task.tensors}
         return tensors["latents"]
+
+    def add_guidance(self, i: int, feeds: dict, noise_pred: np.ndarray, guided: np.ndarray, timer) -> np.ndarray:
+        """Step i's guided noise with the family's further guidance terms (SD3's skip-layer guidance), from the
+        step's feeds and the [unconditional, conditional] prediction; classifier-free guidance alone by default."""
+        return guided
 
     def control_residuals(self, i: int, t, latent_model_input: np.ndarray, feeds: dict, timer) -> dict:
         """The UNet's ControlNet residual inputs at step i (none for a UNet that takes none): what the generation's
