@@ -278,11 +278,18 @@ class FluxFamilyPipeline(DiffusionPipeline):
 
     @property
     def default_height(self) -> int:
-        return self.default_sample_size * self.vae_scale_factor
+        return self._static_size(2) or self.default_sample_size * self.vae_scale_factor
 
     @property
     def default_width(self) -> int:
-        return self.default_sample_size * self.vae_scale_factor
+        return self._static_size(3) or self.default_sample_size * self.vae_scale_factor
+
+    def _static_size(self, axis: int) -> int | None:
+        """A static export's image side: the VAE decoder's fixed latent size (the packed transformer input does not
+        say height and width apart)."""
+        info = input_info(self.vae_decoder, "latent_sample") if self.vae_decoder is not None else None
+        return info.shape[axis] * self.vae_scale_factor if info is not None and isinstance(info.shape[axis],
+                                                                                           int) else None
 
     @property
     def image_processor(self) -> VaeImageProcessor:
