@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from diffship.benchmarking import bench, installed_backends
+from diffship.benchmarking import bench, default_size, installed_backends
 from diffship.benchmarking.summary import ADDITIVE_STAGES, SCHEMA, STAGES, stages_sum
 from diffship.cli import main
 
@@ -110,6 +110,17 @@ def test_bench_openvino_static(exported_dirs):
     check_schema(report, runs=1, unet_calls=2)
     (result,) = report["results"]
     assert result["name"] == "openvino static" and result["static"] and result["info"]["static"]
+
+
+@pytest.mark.parametrize("kind,pipeline", [("sd3", "StableDiffusion3Pipeline"), ("flux", "FluxPipeline")])
+def test_bench_times_the_transformer_families(kind, pipeline, exported_dirs):
+    """A transformer family's steps are timed as the denoiser's (its transformer's calls), its encoders (T5 too) as
+    the text encoder; the default size is the transformer's (SD3: sample_size x 8; Flux: 128 latents)."""
+    report = bench(exported_dirs(kind), ["onnxruntime"], steps=2, runs=1, warmup=0, height=64, width=64)
+    check_schema(report, runs=1, unet_calls=2)
+    (result,) = report["results"]
+    assert result["info"]["pipeline"] == pipeline and result["stages"]["text_encoder"]["median"] > 0
+    assert default_size(exported_dirs(kind)) == (64 if kind == "sd3" else 1024)
 
 
 @pytest.mark.skipif("onnxruntime" not in installed_backends(), reason="needs onnxruntime")

@@ -17,7 +17,7 @@ from diffship.benchmarking.interleave import Contestant, run_rounds, start_all
 from diffship.benchmarking.machine import load_average, machine_info, now, versions
 from diffship.benchmarking.summary import SCHEMA, attach_roofline
 from diffship.errors import BackendError, DiffshipError
-from diffship.layout import TENSORRT_ENGINE, UNET
+from diffship.layout import TENSORRT_ENGINE, TRANSFORMER, UNET
 from diffship.runtimes import backends_for, choose_backend, graph_folders
 
 # Backend name -> the module that must import for it.
@@ -74,8 +74,11 @@ def vae_scale_factor(model_dir) -> int:
 
 
 def default_size(model_dir) -> int:
-    """The model's native image size: the UNet's sample_size times the VAE's scale factor."""
-    return _config(model_dir, UNET).get("sample_size", 64) * vae_scale_factor(model_dir)
+    """The model's native image size: the denoiser's sample_size (the UNet's, or the transformer's) times the VAE's
+    scale factor; a transformer without one (Flux) defaults to 128 latents, as its diffusers pipelines do."""
+    unet = _config(model_dir, UNET)
+    latent = unet.get("sample_size", 64) if unet else _config(model_dir, TRANSFORMER).get("sample_size", 128)
+    return latent * vae_scale_factor(model_dir)
 
 
 def check_bench_arguments(names: dict | None = None, *, runs, warmup, steps, batch_size, height, width,

@@ -92,7 +92,7 @@ def load(spec: dict):
         return recorder.timings(time.perf_counter() - start)
 
     info = {"pipeline": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__, "backend": pipe.backend,
-            "static": static, "unet_session": pipe.unet.settings(), "inference_precisions": pipe.inference_precisions}
+            "static": static, "unet_session": pipe.sessions[pipe.denoiser].settings(), "inference_precisions": pipe.inference_precisions}
     return run, info
 
 

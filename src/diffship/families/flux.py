@@ -277,6 +277,10 @@ class FluxFamilyPipeline(DiffusionPipeline):
         return int(self.denoiser_config.get("in_channels", 64)) // (PACK * PACK)
 
     @property
+    def size_multiple(self) -> int:
+        return self.vae_scale_factor * PACK  # a latent of whole 2x2 patches
+
+    @property
     def default_height(self) -> int:
         return self._static_size(2) or self.default_sample_size * self.vae_scale_factor
 
@@ -312,7 +316,7 @@ class FluxFamilyPipeline(DiffusionPipeline):
         transformer the images (twice with true classifier-free guidance) as packed patches, and their ids."""
         height = self.default_height if height is None else height
         width = self.default_width if width is None else width
-        check_image_size({"height": height, "width": width}, self.vae_scale_factor * PACK)
+        check_image_size({"height": height, "width": width}, self.size_multiple)
         check_int(batch_size, "batch_size", 1)
         check_int(num_images_per_prompt, "num_images_per_prompt", 1)
         images = batch_size * num_images_per_prompt

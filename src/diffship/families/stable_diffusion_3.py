@@ -152,6 +152,10 @@ class StableDiffusion3FamilyPipeline(DiffusionPipeline):
     def patch_size(self) -> int:
         return int(self.denoiser_config.get("patch_size", 2))
 
+    @property
+    def size_multiple(self) -> int:
+        return self.vae_scale_factor * self.patch_size  # a latent of whole patches
+
     # T5's token count of the current request (generate sets it), for request_shapes; diffusers' default.
     max_sequence_length = 256
 
@@ -194,8 +198,7 @@ class StableDiffusion3FamilyPipeline(DiffusionPipeline):
                      clip_skip) -> None:
         """diffusers' checks, and the ranges of the values it leaves unchecked, before any graph runs."""
         if height is not None or width is not None:
-            multiple = self.vae_scale_factor * self.patch_size
-            check_image_size({"height": height, "width": width}, multiple)
+            check_image_size({"height": height, "width": width}, self.size_multiple)
         if prompt is None and prompt_embeds is None:
             raise ValueError("pass either prompt or prompt_embeds")
         if prompt_embeds is not None and any(p is not None for p in (prompt, prompt_2, prompt_3)):

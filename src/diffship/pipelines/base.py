@@ -324,6 +324,12 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
         return vae_scale_factor(self.vae_config.get("block_out_channels", [0, 0, 0, 0]))
 
     @property
+    def size_multiple(self) -> int:
+        """What image sides must be multiples of: the VAE's scale factor (at least 8); the transformer families
+        multiply it by their patch size."""
+        return max(IMAGE_SIZE_MULTIPLE, self.vae_scale_factor)
+
+    @property
     def vae_scaling_factor(self) -> float:
         return float(self.vae_config.get("scaling_factor", 0.18215))
 
@@ -431,7 +437,7 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
         axis the tokenizer's length; fixed axes keep their size."""
         height = self.default_height if height is None else height
         width = self.default_width if width is None else width
-        check_image_size({"height": height, "width": width}, max(IMAGE_SIZE_MULTIPLE, self.vae_scale_factor))
+        check_image_size({"height": height, "width": width}, self.size_multiple)
         check_int(batch_size, "batch_size", 1)
         check_int(num_images_per_prompt, "num_images_per_prompt", 1)
         images = batch_size * num_images_per_prompt

@@ -11,18 +11,20 @@ from diffship.layout import (
     DEPTH_ESTIMATOR,
     TEXT_ENCODER,
     TEXT_ENCODER_2,
+    TEXT_ENCODER_3,
+    TRANSFORMER,
     UNET,
     UNET_SHALLOW,
     VAE_DECODER,
     VAE_ENCODER,
 )
 
-# The stage a component's calls count to: both text encoders are "text_encoder" (encoding the prompt), the
-# denoiser's calls are the steps: full UNet steps, and the shallow ones a step cache (DeepCache) runs between them.
+# The stage a component's calls count to: every text encoder is "text_encoder" (encoding the prompt), the
+# denoiser's calls (a UNet's or a transformer's) are the steps: full UNet steps, and the shallow ones a step cache (DeepCache) runs between them.
 STEP_STAGE = "unet"
 SHALLOW_STEP_STAGE = "unet_shallow"
-COMPONENT_STAGES = {TEXT_ENCODER: "text_encoder", TEXT_ENCODER_2: "text_encoder", UNET: STEP_STAGE,
-                    UNET_SHALLOW: SHALLOW_STEP_STAGE, VAE_ENCODER: "vae_encode", VAE_DECODER: "vae_decode",
+COMPONENT_STAGES = {TEXT_ENCODER: "text_encoder", TEXT_ENCODER_2: "text_encoder", TEXT_ENCODER_3: "text_encoder",
+                    UNET: STEP_STAGE, TRANSFORMER: STEP_STAGE, UNET_SHALLOW: SHALLOW_STEP_STAGE, VAE_ENCODER: "vae_encode", VAE_DECODER: "vae_decode",
                     DEPTH_ESTIMATOR: "depth_estimator", CONTROLNET: "controlnet"}
 # The ControlNets' calls (all of a step's nets together): what ControlNet adds to each step.
 CONTROLNET_STAGE = "controlnet"

@@ -114,7 +114,7 @@ class ServedModel:
             # the kind of scheduler its denoiser takes (schedulers.scheduler_kind): a request naming another is a 400
             "scheduler_kind": first.denoiser_kind,
             "default_height": first.default_height, "default_width": first.default_width,
-            "size_multiple": max(8, first.vae_scale_factor),
+            "size_multiple": first.size_multiple,
             # More steps than the noise levels the model was trained on have no meaning (the pipelines' own check).
             "max_inference_steps": first.scheduler.config.get("num_train_timesteps") or 1000,
             "load_seconds": self.load_seconds,
