@@ -45,20 +45,19 @@ def exported_dirs(tiny_model_dirs, tmp_path_factory):
     """kind -> an export of the tiny pipeline holding both ONNX and OpenVINO graphs (built on first use).
     `formats=("onnx",)`: ONNX only, for model variants whose OpenVINO conversion is the one another kind's export
     already checks; the openvino backend then runs model.onnx (a shorter suite). `deepcache=True`: exported with
-    DeepCache's graphs (a separate export: the plain one stays as users get it); other export() flags likewise
-    (`skip_layer_guidance=True`)."""
+    DeepCache's graphs (a separate export: the plain one stays as users get it); other export() options likewise
+    (`skip_layer_guidance=True`, `height=64`): one export per kind, formats and options, shared by every test."""
     from diffship.exporters import export
 
     root = tmp_path_factory.mktemp("exports")
     cache = {}
 
-    def get(kind: str, formats: tuple[str, ...] = ("onnx", "openvino"), **flags: bool):
-        on = sorted(flag for flag, value in flags.items() if value)
-        key = (kind, formats, *on)
+    def get(kind: str, formats: tuple[str, ...] = ("onnx", "openvino"), **options):
+        options = {name: value for name, value in sorted(options.items()) if value is not False}
+        key = (kind, tuple(formats), *options.items())
         if key not in cache:
-            name = "-".join((kind, *formats, *on))
-            cache[key] = export(tiny_model_dirs(kind), root / name, list(formats), progress=False,
-                                **{flag: True for flag in on})
+            name = "-".join((kind, *formats, *(f"{k}={v}" if v is not True else k for k, v in options.items())))
+            cache[key] = export(tiny_model_dirs(kind), root / name, list(formats), progress=False, **options)
         return cache[key]
 
     return get

@@ -83,22 +83,18 @@ def _check(case, expected, got):
     assert diff < ATOL, f"{case}: max abs {diff:.2e} >= {ATOL}"
 
 
+# Formats per kind: the dev-style model to both; schnell and Fill to ONNX only (OpenVINO runs model.onnx).
+FORMATS = {"flux": ("onnx", "openvino"), "flux-schnell": ("onnx",), "flux-fill": ("onnx",)}
+
+
 @pytest.fixture(scope="module")
-def flux_exports(tiny_model_dirs, tmp_path_factory):
-    """kind -> its export (see the module's docstring), made on first use."""
-    from diffship.exporters import export
+def flux_exports(exported_dirs):
+    """kind -> its export (see the module's docstring), made on first use and shared with other test files."""
+    return lambda kind: flux_export(exported_dirs, kind)
 
-    root = tmp_path_factory.mktemp("flux-exports")
-    formats = {"flux": ["onnx", "openvino"], "flux-schnell": ["onnx"], "flux-fill": ["onnx"]}
-    cache = {}
 
-    def get(kind: str) -> Path:
-        if kind not in cache:
-            cache[kind] = export(tiny_model_dirs(kind), root / kind, formats[kind], height=EXPORT_SIZE,
-                                 width=EXPORT_SIZE, progress=False)
-        return cache[kind]
-
-    return get
+def flux_export(exported_dirs, kind: str) -> Path:
+    return exported_dirs(kind, FORMATS[kind], height=EXPORT_SIZE, width=EXPORT_SIZE)
 
 
 def _load(folder, backend, cls=FluxPipeline, scheduler_overrides=None):
@@ -352,3 +348,17 @@ def test_openvino_genai_runs_the_flux_export(flux_exports, tmp_path):
     diff = int(np.abs(drawn.astype(np.int32) - np.round(ours * 255).astype(np.int32)).max())
     report("flux OpenVINO GenAI vs diffship (of 255)", diff)
     assert diff <= 2
+
+
+def test_flux_built_from_components_saves_flux_classes(flux_exports, tmp_path):
+    """A FluxPipeline built from components (no model_index.json of its own) saves an index naming Flux's classes
+    (its transformer, T5 as text_encoder_2: read from the components' own configs), and loads again as Flux."""
+    loaded = FluxPipeline.from_pretrained(flux_exports("flux"), backend="onnxruntime", inference_precision="f32")
+    pipe = FluxPipeline(**loaded.components)
+    saved = pipe.save_pretrained(tmp_path / "saved")
+    index = json.loads((saved / "model_index.json").read_text())
+    assert index["_class_name"] == "FluxPipeline"
+    assert index["transformer"] == ["diffusers", "FluxTransformer2DModel"]
+    assert index["text_encoder_2"] == ["transformers", "T5EncoderModel"]
+    assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
+    assert isinstance(AutoPipelineForText2Image.from_pretrained(saved, backend="onnxruntime"), FluxPipeline)

@@ -106,10 +106,28 @@ def _model_index(pipe, staging: Path) -> dict:
     index.pop(CONTROLNET, None)
     if count:
         index[CONTROLNET] = ["diffusers", "ControlNetModel" if count == 1 else "MultiControlNetModel"]
-    for name in sorted(saved & set(_INDEX_ENTRIES)):
+    for name in sorted(saved):
         if not isinstance(index.get(name), list) or not index[name] or index[name][0] is None:
-            index[name] = _INDEX_ENTRIES[name]
+            entry = _entry_from_files(staging / name) or _INDEX_ENTRIES.get(name)
+            if entry is not None:
+                index[name] = entry
     return index
+
+
+def _entry_from_files(folder: Path) -> list[str] | None:
+    """A component's [library, class] as its own files name it: a diffusers config's `_class_name`, a transformers
+    config's architecture, a tokenizer's `tokenizer_class` (Flux's text_encoder_2 is T5 where SD3's is CLIP)."""
+    for file, key, library in (("config.json", "_class_name", "diffusers"), ("config.json", "architectures",
+                                                                              "transformers"),
+                               ("tokenizer_config.json", "tokenizer_class", "transformers")):
+        try:
+            value = json.loads((folder / file).read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        value = value[0] if isinstance(value, list) and value else value
+        if isinstance(value, str) and value:
+            return [library, value]
+    return None
 
 
 def _report(pipe, sources: set[Path], staging: Path) -> dict:
