@@ -30,7 +30,7 @@ from diffship.checks import (
     software_exif,
 )
 from diffship.errors import DiffshipError
-from diffship.layout import REPORT_FILE, UNET
+from diffship.layout import EXPORT_DTYPES, REPORT_FILE, UNET
 from diffship.pipelines.precision import INFERENCE_PRECISIONS
 from diffship.testing.tiny_models import KINDS as TINY_KINDS
 
@@ -108,8 +108,10 @@ def _add_export(sub) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="also load pickled .bin weights where a component has no safetensors (pickles run code "
                         "when loaded: only for sources you trust)")
-    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
-                   help="fp16 halves the graphs; the VAE stays fp32 unless --vae-fp16 mixed (overflow protection)")
+    p.add_argument("--dtype", action="append", type=_dtype_flag, metavar="[COMPONENT=]{fp32,fp16}",
+                   help="fp16 halves the graphs; the VAE stays fp32 unless --vae-fp16 mixed (overflow protection). "
+                        "COMPONENT=fp16 sets one component's (repeat: --dtype transformer=fp16 --dtype "
+                        "text_encoder_3=fp16 leaves the rest fp32); default fp32")
     p.add_argument("--vae-fp16", choices=["fp32", "mixed", "none"], default="fp32",
                    help="with --dtype fp16: keep the VAE fp32 (default), keep only its overflowing nodes fp32 "
                         "(mixed), or convert it all (none: SD2/SDXL VAEs then overflow to NaN)")
@@ -151,6 +153,8 @@ def _add_export(sub) -> None:
     p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
                    help="a LoRA (.safetensors, diffusers/PEFT or kohya format) fused into the exported weights at "
                         "SCALE (default 1); repeat for several. UNet and text-encoder layers, convolutions too")
+    p.add_argument("--no-progress", action="store_true",
+                   help="hide the progress bar (each component's stage: tracing, passes, validation)")
     p.add_argument("--swappable-lora", action="store_true",
                    help="keep the weights LoRA adapts swappable, so that pipe.load_lora_weights / set_adapters / "
                         "unload_lora_weights change them at run time without re-exporting (no --optimize, "
@@ -420,7 +424,7 @@ def cmd_export(args) -> None:
     out = export(args.model, args.out, backend=args.backend or ["onnx"], height=args.height, width=args.width,
                  batch_size=args.batch_size, static=args.static, opset=args.opset, atol=args.atol,
                  overwrite=args.overwrite, **_hub_kwargs(args), variant=args.variant, allow_pickle=args.allow_pickle,
-                 dtype=args.dtype, optimize=args.optimize,
+                 dtype=_dtypes(args.dtype), optimize=args.optimize, progress=not args.no_progress,
                  target=args.target, weight_format=args.weight_format, quantize=args.quantize,
                  vae_fp16=args.vae_fp16, deepcache=args.deepcache, deepcache_branch=args.deepcache_branch,
                  loras=loras, textual_inversions=embeddings, swappable_lora=args.swappable_lora,
@@ -579,6 +583,20 @@ def _check_generate(args) -> None:
         check_output_file(args.json, "--json", overwrite=args.overwrite)
         if args.json.absolute() in {p.absolute() for p in paths}:
             raise ValueError(f"--json {args.json} is also where --out writes an image; give another path")
+
+
+def _dtype_flag(text: str) -> tuple[str, str]:
+    """--dtype's value: DTYPE (every component) or COMPONENT=DTYPE."""
+    component, _, dtype = text.rpartition("=")
+    if dtype not in EXPORT_DTYPES:
+        raise argparse.ArgumentTypeError(f"{text!r}: the dtype must be one of {', '.join(EXPORT_DTYPES)}")
+    return component or "default", dtype
+
+
+def _dtypes(values) -> str | dict[str, str]:
+    """export()'s dtype from the --dtype flags: one dtype, or component -> dtype (the last flag for each wins)."""
+    chosen = dict(values or [])
+    return chosen.get("default", "fp32") if set(chosen) <= {"default"} else chosen
 
 
 def _layer_list(text: str) -> list[int]:

@@ -30,6 +30,8 @@ UNET_SHALLOW = "unet_shallow"
 CONTROLNET = "controlnet"
 GRAPH_COMPONENTS = (TEXT_ENCODER, TEXT_ENCODER_2, TEXT_ENCODER_3, UNET, UNET_SHALLOW, TRANSFORMER, VAE_ENCODER,
                     VAE_DECODER, DEPTH_ESTIMATOR, CONTROLNET)
+# The dtypes a graph is exported in (export's `dtype`, `--dtype`).
+EXPORT_DTYPES = ("fp32", "fp16")
 # A ControlNet's outputs, and the UNet inputs they are added at (diffusers' UNet2DConditionModel.forward arguments).
 DOWN_BLOCK_RES_SAMPLE = "down_block_res_samples.{}"
 MID_BLOCK_RES_SAMPLE = "mid_block_res_sample"

@@ -31,7 +31,7 @@ from diffship.exporters.textual_inversion import (
 )
 from diffship.exporters.component_export import export_component
 from diffship.exporters.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
-from diffship.exporters.optimize import ExportOptions
+from diffship.exporters.optimize import ExportOptions, component_dtypes
 from diffship.output_directory import EXPORTER, REPORT_FILE, ExportDirectory, check_output, list_files
 from diffship.exporters.formats import EXPORT_FORMATS, format_name
 from diffship.families import family_for
@@ -178,7 +178,8 @@ def export(
     what that export wrote; nothing else is ever replaced.
 
     Precision and optimisation: `dtype` "fp16" converts weights and activations (the VAE stays fp32 unless
-    `vae_fp16` says "mixed"); `optimize` cleans the graphs and fuses them for onnxruntime on `target`
+    `vae_fp16` says "mixed"); a dict gives it per component (`{"transformer": "fp16", "text_encoder_3": "fp16"}`:
+    those in fp16, the others fp32 or the dict's "default"); `optimize` cleans the graphs and fuses them for onnxruntime on `target`
     ("cpu" or "cuda"); `weight_format` "int8"/"int4" compresses weights (onnxruntime dynamic quantization,
     NNCF for OpenVINO); `quantize="hybrid"` also quantizes the UNet's activations (OpenVINO), calibrated on
     `calibration_prompts`.
@@ -220,7 +221,8 @@ def export(
                                      opset=opset, atol=atol, external_data_threshold=external_data_threshold,
                                      calibration_prompts=calibration_prompts, deepcache=deepcache,
                                      deepcache_branch=deepcache_branch)
-    options = ExportOptions(dtype=dtype, optimize=optimize, target=target, weight_format=weight_format,
+    dtype, component_dtype = component_dtypes(dtype)
+    options = ExportOptions(dtype=dtype, component_dtype=component_dtype, optimize=optimize, target=target, weight_format=weight_format,
                             quantize=quantize, vae_fp16=vae_fp16,
                             calibration_prompts=tuple(calibration_prompts) if calibration_prompts else None,
                             swappable_lora=swappable_lora)
@@ -355,7 +357,7 @@ def _export_components(family, pipe, shapes, staging, formats, atols, opset, thr
         layers = None
         if options.swappable_lora and spec.name in LORA_COMPONENTS:
             status("hashing the weights LoRA adapts")
-            layers = layer_digests(next(spec.module.children()), options.dtype)
+            layers = layer_digests(next(spec.module.children()), options.dtype_of(spec.name))
         components[spec.name] = export_component(
             spec, folder, formats, options, opset, threshold, atols, calibration if spec.name == UNET else None,
             status=status)

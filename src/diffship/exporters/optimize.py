@@ -16,18 +16,42 @@ import numpy as np
 import onnx
 
 from diffship.errors import DiffshipError
-from diffship.layout import UNET, VAE_DECODER, VAE_ENCODER
+from diffship.layout import EXPORT_DTYPES, GRAPH_COMPONENTS, UNET, VAE_DECODER, VAE_ENCODER
 
-DTYPES = ("fp32", "fp16")
 WEIGHT_FORMATS = (None, "int8", "int4")
 QUANTIZE = (None, "hybrid")
 VAE_FP16 = ("fp32", "mixed", "none")
 VAE_COMPONENTS = (VAE_ENCODER, VAE_DECODER)
 
 
+def component_dtypes(dtype, flag: str = "dtype") -> tuple[str, tuple[tuple[str, str], ...]]:
+    """export()'s `dtype` -> (every component's, per-component exceptions). `dtype` is "fp32" / "fp16", or a dict
+    {component: dtype} (those components; the others fp32, or the dict's "default" entry): an SD3 or Flux
+    transformer and T5 in fp16, the rest fp32. A VAE's fp16 is --vae-fp16's choice (overflow protection), so the
+    VAE is not named here."""
+    if isinstance(dtype, str) or dtype is None:
+        return dtype, ()
+    if not isinstance(dtype, dict) or not dtype:
+        raise DiffshipError(f"{flag} must be one of {EXPORT_DTYPES} or a dict of component -> dtype, got {dtype!r}")
+    default = dtype.get("default", "fp32")
+    overrides = {k: v for k, v in dtype.items() if k != "default"}
+    unknown = sorted(set(overrides) - set(GRAPH_COMPONENTS))
+    if unknown:
+        raise DiffshipError(f"{flag} given for unknown components {unknown}; components: {', '.join(GRAPH_COMPONENTS)}")
+    vae = sorted(set(overrides) & set(VAE_COMPONENTS))
+    if vae:
+        raise DiffshipError(f"{flag} for {', '.join(vae)}: the VAE's fp16 is chosen by vae_fp16 (--vae-fp16 mixed or "
+                            "none) with dtype fp16, as its decoder overflows fp16 on SD2/SDXL-style models")
+    for value in (default, *overrides.values()):
+        if value not in EXPORT_DTYPES:
+            raise DiffshipError(f"{flag} values must be one of {EXPORT_DTYPES}, got {value!r}")
+    return default, tuple(sorted(overrides.items()))
+
+
 @dataclass(frozen=True)
 class ExportOptions:
-    dtype: str = "fp32"  # fp32 | fp16
+    dtype: str = "fp32"  # fp32 | fp16: every component's, but those in component_dtype
+    component_dtype: tuple[tuple[str, str], ...] = ()  # (component, dtype) exceptions to `dtype`
     optimize: bool = False  # cleanup and onnxruntime fusions
     target: str = "cpu"  # what the onnxruntime fusions are for: cpu | cuda
     weight_format: str | None = None  # int8 | int4 weights
@@ -42,8 +66,8 @@ class ExportOptions:
     tensorrt: dict | None = None
 
     def check(self, formats: list[str]) -> None:
-        if self.dtype not in DTYPES:
-            raise DiffshipError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.dtype not in EXPORT_DTYPES:
+            raise DiffshipError(f"dtype must be one of {EXPORT_DTYPES}, got {self.dtype!r}")
         if self.weight_format not in WEIGHT_FORMATS:
             raise DiffshipError(f"weight_format must be int8 or int4, got {self.weight_format!r}")
         if self.quantize not in QUANTIZE:
@@ -52,7 +76,7 @@ class ExportOptions:
             raise DiffshipError(f"vae_fp16 must be one of {VAE_FP16}, got {self.vae_fp16!r}")
         if self.target not in ("cpu", "cuda"):
             raise DiffshipError(f"target must be cpu or cuda, got {self.target!r}")
-        if self.weight_format and self.dtype == "fp16" and "onnx" in formats:
+        if self.weight_format and "fp16" in (self.dtype, *dict(self.component_dtype).values()) and "onnx" in formats:
             raise DiffshipError("onnxruntime's int8/int4 quantization takes fp32 graphs: use --dtype fp32 with "
                                 "--weight-format")
         if self.swappable_lora and (self.optimize or self.weight_format or self.quantize):
@@ -65,6 +89,10 @@ class ExportOptions:
         if self.quantize == "hybrid" and formats != ["openvino"]:
             raise DiffshipError("--quantize hybrid is an OpenVINO (NNCF) mode: export with --backend openvino alone")
 
+    def dtype_of(self, component: str) -> str:
+        """The dtype asked for this component (its own entry, else the export's)."""
+        return dict(self.component_dtype).get(component, self.dtype)
+
     def precision(self, component: str, fmt: str) -> str:
         """The precision the component ends up in, which picks its validation tolerance."""
         if self.quantize == "hybrid" and component == UNET:
@@ -73,12 +101,14 @@ class ExportOptions:
             if self.weight_format == "int4" and component != UNET:
                 return "int8"  # int4 is for the UNet's large matmuls; the others get int8
             return self.weight_format
-        if self.dtype == "fp16" and not (component in VAE_COMPONENTS and self.vae_fp16 == "fp32"):
+        if self.dtype_of(component) == "fp16" and not (component in VAE_COMPONENTS and self.vae_fp16 == "fp32"):
             return "fp16"
         return "fp32"
 
     def to_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+        out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+        out["component_dtype"] = dict(self.component_dtype)
+        return out
 
 
 def onnx_passes(options: ExportOptions, component: str, validation_feeds: dict[str, np.ndarray]):
@@ -89,7 +119,7 @@ def onnx_passes(options: ExportOptions, component: str, validation_feeds: dict[s
     from diffship.graphs.quantize import quantize_int4_matmul, quantize_int8_dynamic
 
     passes = []
-    if options.optimize or options.dtype == "fp16":
+    if options.optimize or options.dtype_of(component) == "fp16":
         passes.append(("cleanup", cleanup))
     if options.precision(component, "onnx") == "fp16":
         if component in VAE_COMPONENTS and options.vae_fp16 == "mixed":
