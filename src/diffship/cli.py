@@ -399,6 +399,7 @@ def cmd_export(args) -> None:
     from diffship.exporters import export
     from diffship.exporters.export_pipeline import check_arguments, check_tensorrt_export
     from diffship.exporters.lora import check_loras
+    from diffship.exporters.optimize import component_dtypes
     from diffship.exporters.textual_inversion import check_textual_inversions
     from diffship.pipelines.lora import parse_lora_flag
     from diffship.pipelines.textual_inversion import parse_textual_inversion_flag
@@ -407,6 +408,7 @@ def cmd_export(args) -> None:
     def flag(argument: str) -> str:
         return "--" + argument.replace("tensorrt_", "trt_").replace("_", "-")
 
+    component_dtypes(_dtypes(args.dtype), "--dtype")
     formats, _ = check_arguments(backend=args.backend or ["onnx"], height=args.height, width=args.width,
                                  batch_size=args.batch_size, opset=args.opset, atol=args.atol,
                                  deepcache=args.deepcache, deepcache_branch=args.deepcache_branch, name=flag)

@@ -261,10 +261,10 @@ def export(
     scale = vae_scale_factor(vae_config.get("block_out_channels", [0] * 4))
     check_image_size({"height": height, "width": width}, multiple=max(scale, 8))
     if skip_layer_guidance and "skip_layer_guidance" not in family.export_flags:
-        raise DiffshipError(f"skip_layer_guidance: skip-layer guidance is Stable Diffusion 3's (its transformer's "
+        raise DiffshipError(f"skip_layer_guidance (--skip-layer-guidance): skip-layer guidance is Stable Diffusion 3's (its transformer's "
                             f"joint blocks), not {family.name}'s; export without it")
     if skip_layer_guidance and "tensorrt" in formats:
-        raise DiffshipError("skip_layer_guidance: TensorRT profiles are not built for the skip_layers input yet; "
+        raise DiffshipError("skip_layer_guidance (--skip-layer-guidance): TensorRT profiles are not built for the skip_layers input yet; "
                             "export to onnx and/or openvino")
     if swappable_lora and UNET not in family.components:
         raise DiffshipError(f"swappable_lora: run-time LoRA is built for the UNet families (SD 1.x/2.x, SDXL), not "
