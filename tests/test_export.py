@@ -68,8 +68,8 @@ def test_corrupted_weights_fail_validation(tiny_model_dirs, tmp_path, monkeypatc
 
     real_trace = component_export.trace_onnx
 
-    def trace_then_corrupt(spec, opset):
-        model = real_trace(spec, opset)
+    def trace_then_corrupt(spec, opset, *args):
+        model = real_trace(spec, opset, *args)
         if spec.name == "unet":
             weight = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
             array = onnx.numpy_helper.to_array(weight).copy()
@@ -165,6 +165,68 @@ def test_save_model_leaves_the_graph_in_memory_as_it_was(tmp_path):
     written = onnx.load(str(tmp_path / "b" / "model.onnx"))
     np.testing.assert_array_equal(onnx.numpy_helper.to_array(written.graph.initializer[0]),
                                   onnx.numpy_helper.to_array(weight))
+
+
+def _two_weight_model():
+    from onnx import helper
+
+    weights = [onnx.numpy_helper.from_array(np.arange(4096, dtype=np.float32).reshape(64, 64) * (i + 1), f"w{i}")
+               for i in range(2)]
+    small = onnx.numpy_helper.from_array(np.ones(4, dtype=np.float32), "small")  # under the size threshold
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"]), helper.make_node("MatMul", ["h", "w1"], ["y0"]),
+             helper.make_node("Add", ["y0", "small"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 64])],
+                              [*weights, small])
+    return helper.make_model(graph)
+
+
+def test_save_model_writes_weights_as_onnx_does_one_tensor_at_a_time(tmp_path):
+    """The streaming writer lays the external file out as onnx's writer does (byte for byte), from a graph in
+    memory (kept as it was, or given up tensor by tensor with keep=False) and from a graph whose weights are still in
+    a tracer's files, one per tensor without a length (torch.onnx's layout past 2 GB: copied, never loaded)."""
+    from diffship.graphs.external_data import save_model
+
+    (tmp_path / "onnx").mkdir()
+    onnx.save_model(_two_weight_model(), str(tmp_path / "onnx" / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx_data",
+                    size_threshold=1024)
+    expected = (tmp_path / "onnx" / "model.onnx_data").read_bytes()
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in _two_weight_model().graph.initializer}
+
+    model = _two_weight_model()
+    save_model(model, tmp_path / "kept" / "model.onnx", external_data_threshold=0, keep=True)
+    assert (tmp_path / "kept" / "model.onnx_data").read_bytes() == expected
+    assert all(t.data_location == onnx.TensorProto.DEFAULT for t in model.graph.initializer)
+
+    model = _two_weight_model()
+    save_model(model, tmp_path / "dropped" / "model.onnx", external_data_threshold=0, keep=False)
+    assert (tmp_path / "dropped" / "model.onnx_data").read_bytes() == expected
+    assert [t.name for t in model.graph.initializer if not t.HasField("raw_data")] == ["w0", "w1"]
+
+    # The tracer's layout: each large tensor in a file named after it, no offset or length recorded.
+    tracer = tmp_path / "tracer"
+    tracer.mkdir()
+    model = _two_weight_model()
+    for tensor in list(model.graph.initializer)[:2]:
+        (tracer / tensor.name).write_bytes(tensor.raw_data)
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        entry = tensor.external_data.add()  # the location only
+        entry.key, entry.value = "location", tensor.name
+    with pytest.raises(ValueError, match="give base_dir"):
+        save_model(model, tmp_path / "nowhere" / "model.onnx", external_data_threshold=0)
+    save_model(model, tmp_path / "copied" / "model.onnx", external_data_threshold=0, base_dir=tracer)
+    assert (tmp_path / "copied" / "model.onnx_data").read_bytes() == expected
+    assert [e.value for e in model.graph.initializer[0].external_data] == ["w0"]  # kept: the tracer's files again
+    written = onnx.load(str(tmp_path / "copied" / "model.onnx"))
+    for tensor in written.graph.initializer:
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(tensor), values[tensor.name])
+    # Under the threshold, the tracer's weights go back into the graph file.
+    save_model(model, tmp_path / "inline" / "model.onnx", base_dir=tracer)
+    assert not (tmp_path / "inline" / "model.onnx_data").exists()
+    written = onnx.load(str(tmp_path / "inline" / "model.onnx"))
+    for tensor in written.graph.initializer:
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(tensor), values[tensor.name])
 
 
 def test_an_export_sets_aside_older_objects_only_while_it_runs(tiny_model_dirs, tmp_path, monkeypatch):
