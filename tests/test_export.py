@@ -243,3 +243,49 @@ def test_an_export_sets_aside_older_objects_only_while_it_runs(tiny_model_dirs, 
         export(tiny_model_dirs("sd1"), tmp_path / "out", "onnx", atol={"text_encoder": 1e-12}, progress=False)
     assert seen and min(seen) > 0  # every collection ran with the older objects set aside
     assert gc.get_freeze_count() == 0
+
+
+def test_pages_of_a_mapped_weight_file_are_handed_back_and_read_again_unchanged(tmp_path):
+    """What OpenVINO maps read-only (openvino_model.bin) leaves this process's resident memory while the export
+    validates, and reads back the same bytes (exporters/memory.py); writable mappings are never touched."""
+    import mmap
+
+    from diffship.exporters.memory import hand_back_pages, mapped_weights_handed_back, read_only_mappings
+
+    data = np.random.default_rng(0).integers(0, 255, 8 * 2**20, dtype=np.uint8)
+    path = tmp_path / "openvino_model.bin"
+    data.tofile(path)
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        view = np.frombuffer(mapped, dtype=np.uint8)
+        if not read_only_mappings(path):
+            pytest.skip("no /proc/self/maps here")
+
+        def resident() -> int:  # pages of the mapping in memory (mincore would say it too; smaps is simpler)
+            with open("/proc/self/smaps") as f:
+                lines, rss, inside = f.read().splitlines(), 0, False
+            for line in lines:
+                if line.split()[-1:] == [str(path.resolve())]:
+                    inside = True
+                elif inside and line.startswith("Rss:"):
+                    rss, inside = rss + int(line.split()[1]), False
+            return rss
+
+        assert int(view.sum(dtype=np.int64)) == int(data.sum(dtype=np.int64))  # every page read
+        assert resident() > 4096
+        hand_back_pages(path)
+        assert resident() == 0
+        with mapped_weights_handed_back(path, interval=0.01):
+            np.testing.assert_array_equal(view, data)  # read again, the same bytes
+        assert resident() == 0
+        del view
+    finally:
+        mapped.close()
+    with open(path, "r+b") as f:  # a writable mapping keeps its pages
+        writable = mmap.mmap(f.fileno(), 0)
+        try:
+            writable[:1] = b"\0"
+            assert read_only_mappings(path) == []
+        finally:
+            writable.close()
