@@ -213,6 +213,14 @@ def test_save_model_writes_weights_as_onnx_does_one_tensor_at_a_time(tmp_path):
         tensor.data_location = onnx.TensorProto.EXTERNAL
         entry = tensor.external_data.add()  # the location only
         entry.key, entry.value = "location", tensor.name
+    # ... and a Constant node's value, which the tracer writes out too and the graph file holds again.
+    value = onnx.numpy_helper.from_array(np.full((32, 32), 0.5, dtype=np.float32), "value")
+    (tracer / "const_value").write_bytes(value.raw_data)
+    value.ClearField("raw_data")
+    value.data_location = onnx.TensorProto.EXTERNAL
+    entry = value.external_data.add()
+    entry.key, entry.value = "location", "const_value"
+    model.graph.node.append(onnx.helper.make_node("Constant", [], ["unused"], value=value))
     with pytest.raises(ValueError, match="give base_dir"):
         save_model(model, tmp_path / "nowhere" / "model.onnx", external_data_threshold=0)
     save_model(model, tmp_path / "copied" / "model.onnx", external_data_threshold=0, base_dir=tracer)
@@ -221,6 +229,9 @@ def test_save_model_writes_weights_as_onnx_does_one_tensor_at_a_time(tmp_path):
     written = onnx.load(str(tmp_path / "copied" / "model.onnx"))
     for tensor in written.graph.initializer:
         np.testing.assert_array_equal(onnx.numpy_helper.to_array(tensor), values[tensor.name])
+    constant = written.graph.node[-1].attribute[0].t
+    assert constant.data_location == onnx.TensorProto.DEFAULT
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(constant), np.full((32, 32), 0.5, dtype=np.float32))
     # Under the threshold, the tracer's weights go back into the graph file.
     save_model(model, tmp_path / "inline" / "model.onnx", base_dir=tracer)
     assert not (tmp_path / "inline" / "model.onnx_data").exists()

@@ -14,7 +14,13 @@ from diffship.errors import DiffshipError
 from diffship.exporters.optimize import onnx_passes, openvino_converts_traced_graph, openvino_source
 from diffship.exporters.memory import mapped_weights_handed_back, release
 from diffship.exporters.validate import BF16_RTOL, DEFAULT_RTOL
-from diffship.graphs.external_data import EXTERNAL_DATA_FILE, initializers, is_external, save_model
+from diffship.graphs.external_data import (
+    EXTERNAL_DATA_FILE,
+    attribute_tensors,
+    initializers,
+    is_external,
+    save_model,
+)
 from diffship.graphs.model_io import on_disk
 from diffship.layout import LORA_COMPONENTS, ONNX_MODEL, TRANSFORMER
 
@@ -40,7 +46,7 @@ class Traced:
     def in_memory(self):
         """The traced graph with every weight loaded, for the graph passes (which work on the graph in memory)."""
         if self.fp32 is not None and self.weights_dir is not None and any(
-                is_external(t) for t in initializers(self.fp32)):
+                is_external(t) for t in (*initializers(self.fp32), *attribute_tensors(self.fp32))):
             load_external_data_for_model(self.fp32, str(self.weights_dir))
         return self.fp32
 

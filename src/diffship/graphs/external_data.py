@@ -55,6 +55,24 @@ def initializers(model: onnx.ModelProto):
     yield from walk(model.graph)
 
 
+def attribute_tensors(model: onnx.ModelProto):
+    """Every tensor held by a node attribute (Constant values), of the graph and its subgraphs."""
+    def walk(graph):
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.TENSOR:
+                    yield attribute.t
+                elif attribute.type == onnx.AttributeProto.TENSORS:
+                    yield from attribute.tensors
+                elif attribute.type == onnx.AttributeProto.GRAPH:
+                    yield from walk(attribute.g)
+                elif attribute.type == onnx.AttributeProto.GRAPHS:
+                    for subgraph in attribute.graphs:
+                        yield from walk(subgraph)
+
+    yield from walk(model.graph)
+
+
 def is_external(tensor: onnx.TensorProto) -> bool:
     return tensor.data_location == onnx.TensorProto.EXTERNAL
 
@@ -90,6 +108,14 @@ def save_model(model: onnx.ModelProto, path: str | Path, external_data_threshold
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     base_dir = Path(base_dir) if base_dir is not None else None
+    # Constant values stay in the graph, as onnx's writer leaves them (torch.onnx's tracer writes large ones out too).
+    for tensor in attribute_tensors(model):
+        if is_external(tensor):
+            if base_dir is None:
+                raise ValueError("save_model: the graph has external data; give base_dir, where its files lie")
+            load_external_data_for_tensor(tensor, str(base_dir))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
     external = [t for t in initializers(model) if is_external(t)]
     if tensor_bytes(model, base_dir) <= external_data_threshold:
         if external:  # a tracer's external weights under the threshold: the graph holds them again
