@@ -131,6 +131,8 @@ def export_openvino(traced: Traced, folder: Path, bounds, entry: dict) -> None:
     status("converting to OpenVINO")
     # OpenVINO maps the weight files it reads (the ONNX external data, then its own IR's .bin): the pages it has
     # read are handed back as it goes (exporters/memory.py), or they would stay resident beside its own copies.
+    # convert_model holds the GIL while it converts, so there they go back only once it returns; compiling and
+    # inferring (the validation below) release it, and there they go back all along.
     mapped = [traced.traced_file.with_name(EXTERNAL_DATA_FILE)] if traced.traced_file is not None else []
     with mapped_weights_handed_back(*mapped):
         files, applied, precision = _convert_openvino(traced, folder)
