@@ -68,8 +68,8 @@ def test_corrupted_weights_fail_validation(tiny_model_dirs, tmp_path, monkeypatc
 
     real_trace = component_export.trace_onnx
 
-    def trace_then_corrupt(spec, opset):
-        model = real_trace(spec, opset)
+    def trace_then_corrupt(spec, opset, *args):
+        model = real_trace(spec, opset, *args)
         if spec.name == "unet":
             weight = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
             array = onnx.numpy_helper.to_array(weight).copy()
@@ -167,6 +167,79 @@ def test_save_model_leaves_the_graph_in_memory_as_it_was(tmp_path):
                                   onnx.numpy_helper.to_array(weight))
 
 
+def _two_weight_model():
+    from onnx import helper
+
+    weights = [onnx.numpy_helper.from_array(np.arange(4096, dtype=np.float32).reshape(64, 64) * (i + 1), f"w{i}")
+               for i in range(2)]
+    small = onnx.numpy_helper.from_array(np.ones(4, dtype=np.float32), "small")  # under the size threshold
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"]), helper.make_node("MatMul", ["h", "w1"], ["y0"]),
+             helper.make_node("Add", ["y0", "small"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 64])],
+                              [*weights, small])
+    return helper.make_model(graph)
+
+
+def test_save_model_writes_weights_as_onnx_does_one_tensor_at_a_time(tmp_path):
+    """The streaming writer lays the external file out as onnx's writer does (byte for byte), from a graph in
+    memory (kept as it was, or given up tensor by tensor with keep=False) and from a graph whose weights are still in
+    a tracer's files, one per tensor without a length (torch.onnx's layout past 2 GB: copied, never loaded)."""
+    from diffship.graphs.external_data import save_model
+
+    (tmp_path / "onnx").mkdir()
+    onnx.save_model(_two_weight_model(), str(tmp_path / "onnx" / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx_data",
+                    size_threshold=1024)
+    expected = (tmp_path / "onnx" / "model.onnx_data").read_bytes()
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in _two_weight_model().graph.initializer}
+
+    model = _two_weight_model()
+    save_model(model, tmp_path / "kept" / "model.onnx", external_data_threshold=0, keep=True)
+    assert (tmp_path / "kept" / "model.onnx_data").read_bytes() == expected
+    assert all(t.data_location == onnx.TensorProto.DEFAULT for t in model.graph.initializer)
+
+    model = _two_weight_model()
+    save_model(model, tmp_path / "dropped" / "model.onnx", external_data_threshold=0, keep=False)
+    assert (tmp_path / "dropped" / "model.onnx_data").read_bytes() == expected
+    assert [t.name for t in model.graph.initializer if not t.HasField("raw_data")] == ["w0", "w1"]
+
+    # The tracer's layout: each large tensor in a file named after it, no offset or length recorded.
+    tracer = tmp_path / "tracer"
+    tracer.mkdir()
+    model = _two_weight_model()
+    for tensor in list(model.graph.initializer)[:2]:
+        (tracer / tensor.name).write_bytes(tensor.raw_data)
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        entry = tensor.external_data.add()  # the location only
+        entry.key, entry.value = "location", tensor.name
+    # ... and a Constant node's value, which the tracer writes out too and the graph file holds again.
+    value = onnx.numpy_helper.from_array(np.full((32, 32), 0.5, dtype=np.float32), "value")
+    (tracer / "const_value").write_bytes(value.raw_data)
+    value.ClearField("raw_data")
+    value.data_location = onnx.TensorProto.EXTERNAL
+    entry = value.external_data.add()
+    entry.key, entry.value = "location", "const_value"
+    model.graph.node.append(onnx.helper.make_node("Constant", [], ["unused"], value=value))
+    with pytest.raises(ValueError, match="give base_dir"):
+        save_model(model, tmp_path / "nowhere" / "model.onnx", external_data_threshold=0)
+    save_model(model, tmp_path / "copied" / "model.onnx", external_data_threshold=0, base_dir=tracer)
+    assert (tmp_path / "copied" / "model.onnx_data").read_bytes() == expected
+    assert [e.value for e in model.graph.initializer[0].external_data] == ["w0"]  # kept: the tracer's files again
+    written = onnx.load(str(tmp_path / "copied" / "model.onnx"))
+    for tensor in written.graph.initializer:
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(tensor), values[tensor.name])
+    constant = written.graph.node[-1].attribute[0].t
+    assert constant.data_location == onnx.TensorProto.DEFAULT
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(constant), np.full((32, 32), 0.5, dtype=np.float32))
+    # Under the threshold, the tracer's weights go back into the graph file.
+    save_model(model, tmp_path / "inline" / "model.onnx", base_dir=tracer)
+    assert not (tmp_path / "inline" / "model.onnx_data").exists()
+    written = onnx.load(str(tmp_path / "inline" / "model.onnx"))
+    for tensor in written.graph.initializer:
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(tensor), values[tensor.name])
+
+
 def test_an_export_sets_aside_older_objects_only_while_it_runs(tiny_model_dirs, tmp_path, monkeypatch):
     """Exports collect garbage after each dropped weights copy, over the objects made during the export only
     (gc.freeze: a full collection costs 0.2 s with torch and diffusers imported); the caller's objects are given
@@ -181,3 +254,49 @@ def test_an_export_sets_aside_older_objects_only_while_it_runs(tiny_model_dirs, 
         export(tiny_model_dirs("sd1"), tmp_path / "out", "onnx", atol={"text_encoder": 1e-12}, progress=False)
     assert seen and min(seen) > 0  # every collection ran with the older objects set aside
     assert gc.get_freeze_count() == 0
+
+
+def test_pages_of_a_mapped_weight_file_are_handed_back_and_read_again_unchanged(tmp_path):
+    """What OpenVINO maps read-only (openvino_model.bin) leaves this process's resident memory while the export
+    validates, and reads back the same bytes (exporters/memory.py); writable mappings are never touched."""
+    import mmap
+
+    from diffship.exporters.memory import hand_back_pages, mapped_weights_handed_back, read_only_mappings
+
+    data = np.random.default_rng(0).integers(0, 255, 8 * 2**20, dtype=np.uint8)
+    path = tmp_path / "openvino_model.bin"
+    data.tofile(path)
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        view = np.frombuffer(mapped, dtype=np.uint8)
+        if not read_only_mappings(path):
+            pytest.skip("no /proc/self/maps here")
+
+        def resident() -> int:  # pages of the mapping in memory (mincore would say it too; smaps is simpler)
+            with open("/proc/self/smaps") as f:
+                lines, rss, inside = f.read().splitlines(), 0, False
+            for line in lines:
+                if line.split()[-1:] == [str(path.resolve())]:
+                    inside = True
+                elif inside and line.startswith("Rss:"):
+                    rss, inside = rss + int(line.split()[1]), False
+            return rss
+
+        assert int(view.sum(dtype=np.int64)) == int(data.sum(dtype=np.int64))  # every page read
+        assert resident() > 4096
+        hand_back_pages(path)
+        assert resident() == 0
+        with mapped_weights_handed_back(path, interval=0.01):
+            np.testing.assert_array_equal(view, data)  # read again, the same bytes
+        assert resident() == 0
+        del view
+    finally:
+        mapped.close()
+    with open(path, "r+b") as f:  # a writable mapping keeps its pages
+        writable = mmap.mmap(f.fileno(), 0)
+        try:
+            writable[:1] = b"\0"
+            assert read_only_mappings(path) == []
+        finally:
+            writable.close()

@@ -162,12 +162,12 @@ def test_a_graph_baked_at_one_latent_size_fails_validation_naming_component_and_
 
     real_trace = component_export.trace_onnx
 
-    def trace_at_a_multiple(spec, opset):
+    def trace_at_a_multiple(spec, opset, *args):
         if spec.name == "unet":
             batch, channels = spec.example_inputs["sample"].shape[:2]
             spec = dataclasses.replace(spec, example_inputs={**spec.example_inputs,
                                                              "sample": torch.randn(batch, channels, 8, 8)})
-        return real_trace(spec, opset)
+        return real_trace(spec, opset, *args)
 
     monkeypatch.setattr(component_export, "trace_onnx", trace_at_a_multiple)
     with pytest.raises(ValidationError, match=r"^unet on onnxruntime cannot run at sample \[2, 4, 9, 9\].*baked in"):

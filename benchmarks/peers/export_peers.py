@@ -127,9 +127,10 @@ def run_sampled(command: list[str], log_path: Path, env: dict | None = None, cwd
 
 # ---- the source ----------------------------------------------------------------------------------------------------
 
-def unet_fp32_bytes(source: Path) -> dict:
-    """The UNet's parameter count (from its safetensors headers; no weight is read) and its size in fp32."""
-    folder = source / "unet"
+def unet_fp32_bytes(source: Path, component: str = "unet") -> dict:
+    """The UNet's (or another component's) parameter count (from its safetensors headers; no weight is read) and
+    its size in fp32."""
+    folder = source / component
     files = sorted(p for p in folder.glob("*.safetensors") if ".fp16." not in p.name) or sorted(
         folder.glob("*.safetensors"))
     if not files:
@@ -189,9 +190,21 @@ def commands(args, source_for_optimum: Path) -> dict[str, list[str]]:
                              "text-to-image", str(args.out_root / "optimum-openvino")],
         "diffship": [*diffship, str(args.out_root / "diffship"), "--backend", "onnx,openvino", *size],
     }
+    if args.stages:  # the same export, through export_stages.py: its peak RSS per stage besides
+        out["diffship"] = [str(args.diffship_python), str(REPO / "benchmarks" / "export_stages.py"), str(args.source),
+                           str(args.out_root / "diffship"), "--backend", "onnx,openvino", *size,
+                           "--out", str(args.out_root / "logs" / "diffship_stages")]
     if args.best_args.strip().lower() != "none":
         out["diffship-best"] = [*diffship, str(args.out_root / "diffship-best"), *args.best_args.split(), *size]
     return out
+
+
+def _with_stage_peaks(figures: dict) -> None:
+    """export_stages.py resets the kernel's peak mark at each stage, so the process's ru_maxrss is its last stage's:
+    its largest process's peak is the largest stage peak (the kernel's own marks) instead."""
+    peak_mb = max(s["peak_rss_gib"] for s in figures["stages"]) * 1024
+    figures["max_rss_single_process_mb"] = max(figures["max_rss_single_process_mb"], peak_mb)
+    figures["peak_rss_mb"] = max(figures["peak_rss_mb"], peak_mb)
 
 
 def main() -> int:
@@ -205,6 +218,9 @@ def main() -> int:
                              "skips it)")
     parser.add_argument("--only", default=",".join(EXPORTERS), help=f"which of {', '.join(EXPORTERS)}")
     parser.add_argument("--force", action="store_true", help="remake exports that are already there")
+    parser.add_argument("--stages", action="store_true",
+                        help="run diffship's export through benchmarks/export_stages.py (the same export, in its "
+                             "own process as `diffship export`) and report its peak RSS per stage too")
     parser.add_argument("--optimum-python", type=Path, default=REPO / ".venv-optimum" / "bin" / "python")
     parser.add_argument("--diffship-python", type=Path, default=Path(sys.executable))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "export_memory",
@@ -222,9 +238,10 @@ def main() -> int:
 
     from diffship.benchmarking.machine import machine_info, now, versions
 
-    earlier = {}
+    earlier, earlier_machine = {}, None
     if args.out.with_suffix(".json").is_file():
-        earlier = json.loads(args.out.with_suffix(".json").read_text()).get("exports", {})
+        earlier_report = json.loads(args.out.with_suffix(".json").read_text())
+        earlier, earlier_machine = earlier_report.get("exports", {}), earlier_report.get("machine")
     report = {"schema": SCHEMA, "date": now(), "command": " ".join(sys.argv), "machine": machine_info(),
               "versions": versions(("diffship", "onnxruntime", "openvino", "torch", "diffusers", "transformers",
                                     "nncf")),
@@ -233,6 +250,8 @@ def main() -> int:
               "target_x_unet_fp32": TARGET_X_UNET, "exports": {}}
     if args.optimum_python.exists():
         report["versions_optimum_venv"] = optimum_versions(args.optimum_python)
+    elif earlier:  # the rows kept from an earlier run were made with that run's Optimum venv
+        report["versions_optimum_venv"] = earlier_report.get("versions_optimum_venv")
     needs_optimum = any(n.startswith("optimum") for n in only)
     todo = commands(args, optimum_source(args.source, args.out_root) if needs_optimum else args.source)
     unet_bytes = report["source"]["fp32_bytes"]
@@ -241,8 +260,9 @@ def main() -> int:
         if name not in only or ((dest / "model_index.json").is_file() and not args.force):
             if name in only:
                 log(f"{name}: keeping {dest} (--force remakes it)")
-            if name in earlier:
-                report["exports"][name] = {**earlier[name], "kept": True}
+            if name in earlier:  # the machine it was measured on goes with it
+                report["exports"][name] = {"machine": earlier_machine, "date": earlier_report.get("date"),
+                                           **earlier[name], "kept": True}
             continue
         if dest.exists():
             if not (dest / "model_index.json").is_file() and any(dest.iterdir()):
@@ -253,6 +273,10 @@ def main() -> int:
         log(f"{name}: {' '.join(command)}")
         env = peer_env() if name.startswith("optimum") else None
         figures = run_sampled(command, args.out_root / "logs" / f"{name}.log", env=env)
+        stages = args.out_root / "logs" / "diffship_stages.json"
+        if name == "diffship" and args.stages and stages.is_file() and figures["returncode"] == 0:
+            figures["stages"] = json.loads(stages.read_text())["stages"]
+            _with_stage_peaks(figures)
         figures["output_mb"] = (sum(p.stat().st_size for p in dest.rglob("*") if p.is_file()) / 2**20
                                 if dest.is_dir() else None)
         ratio = figures["peak_rss_mb"] * 2**20 / unet_bytes if unet_bytes else None
@@ -291,8 +315,9 @@ def format_markdown(report: dict) -> str:
         ratio = "-" if e.get("peak_rss_x_unet_fp32") is None else f"{e['peak_rss_x_unet_fp32']:.2f}x"
         output = "-" if e.get("output_mb") is None else f"{e['output_mb'] / 1024:.2f} GiB"
         command = " ".join(Path(c).name if i == 0 else c for i, c in enumerate(e["command"]))
-        failed = f" (FAILED: {e['error']})" if e.get("error") else (" (kept from an earlier run)" if e.get("kept")
-                                                                    else "")
+        kept = (f" (kept from an earlier run: {e['date'] or '?'}, {e['machine']['cpu']})" if e.get("machine")
+                else " (kept from an earlier run)")
+        failed = f" (FAILED: {e['error']})" if e.get("error") else (kept if e.get("kept") else "")
         lines.append(f"| {name}{failed} | {e['wall_s'] / 60:.1f} min | {e['peak_rss_mb'] / 1024:.2f} GiB | "
                      f"{e['max_rss_single_process_mb'] / 1024:.2f} GiB | {ratio} | {met} | {output} | "
                      f"`{command}` |")
@@ -302,8 +327,21 @@ def format_markdown(report: dict) -> str:
               "read; never less than the largest process's own peak. Largest process: the kernel's peak for the "
               "biggest single process of the tree (ru_maxrss).", "",
               "- diffship venv: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v) + ".",
-              "- Optimum venv: " + ", ".join(f"{k} {v}" for k, v in (report["versions_optimum_venv"] or {}).items()
-                                             if v) + "."]
+              "- Optimum venv" + (" (the kept rows')" if any(e.get("kept") for e in report["exports"].values())
+                                  else "") + ": "
+              + ", ".join(f"{k} {v}" for k, v in (report["versions_optimum_venv"] or {}).items() if v) + "."]
+    lines += [f"- {name}: {e['note']}." for name, e in report["exports"].items() if e.get("note")]
+    lines += [f"- {note}" for note in report.get("notes", [])]
+    for name, e in report["exports"].items():
+        if e.get("stages"):
+            lines += ["", f"{name}: peak RSS per stage (the export process's own, the kernel's VmHWM reset at each "
+                      "stage; `benchmarks/export_stages.py`), the stages of the largest component and any other "
+                      "stage within 1 GiB of the peak:", "", "| stage | seconds | peak RSS |", "| --- | ---: | ---: |"]
+            top = max(s["peak_rss_gib"] for s in e["stages"])
+            largest = "unet"
+            for s in e["stages"]:
+                if s["stage"].startswith(largest) or s["peak_rss_gib"] >= top - 1:
+                    lines.append(f"| {s['stage']} | {s['seconds']:.0f} | {s['peak_rss_gib']:.2f} GiB |")
     return "\n".join(lines) + "\n"
 
 

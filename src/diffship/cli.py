@@ -67,7 +67,9 @@ def _add_tiny_model(sub) -> None:
                         "sdxl-turbo: the SDXL family in small (default sd1)")
     p.add_argument("--full-size", action="store_true",
                    help="the full SD1.5 architecture with random weights (about 4 GB, for benchmarks); with "
-                        "--kind sdxl, SDXL 1.0's (about 14 GB)")
+                        "--kind sdxl, SDXL 1.0's (about 14 GB); with --kind sd3, SD3 Medium's transformer and VAE "
+                        "(about 8.5 GB; text encoders of SD3's widths but two layers, T5-XXL being past this "
+                        "size)")
     p.add_argument("--trained", action="store_true",
                    help="the trained shapes model shipped with diffship: 64x64 pictures of 'a {red,green,blue,"
                         "yellow} {circle,square,triangle} on the {left,right,top,bottom,center}' (real images, "
@@ -354,13 +356,13 @@ def cmd_tiny_model(args) -> None:
 
         print(f"wrote the trained shapes model to {save_trained_pipeline(args.out)}")
         return
-    if args.full_size and args.kind not in (None, "sdxl"):
-        raise DiffshipError(f"--full-size writes SD 1.5's architecture, or with --kind sdxl SDXL's; not --kind "
-                            f"{args.kind}")
+    if args.full_size and args.kind not in (None, "sdxl", "sd3"):
+        raise DiffshipError(f"--full-size writes SD 1.5's architecture, with --kind sdxl SDXL's, with --kind sd3 "
+                            f"SD3 Medium's; not --kind {args.kind}")
     from diffship.testing.tiny_models import save_tiny_pipeline
 
     if args.full_size:
-        kind = "full-size-sdxl" if args.kind == "sdxl" else "full-size"
+        kind = {"sdxl": "full-size-sdxl", "sd3": "full-size-sd3"}.get(args.kind, "full-size")
     else:
         kind = args.kind or "sd1"
     path = save_tiny_pipeline(args.out, kind, seed=args.seed or 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
 from diffship.exporters.components import ComponentSpec
@@ -38,15 +39,18 @@ def export_component(spec: ComponentSpec, folder: Path, formats: list[str], opti
                 spec.other_shapes.append(shapes)
     status("PyTorch reference")
     reference = Reference(spec)
-    status("tracing")
-    traced = Traced(spec, reference, trace_onnx(spec, opset), options, opset, external_data_threshold, calibration,
-                    status)
-    if spec.release_after_trace:
-        spec.module = None
-        release()
     entry = {"files": [], "inputs": list(spec.example_inputs), "outputs": spec.output_names, "precision": {},
              "passes": [], "validation": {}}
-    for name in formats:
-        EXPORT_FORMATS[name].export(traced, folder, lambda precision: tolerance(spec, precision, atols), entry)
+    # The tracer's weight files (a graph past 2 GB) stay in `scratch` until the formats have written theirs.
+    with tempfile.TemporaryDirectory(prefix="diffship-trace-") as scratch:
+        status("tracing")
+        traced = Traced(spec, reference, trace_onnx(spec, opset, scratch), options, opset, external_data_threshold,
+                        calibration, status, weights_dir=Path(scratch))
+        if spec.release_after_trace:
+            spec.module = None
+            release()
+        for name in formats:
+            EXPORT_FORMATS[name].export(traced, folder, lambda precision: tolerance(spec, precision, atols), entry)
+        traced = None
     logger.info("exported %s: %s", spec.name, {b: v["max_abs"] for b, v in entry["validation"].items()})
     return entry

@@ -756,10 +756,14 @@ def final_layer_norm_writer(text_encoder):
 
     from diffship.layout import FINAL_LAYER_NORM_FILE
 
+    # Read now, and copied: the writer runs after the component is exported, and a reference to the module (or to
+    # a view of its weights) would keep the whole text encoder in memory until the export ends (transformers 4
+    # nests the norm under text_model, transformers 5 does not).
+    norm = next(m for name, m in text_encoder.named_modules() if name.endswith("final_layer_norm"))
+    values = {"weight": norm.weight.detach().float().numpy().copy(), "bias": norm.bias.detach().float().numpy().copy(),
+              "eps": np.float64(norm.eps)}
+
     def write(folder: Path) -> None:
-        # transformers 4 nests it under text_model, transformers 5 does not.
-        norm = next(m for name, m in text_encoder.named_modules() if name.endswith("final_layer_norm"))
-        np.savez(folder / FINAL_LAYER_NORM_FILE, weight=norm.weight.detach().float().numpy(),
-                 bias=norm.bias.detach().float().numpy(), eps=np.float64(norm.eps))
+        np.savez(folder / FINAL_LAYER_NORM_FILE, **values)
 
     return write

@@ -283,9 +283,11 @@ def export(
         if swappable_lora:
             reserve_token_rows(pipe)
         controlnet_models = load_controlnets(controlnets, allow_pickle)
-        denoiser = getattr(pipe, "unet", None) or pipe.transformer  # the UNet families' or the transformers'
-        # Flux's transformer has no sample_size: its pipelines' default_sample_size is 128 latents.
-        default_size = getattr(denoiser.config, "sample_size", 128) * scale
+        # The UNet families' denoiser or the transformers'; only its config is kept here: a reference to the
+        # module would keep its weights (a full-size UNet's 3.4 GB) alive after its export frees it. Flux's
+        # transformer has no sample_size: its pipelines' default_sample_size is 128 latents.
+        denoiser_config = (getattr(pipe, "unet", None) or pipe.transformer).config
+        default_size = getattr(denoiser_config, "sample_size", 128) * scale
         tokenizer = getattr(pipe, "tokenizer", None) or pipe.tokenizer_2
         shapes = ExportShapes(
             batch_size=batch_size,

@@ -8,11 +8,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from onnx.external_data_helper import load_external_data_for_model
+
 from diffship.errors import DiffshipError
 from diffship.exporters.optimize import onnx_passes, openvino_converts_traced_graph, openvino_source
-from diffship.exporters.memory import release
+from diffship.exporters.memory import mapped_weights_handed_back, release
 from diffship.exporters.validate import BF16_RTOL, DEFAULT_RTOL
-from diffship.graphs.external_data import save_model
+from diffship.graphs.external_data import (
+    EXTERNAL_DATA_FILE,
+    attribute_tensors,
+    initializers,
+    is_external,
+    save_model,
+)
 from diffship.graphs.model_io import on_disk
 from diffship.layout import LORA_COMPONENTS, ONNX_MODEL, TRANSFORMER
 
@@ -21,7 +29,8 @@ from diffship.layout import LORA_COMPONENTS, ONNX_MODEL, TRANSFORMER
 class Traced:
     """What the formats share for one component: its PyTorch reference and traced fp32 graph. `fp32` is dropped
     (None) once no later format needs it in memory; `traced_file` is the traced graph as a format wrote it, when
-    a later format can read it from there."""
+    a later format can read it from there. A graph past 2 GB keeps its weights in the tracer's files in
+    `weights_dir` (external data) until a pass needs them in memory (`in_memory()`)."""
 
     spec: object
     reference: object
@@ -32,6 +41,14 @@ class Traced:
     calibration: list | None
     status: Callable[[str], None]
     traced_file: Path | None = None
+    weights_dir: Path | None = None
+
+    def in_memory(self):
+        """The traced graph with every weight loaded, for the graph passes (which work on the graph in memory)."""
+        if self.fp32 is not None and self.weights_dir is not None and any(
+                is_external(t) for t in (*initializers(self.fp32), *attribute_tensors(self.fp32))):
+            load_external_data_for_model(self.fp32, str(self.weights_dir))
+        return self.fp32
 
 
 @dataclass(frozen=True)
@@ -46,22 +63,35 @@ class ExportFormat:
     needs: tuple[str, ...] = ()
 
 
-def _measure_onnx(model, reference) -> dict:
+def onnxruntime_validation_session(path):
+    """An ONNX Runtime session to validate a graph on: the runtime's defaults (ORT_ENABLE_ALL), no compile cache,
+    and no memory pattern. The pattern is a plan of every activation's place in one block, made and kept per set of
+    input shapes; the export runs three, and the full-size UNet's at 512x512 held 1.2 GB more with it. The kernels,
+    and so the outputs, are the same without it."""
+    import onnxruntime as ort
+
     from diffship.runtimes.onnxruntime import OnnxRuntimeSession
 
+    options = ort.SessionOptions()
+    options.enable_mem_pattern = False
+    return OnnxRuntimeSession(path, cache_dir=False, session_options=options)
+
+
+def _measure_onnx(model, reference) -> dict:
     with on_disk(model) as path:
-        figures = reference.measure(OnnxRuntimeSession(path, cache_dir=False), "onnxruntime", traced_only=True)
+        figures = reference.measure(onnxruntime_validation_session(path), "onnxruntime", traced_only=True)
     return {"max_abs": figures["max_abs"], "max_rel": figures["max_rel"], "nan": figures["nan"]}
 
 
 def export_onnx(traced: Traced, folder: Path, bounds, entry: dict) -> None:
     """The graph passes the options ask for, each measured, then model.onnx (+ external data), validated on ONNX
     Runtime."""
-    from diffship.runtimes.onnxruntime import OnnxRuntimeSession
-
     spec, options, status = traced.spec, traced.options, traced.status
     model = traced.fp32
-    for name, apply in onnx_passes(options, spec.name, traced.reference.feeds):
+    passes = onnx_passes(options, spec.name, traced.reference.feeds)
+    if passes:
+        model = traced.in_memory()
+    for name, apply in passes:
         status(f"{name} pass")
         model = apply(model)
         record = {"format": "onnx", "pass": name}
@@ -71,11 +101,14 @@ def export_onnx(traced: Traced, folder: Path, bounds, entry: dict) -> None:
     status("writing ONNX")
     # Swappable LoRA weights are read by the runtime where they lie: every weight goes to the external data file.
     swappable = options.swappable_lora and spec.name in LORA_COMPONENTS
+    # The file about to be written is the graph OpenVINO converts when no pass comes before it: it reads it from
+    # there, and the weights (10 GB for a full-size SDXL UNet) need not stay in memory while ONNX Runtime loads
+    # its own copy. The graph written is kept in memory only where a later format still converts it from there.
+    hand_off = model is traced.fp32 and openvino_converts_traced_graph(options)
     files = save_model(model, folder / ONNX_MODEL, 0 if swappable else traced.external_data_threshold,
-                       size_threshold=0 if swappable else 1024)
-    if model is traced.fp32 and openvino_converts_traced_graph(options):
-        # The file just written is the graph OpenVINO converts: it reads it from there, and the weights (10 GB
-        # for a full-size SDXL UNet) need not stay in memory while ONNX Runtime loads its own copy.
+                       size_threshold=0 if swappable else 1024, base_dir=traced.weights_dir,
+                       keep=model is traced.fp32 and not hand_off)
+    if hand_off:
         traced.traced_file, traced.fp32 = folder / ONNX_MODEL, None
     model = None
     release()
@@ -84,7 +117,7 @@ def export_onnx(traced: Traced, folder: Path, bounds, entry: dict) -> None:
     if not (options.optimize and options.target == "cuda"):
         status("validating on onnxruntime")
         entry["validation"]["onnxruntime"] = traced.reference.check(
-            OnnxRuntimeSession(folder, cache_dir=False), "onnxruntime", precision=precision, **bounds(precision))
+            onnxruntime_validation_session(folder), "onnxruntime", precision=precision, **bounds(precision))
         release()  # the session's weights, before the next format loads its own
     entry["files"] += [f.name for f in files]
 
@@ -92,16 +125,44 @@ def export_onnx(traced: Traced, folder: Path, bounds, entry: dict) -> None:
 def export_openvino(traced: Traced, folder: Path, bounds, entry: dict) -> None:
     """OpenVINO IR converted from the traced graph (or the ONNX file holding it), weight compression or hybrid
     quantization as the options ask, validated on OpenVINO."""
-    from diffship.exporters import openvino as ov_export
     from diffship.runtimes.openvino import OpenVINOSession
 
-    spec, options, status = traced.spec, traced.options, traced.status
+    status = traced.status
     status("converting to OpenVINO")
+    # OpenVINO maps the weight files it reads (the ONNX external data, then its own IR's .bin): the pages it has
+    # read are handed back as it goes (exporters/memory.py), or they would stay resident beside its own copies.
+    # convert_model holds the GIL while it converts, so there they go back only once it returns; compiling and
+    # inferring (the validation below) release it, and there they go back all along.
+    mapped = [traced.traced_file.with_name(EXTERNAL_DATA_FILE)] if traced.traced_file is not None else []
+    with mapped_weights_handed_back(*mapped):
+        files, applied, precision = _convert_openvino(traced, folder)
+    release()
+    if precision == "fp16":
+        applied.append("fp16_ir")
+    entry["passes"] += [{"format": "openvino", "pass": p} for p in applied]
+    entry["precision"]["openvino"] = precision
+    status("validating on openvino")
+    with mapped_weights_handed_back(files[1]):
+        entry["validation"]["openvino"] = traced.reference.check(
+            OpenVINOSession(files[0], cache_dir=False), "openvino", precision=precision, **bounds(precision))
+        release()
+        status("measuring bf16 inference")
+        entry["inference_precision"] = {"openvino": _bf16_choice(traced.reference, files[0], precision)}
+    entry["files"] += [f.name for f in files]
+
+
+def _convert_openvino(traced: Traced, folder: Path) -> tuple[list[Path], list[str], str]:
+    """The IR written into `folder`: its files, the passes applied, its precision."""
+    from diffship.exporters import openvino as ov_export
+
+    spec, options = traced.spec, traced.options
     if traced.traced_file is not None:
         ov_model, source_passes = ov_export.convert_file(traced.traced_file), []
     else:
-        source, source_passes = openvino_source(options, spec.name, traced.fp32, traced.reference.feeds)
-        ov_model = ov_export.convert(source)
+        fp32 = traced.fp32 if openvino_converts_traced_graph(options) else traced.in_memory()
+        source, source_passes = openvino_source(options, spec.name, fp32, traced.reference.feeds)
+        fp32 = None
+        ov_model = ov_export.convert(source, base_dir=traced.weights_dir)
         source = None
     traced.fp32 = None  # OpenVINO holds its own copy of the weights now
     precision = options.precision(spec.name, "openvino")
@@ -118,21 +179,9 @@ def export_openvino(traced: Traced, folder: Path, bounds, entry: dict) -> None:
         # GenAI's UNet timestep form; diffship's runtime reads both. Its SD3 / Flux transformers take the float
         # [batch] timestep as exported (as Optimum Intel writes them).
         ov_model = ov_export.genai_timestep(ov_model)
-    status("writing OpenVINO IR")
-    files = ov_export.save(ov_model, folder, compress_to_fp16=precision == "fp16")
-    ov_model = None  # validation compiles the saved IR: not two copies of the weights at once
-    release()
-    if precision == "fp16":
-        applied.append("fp16_ir")
-    entry["passes"] += [{"format": "openvino", "pass": p} for p in applied]
-    entry["precision"]["openvino"] = precision
-    status("validating on openvino")
-    entry["validation"]["openvino"] = traced.reference.check(
-        OpenVINOSession(files[0], cache_dir=False), "openvino", precision=precision, **bounds(precision))
-    release()
-    status("measuring bf16 inference")
-    entry["inference_precision"] = {"openvino": _bf16_choice(traced.reference, files[0], precision)}
-    entry["files"] += [f.name for f in files]
+    traced.status("writing OpenVINO IR")
+    # Validation compiles the saved IR: the model goes with this function, not two copies of the weights at once.
+    return ov_export.save(ov_model, folder, compress_to_fp16=precision == "fp16"), applied, precision
 
 
 def _bf16_choice(reference, path: Path, precision: str) -> dict:

@@ -19,12 +19,17 @@ DEFAULT_OPSET = 17
 MIN_OPSET, MAX_OPSET = 14, 20
 
 
-def trace_onnx(spec: ComponentSpec, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
-    """Trace `spec.module` with its example inputs; the fp32 graph, in memory."""
-    with tempfile.TemporaryDirectory() as scratch, torch.no_grad(), warnings.catch_warnings():
+def trace_onnx(spec: ComponentSpec, opset: int = DEFAULT_OPSET, scratch: str | Path | None = None) -> onnx.ModelProto:
+    """Trace `spec.module` with its example inputs; the fp32 graph.
+
+    With `scratch` (a folder that outlives the graph), a graph past 2 GB keeps its weights where the tracer wrote
+    them, one file per tensor in `scratch`, as external data: the ONNX writer copies them from there
+    (graphs.external_data.save_model(base_dir=scratch)), and they are loaded only for a pass that needs them in
+    memory. Without it, every weight is loaded into the returned graph."""
+    with tempfile.TemporaryDirectory() as temporary, torch.no_grad(), warnings.catch_warnings():
         # Tracer warnings about Python control flow on shapes are expected for these models.
         warnings.simplefilter("ignore")
-        traced = Path(scratch) / ONNX_MODEL
+        traced = Path(scratch if scratch is not None else temporary) / ONNX_MODEL
         torch.onnx.export(
             spec.module.eval(),
             tuple(spec.example_inputs.values()),
@@ -41,8 +46,10 @@ def trace_onnx(spec: ComponentSpec, opset: int = DEFAULT_OPSET) -> onnx.ModelPro
             # the two copies of a full-size UNet are not in memory together.
             spec.module = None
             release()
-        # Loaded whole: the tracer's own external-data layout (one file per tensor) is not the one we write.
-        return declare_unused_inputs(onnx.load(str(traced), load_external_data=True), spec)
+        # The tracer's own external-data layout (one file per tensor) is not the one we write: without a scratch
+        # folder to keep them in, the weights are loaded whole.
+        model = onnx.load(str(traced), load_external_data=scratch is None)
+        return declare_unused_inputs(model, spec)
 
 
 def declare_unused_inputs(model: onnx.ModelProto, spec: ComponentSpec) -> onnx.ModelProto:

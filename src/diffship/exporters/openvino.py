@@ -12,13 +12,14 @@ import onnx
 from diffship.layout import ONNX_MODEL, OPENVINO_DETOKENIZER, OPENVINO_MODEL, OPENVINO_TOKENIZER, TIMESTEP
 
 
-def convert(onnx_model: onnx.ModelProto):
-    """An in-memory openvino.Model from an ONNX graph (through a temporary file: OpenVINO reads paths)."""
+def convert(onnx_model: onnx.ModelProto, base_dir: str | Path | None = None):
+    """An in-memory openvino.Model from an ONNX graph (through a temporary file: OpenVINO reads paths). `base_dir`:
+    where the graph's external data lie (a tracer's weight files), copied to the temporary file from there."""
     from diffship.graphs.external_data import save_model
 
     with tempfile.TemporaryDirectory(prefix="diffship-ov-") as scratch:
         path = Path(scratch) / ONNX_MODEL
-        save_model(onnx_model, path, external_data_threshold=2**30)
+        save_model(onnx_model, path, external_data_threshold=2**30, base_dir=base_dir)
         return convert_file(path)
 
 

@@ -23,7 +23,7 @@ from diffship.testing.vocabulary import BOS_TOKEN, EOS_TOKEN, build_clip_vocabul
 
 KINDS = ("sd1", "sd2", "sd1-inpaint", "sd2-depth", "sd1-lcm", "sd-turbo", "sdxl", "sdxl-refiner", "sdxl-inpaint",
          "sdxl-lcm", "sdxl-turbo", "sd3", "sd3.5", "sd3-inpaint", "flux", "flux-schnell", "flux-fill", "full-size",
-         "full-size-sdxl")
+         "full-size-sdxl", "full-size-sd3")
 
 _SCHEDULER_SD1 = {
     "_class_name": "PNDMScheduler",
@@ -300,6 +300,31 @@ _SPECS["flux-schnell"] = {**_SPECS["flux"], "transformer": {**_FLUX_TRANSFORMER,
 _SPECS["flux-fill"] = {**_SPECS["flux"], "transformer": {**_FLUX_TRANSFORMER, "in_channels": 384,
                                                          "out_channels": 64},
                        "pipeline": "FluxFillPipeline"}
+
+# Stable Diffusion 3 Medium's MMDiT (2.03 B parameters, 8.1 GB in fp32) and 16-channel VAE at full size, random
+# weights, for benchmarks. Its text encoders keep the widths the transformer reads (CLIP-L 768 and CLIP-G 1280, whose
+# pooled embeddings make its 2048 pooled_projection_dim; T5-XXL's 4096, its joint_attention_dim) but only two layers
+# (T5: one, with two heads and a narrow feed-forward) and the tiny tokenizers' vocabularies: SD3's own are 123 M, 695 M
+# and 4.7 B parameters, and T5-XXL alone (19 GB in fp32) exceeds a 24 GB machine's export. The transformer's latency
+# and export do not depend on the encoders' depth, only on these widths and the token counts.
+_SPECS["full-size-sd3"] = {
+    "transformer": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                        attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                        caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=192),
+    "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=1024, latent_channels=16,
+                scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
+                force_upcast=True),
+    "text_encoder": dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=2,
+                         hidden_act="quick_gelu", projection_dim=768),
+    "text_encoder_2": dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=2,
+                           hidden_act="gelu", projection_dim=1280),
+    "text_encoder_3": dict(d_model=4096, d_kv=64, d_ff=512, num_layers=1, num_heads=2, dropout_rate=0.0,
+                           feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False),
+    "pad_token": EOS_TOKEN,
+    "pad_token_2": "!",
+    "scheduler": {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0},
+    "pipeline": "StableDiffusion3Pipeline",
+}
 
 # Task kinds: a base kind with another UNet input width, and the diffusers pipeline class that holds it.
 _TASK_KINDS = {
