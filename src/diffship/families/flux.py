@@ -44,7 +44,7 @@ from diffship.layout import (
 )
 from diffship.pipelines.base import DiffusionPipeline
 from diffship.pipelines.image_processing import VaeImageProcessor
-from diffship.pipelines.prompts import check_negative_prompt, run_text_encoder, warn_truncated
+from diffship.pipelines.prompts import as_list, check_prompts, run_text_encoder, warn_truncated
 from diffship.pipelines.steps import as_generator, check_generation_options, retrieve_timesteps, tile_to_batch
 from diffship.pipelines.tasks import (
     FlowImageToImage,
@@ -236,10 +236,6 @@ class FluxPipelineOutput:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _as_list(text, batch_size: int) -> list[str]:
-    return [text] * batch_size if isinstance(text, str) else list(text)
-
-
 def _check_packed_latents(pipe, latents, prompt, prompt_embeds, num_images_per_prompt, height, width, channels):
     """Packed `latents` of the request's shape, before any graph runs (text-to-image, image-to-image, Fill)."""
     if latents is None or (prompt is None and prompt_embeds is None):
@@ -347,31 +343,11 @@ class FluxFamilyPipeline(DiffusionPipeline):
                      num_inference_steps, sigmas, guidance_scale, true_cfg_scale) -> None:
         """diffusers' checks, and the ranges of the values it leaves unchecked, before any graph runs. Sizes that
         are no multiple of 16 (VAE 8 x packing 2) are refused: diffusers warns and draws a smaller image."""
-        check_image_size({"height": height, "width": width}, self.vae_scale_factor * PACK)
-        if prompt is None and prompt_embeds is None:
-            raise ValueError("pass either prompt or prompt_embeds")
-        if prompt_embeds is not None and any(p is not None for p in (prompt, prompt_2)):
-            raise ValueError("pass either prompt (and prompt_2) or prompt_embeds, not both")
-        for name, text in (("prompt", prompt), ("prompt_2", prompt_2)):
-            if text is not None and not isinstance(text, (str, list)):
-                raise ValueError(f"{name} must be a str or a list of str, got {type(text).__name__}")
-            if isinstance(text, list) and (not text or not all(isinstance(p, str) for p in text)):
-                raise ValueError(f"{name} must be a non-empty list of str")
-        if negative_prompt_embeds is not None and any(n is not None for n in (negative_prompt, negative_prompt_2)):
-            raise ValueError("pass either negative_prompt (and negative_prompt_2) or negative_prompt_embeds, not both")
-        if prompt_embeds is not None and pooled_prompt_embeds is None:
-            raise ValueError("prompt_embeds needs pooled_prompt_embeds too (CLIP's pooled output)")
-        if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
-            raise ValueError("negative_prompt_embeds needs negative_pooled_prompt_embeds too")
-        batch_size = (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else len(prompt_embeds)
-        if prompt_2 is not None and len(_as_list(prompt_2, batch_size)) != batch_size:
-            raise ValueError(f"prompt_2 has {len(prompt_2)} entries but prompt has {batch_size}")
-        for negative in (negative_prompt, negative_prompt_2):
-            check_negative_prompt(prompt, negative, batch_size)
-        if prompt_embeds is not None and negative_prompt_embeds is not None \
-                and np.shape(prompt_embeds) != np.shape(negative_prompt_embeds):
-            raise ValueError(f"prompt_embeds {np.shape(prompt_embeds)} and negative_prompt_embeds "
-                             f"{np.shape(negative_prompt_embeds)} must have the same shape")
+        check_image_size({"height": height, "width": width}, self.size_multiple)
+        check_prompts({"prompt": prompt, "prompt_2": prompt_2},
+                      {"negative_prompt": negative_prompt, "negative_prompt_2": negative_prompt_2}, prompt_embeds,
+                      negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
+                      "CLIP's pooled output")
         check_int(max_sequence_length, "max_sequence_length", 1, 512)
         # guidance_scale is the guidance-distilled transformer's input (schnell ignores it); true_cfg_scale is the
         # classifier-free guidance scale the loop guides with.
@@ -386,7 +362,7 @@ class FluxFamilyPipeline(DiffusionPipeline):
         T5's last hidden state at max_sequence_length tokens, CLIP's pooled output at 77, zeros for the ids."""
         if prompt_embeds is None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            prompts_2 = _as_list(prompt_2 or prompt, len(prompts))
+            prompts_2 = as_list(prompt_2 or prompt, len(prompts))
             warn_truncated(self.tokenizer, prompts, "prompt", self.tokenizer.model_max_length)
             pooled = run_text_encoder(self.text_encoder, self.tokenizer(prompts))["pooler_output"]
             pooled_prompt_embeds = np.repeat(pooled, num_images_per_prompt, axis=0)
@@ -449,8 +425,8 @@ class FluxFamilyPipeline(DiffusionPipeline):
             prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(
                 prompt, prompt_2, num_images_per_prompt, prompt_embeds, pooled_prompt_embeds, max_sequence_length)
             if do_true_cfg:
-                negative = _as_list(negative_prompt, batch_size) if negative_prompt is not None else None
-                negative_2 = _as_list(negative_prompt_2, batch_size) if negative_prompt_2 is not None else None
+                negative = as_list(negative_prompt, batch_size) if negative_prompt is not None else None
+                negative_2 = as_list(negative_prompt_2, batch_size) if negative_prompt_2 is not None else None
                 negative_prompt_embeds, negative_pooled_prompt_embeds, _ = self.encode_prompt(
                     negative, negative_2, num_images_per_prompt, negative_prompt_embeds,
                     negative_pooled_prompt_embeds, max_sequence_length)

@@ -45,7 +45,13 @@ from diffship.layout import (
     vae_scale_factor,
 )
 from diffship.pipelines.base import DiffusionPipeline
-from diffship.pipelines.prompts import check_negative_prompt, hidden_state_outputs, run_text_encoder, warn_truncated
+from diffship.pipelines.prompts import (
+    as_list,
+    check_prompts,
+    hidden_state_outputs,
+    run_text_encoder,
+    warn_truncated,
+)
 from diffship.pipelines.steps import as_generator, check_generation_options, retrieve_timesteps
 from diffship.pipelines.tasks import FlowImageToImage, FlowInpaint, Task, check_flow_strength, check_inpaint_inputs
 from diffship.pipelines.timing import STEP_STAGE, StageTimer, stage_of
@@ -105,10 +111,6 @@ CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "pooled_prompt_embeds")
 class StableDiffusion3PipelineOutput:
     images: list | np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def _as_list(text, batch_size: int) -> list[str]:
-    return [text] * batch_size if isinstance(text, str) else list(text)
 
 
 @dataclass(frozen=True)
@@ -199,32 +201,10 @@ class StableDiffusion3FamilyPipeline(DiffusionPipeline):
         """diffusers' checks, and the ranges of the values it leaves unchecked, before any graph runs."""
         if height is not None or width is not None:
             check_image_size({"height": height, "width": width}, self.size_multiple)
-        if prompt is None and prompt_embeds is None:
-            raise ValueError("pass either prompt or prompt_embeds")
-        if prompt_embeds is not None and any(p is not None for p in (prompt, prompt_2, prompt_3)):
-            raise ValueError("pass either prompt (and prompt_2, prompt_3) or prompt_embeds, not both")
-        for name, text in (("prompt", prompt), ("prompt_2", prompt_2), ("prompt_3", prompt_3)):
-            if text is not None and not isinstance(text, (str, list)):
-                raise ValueError(f"{name} must be a str or a list of str, got {type(text).__name__}")
-            if isinstance(text, list) and (not text or not all(isinstance(p, str) for p in text)):
-                raise ValueError(f"{name} must be a non-empty list of str")
-        if negative_prompt_embeds is not None and any(
-                n is not None for n in (negative_prompt, negative_prompt_2, negative_prompt_3)):
-            raise ValueError("pass either negative_prompt (and _2, _3) or negative_prompt_embeds, not both")
-        if prompt_embeds is not None and pooled_prompt_embeds is None:
-            raise ValueError("prompt_embeds needs pooled_prompt_embeds too (both CLIP encoders' pooled outputs)")
-        if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
-            raise ValueError("negative_prompt_embeds needs negative_pooled_prompt_embeds too")
-        batch_size = (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else len(prompt_embeds)
-        for name, text in (("prompt_2", prompt_2), ("prompt_3", prompt_3)):
-            if text is not None and len(_as_list(text, batch_size)) != batch_size:
-                raise ValueError(f"{name} has {len(text)} entries but prompt has {batch_size}")
-        for negative in (negative_prompt, negative_prompt_2, negative_prompt_3):
-            check_negative_prompt(prompt, negative, batch_size)
-        if prompt_embeds is not None and negative_prompt_embeds is not None \
-                and np.shape(prompt_embeds) != np.shape(negative_prompt_embeds):
-            raise ValueError(f"prompt_embeds {np.shape(prompt_embeds)} and negative_prompt_embeds "
-                             f"{np.shape(negative_prompt_embeds)} must have the same shape")
+        check_prompts({"prompt": prompt, "prompt_2": prompt_2, "prompt_3": prompt_3},
+                      {"negative_prompt": negative_prompt, "negative_prompt_2": negative_prompt_2,
+                       "negative_prompt_3": negative_prompt_3}, prompt_embeds, negative_prompt_embeds,
+                      pooled_prompt_embeds, negative_pooled_prompt_embeds, "both CLIP encoders' pooled outputs")
         check_int(max_sequence_length, "max_sequence_length", 1, 512)
         check_generation_options(self, output_type, callback_on_step_end_tensor_inputs, num_images_per_prompt,
                                  num_inference_steps, None, sigmas, guidance_scale, 0.0, 0.0)
@@ -285,8 +265,8 @@ class StableDiffusion3FamilyPipeline(DiffusionPipeline):
         else:
             batch_size = np.shape(prompt_embeds)[0]
         if prompt_embeds is None:
-            prompts_2 = _as_list(prompt_2 or prompt, batch_size)
-            prompts_3 = _as_list(prompt_3 or prompt, batch_size)
+            prompts_2 = as_list(prompt_2 or prompt, batch_size)
+            prompts_3 = as_list(prompt_3 or prompt, batch_size)
             prompt_embeds, pooled_prompt_embeds = self.joint_prompt_embeds(
                 prompts, prompts_2, prompts_3, num_images_per_prompt, clip_skip, max_sequence_length)
         else:
@@ -298,8 +278,8 @@ class StableDiffusion3FamilyPipeline(DiffusionPipeline):
             negative_prompt_2 = negative_prompt_2 or negative_prompt
             negative_prompt_3 = negative_prompt_3 or negative_prompt
             negative_prompt_embeds, negative_pooled_prompt_embeds = self.joint_prompt_embeds(
-                _as_list(negative_prompt, batch_size), _as_list(negative_prompt_2, batch_size),
-                _as_list(negative_prompt_3, batch_size), num_images_per_prompt, None, max_sequence_length)
+                as_list(negative_prompt, batch_size), as_list(negative_prompt_2, batch_size),
+                as_list(negative_prompt_3, batch_size), num_images_per_prompt, None, max_sequence_length)
         elif negative_prompt_embeds is not None:
             negative_prompt_embeds = np.asarray(negative_prompt_embeds, np.float32)
             negative_pooled_prompt_embeds = np.asarray(negative_pooled_prompt_embeds, np.float32)

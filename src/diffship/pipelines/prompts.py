@@ -66,6 +66,46 @@ def check_negative_prompt(prompt, negative_prompt, batch_size: int) -> None:
         )
 
 
+def as_list(text, batch_size: int) -> list[str]:
+    """A prompt as one string per image of the batch."""
+    return [text] * batch_size if isinstance(text, str) else list(text)
+
+
+def check_prompts(prompts: dict, negative_prompts: dict, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+                  negative_pooled_prompt_embeds, pooled_source: str) -> int:
+    """diffusers' checks of the prompts and embeddings of a pipeline with one prompt per text encoder (SD3, Flux):
+    `prompts` {"prompt": ..., "prompt_2": ...} and `negative_prompts` {"negative_prompt": ...} in the encoders'
+    order, `pooled_source` what pooled_prompt_embeds come from (for the message). Returns the batch size."""
+    prompt, others = prompts["prompt"], [name for name in prompts if name != "prompt"]
+    if prompt is None and prompt_embeds is None:
+        raise ValueError("pass either prompt or prompt_embeds")
+    if prompt_embeds is not None and any(text is not None for text in prompts.values()):
+        raise ValueError(f"pass either prompt (and {', '.join(others)}) or prompt_embeds, not both")
+    for name, text in prompts.items():
+        if text is not None and not isinstance(text, (str, list)):
+            raise ValueError(f"{name} must be a str or a list of str, got {type(text).__name__}")
+        if isinstance(text, list) and (not text or not all(isinstance(p, str) for p in text)):
+            raise ValueError(f"{name} must be a non-empty list of str")
+    if negative_prompt_embeds is not None and any(text is not None for text in negative_prompts.values()):
+        raise ValueError(f"pass either {' / '.join(negative_prompts)} or negative_prompt_embeds, not both")
+    if prompt_embeds is not None and pooled_prompt_embeds is None:
+        raise ValueError(f"prompt_embeds needs pooled_prompt_embeds too ({pooled_source})")
+    if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
+        raise ValueError("negative_prompt_embeds needs negative_pooled_prompt_embeds too")
+    batch_size = (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else len(prompt_embeds)
+    for name in others:
+        text = prompts[name]
+        if isinstance(text, list) and len(text) != batch_size:
+            raise ValueError(f"{name} has {len(text)} entries but prompt has {batch_size}")
+    for negative in negative_prompts.values():
+        check_negative_prompt(prompt, negative, batch_size)
+    if prompt_embeds is not None and negative_prompt_embeds is not None \
+            and np.shape(prompt_embeds) != np.shape(negative_prompt_embeds):
+        raise ValueError(f"prompt_embeds {np.shape(prompt_embeds)} and negative_prompt_embeds "
+                         f"{np.shape(negative_prompt_embeds)} must have the same shape")
+    return batch_size
+
+
 def warn_truncated(tokenizer, texts: list[str], name: str, max_length: int) -> None:
     """Log the part of each text the tokenizer cuts to `max_length` tokens, as diffusers does for the prompt."""
     for i, removed in enumerate(tokenizer.truncated(texts, max_length)):
