@@ -666,6 +666,7 @@ def _generate_task(args):
 
 
 def cmd_generate(args) -> None:
+    from diffship.pipelines.steps import check_strength
     from diffship.pipelines.timing import format_timings
     from diffship.schedulers import scheduler_by_name
 
