@@ -151,37 +151,41 @@ def test_flux_fixed_shift_and_true_cfg(backend, tiny_model_dirs, flux_exports):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_flux_image_to_image(backend, tiny_model_dirs, flux_exports):
+@pytest.mark.parametrize("kind", ["flux", "flux-schnell"])
+def test_flux_image_to_image(backend, kind, tiny_model_dirs, flux_exports):
     """The image resized to a non-square size, encoded (the VAE's shift and scale), taken along the flow to where
-    strength 0.5 of 5 steps starts (3 steps kept), then packed; AutoPipelineForImage2Image picks the pipeline."""
+    strength 0.5 of 5 steps starts (3 steps kept), then packed; AutoPipelineForImage2Image picks the pipeline. Dev
+    (guidance input, dynamic shifting) and schnell (no guidance input, shift 1)."""
     from diffship.pipelines import FluxImg2ImgPipeline
 
     kwargs = dict(prompt=PROMPTS, image=rgb_image(40, 64), strength=0.5, num_inference_steps=5, guidance_scale=3.5,
                   height=48, width=80, max_sequence_length=48)
-    expected = _run_reference(_reference(tiny_model_dirs, "flux", "FluxImg2ImgPipeline"), **kwargs)
-    pipe = AutoPipelineForImage2Image.from_pretrained(flux_exports("flux"), backend=backend, inference_precision="f32")
+    expected = _run_reference(_reference(tiny_model_dirs, kind, "FluxImg2ImgPipeline"), **kwargs)
+    pipe = AutoPipelineForImage2Image.from_pretrained(flux_exports(kind), backend=backend, inference_precision="f32")
     assert isinstance(pipe, FluxImg2ImgPipeline)
     steps = []
     real_run = pipe.transformer.run
     pipe.transformer.run = lambda feeds: steps.append(1) or real_run(feeds)
-    _check(f"flux image-to-image {backend} 48x80", expected, _run(pipe, **kwargs))
+    _check(f"{kind} image-to-image {backend} 48x80", expected, _run(pipe, **kwargs))
     assert len(steps) == 3
 
 
-@pytest.mark.parametrize("height,width,strength", [(64, 64, 1.0), (48, 80, 0.7)])
+@pytest.mark.parametrize("kind,height,width,strength", [("flux", 64, 64, 1.0), ("flux", 48, 80, 0.7),
+                                                        ("flux-schnell", 48, 80, 0.7)])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_flux_inpainting(backend, height, width, strength, tiny_model_dirs, flux_exports):
+def test_flux_inpainting(backend, kind, height, width, strength, tiny_model_dirs, flux_exports):
     """The 64-channel transformer: the original kept outside the (packed) mask after every step, moved along the
-    flow to the next sigma; from pure noise and from the image at 0.7; AutoPipelineForInpainting picks it."""
+    flow to the next sigma; from pure noise and from the image at 0.7; AutoPipelineForInpainting picks it. Dev and
+    schnell."""
     from diffship.pipelines import FluxInpaintPipeline
 
     kwargs = dict(prompt=PROMPTS[0], image=rgb_image(height, width), mask_image=mask_image(height, width),
                   strength=strength, num_inference_steps=4, guidance_scale=3.5, height=height, width=width,
                   max_sequence_length=48)
-    expected = _run_reference(_reference(tiny_model_dirs, "flux", "FluxInpaintPipeline"), **kwargs)
-    pipe = AutoPipelineForInpainting.from_pretrained(flux_exports("flux"), backend=backend, inference_precision="f32")
+    expected = _run_reference(_reference(tiny_model_dirs, kind, "FluxInpaintPipeline"), **kwargs)
+    pipe = AutoPipelineForInpainting.from_pretrained(flux_exports(kind), backend=backend, inference_precision="f32")
     assert isinstance(pipe, FluxInpaintPipeline)
-    _check(f"flux inpainting {backend} {height}x{width} strength {strength}", expected, _run(pipe, **kwargs))
+    _check(f"{kind} inpainting {backend} {height}x{width} strength {strength}", expected, _run(pipe, **kwargs))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
