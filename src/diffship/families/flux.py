@@ -329,12 +329,9 @@ class FluxFamilyPipeline(DiffusionPipeline):
                           "pooled_projections": (denoised, config.get("pooled_projection_dim", 768)),
                           "timestep": (denoised,), "guidance": (denoised,), "img_ids": (patches, 3),
                           "txt_ids": (text, 3)},
-            VAE_DECODER: {"latent_sample": (images, self.vae_config.get("latent_channels", 16), *latent)},
-            VAE_ENCODER: {"sample": (images, self.vae_config.get("in_channels", 3), height, width)},
+            **self.vae_request_shapes(images, height, width),
         }
-        return {name: {info.name: wanted[name][info.name] for info in session.inputs
-                       if info.name in wanted.get(name, {}) and not all(isinstance(d, int) for d in info.shape)}
-                for name, session in self.sessions.items()}
+        return self.dynamic_inputs_only(wanted)
 
     # ---- checks ------------------------------------------------------------------------------------------------
     def check_inputs(self, prompt, prompt_2, height, width, negative_prompt, negative_prompt_2, prompt_embeds,

@@ -168,7 +168,7 @@ class StableDiffusion3FamilyPipeline(DiffusionPipeline):
         max_sequence_length, the transformer twice the images with guidance and the joint text of both."""
         height = self.default_height if height is None else height
         width = self.default_width if width is None else width
-        check_image_size({"height": height, "width": width}, self.vae_scale_factor * self.patch_size)
+        check_image_size({"height": height, "width": width}, self.size_multiple)
         check_int(batch_size, "batch_size", 1)
         check_int(num_images_per_prompt, "num_images_per_prompt", 1)
         images = batch_size * num_images_per_prompt
@@ -185,12 +185,9 @@ class StableDiffusion3FamilyPipeline(DiffusionPipeline):
                                                     config.get("joint_attention_dim", 4096)),
                           "pooled_projections": (denoised, config.get("pooled_projection_dim", 2048)),
                           "timestep": (denoised,)},
-            VAE_DECODER: {"latent_sample": (images, self.vae_config.get("latent_channels", 16), *latent)},
-            VAE_ENCODER: {"sample": (images, self.vae_config.get("in_channels", 3), height, width)},
+            **self.vae_request_shapes(images, height, width),
         }
-        return {name: {info.name: wanted[name][info.name] for info in session.inputs
-                       if info.name in wanted.get(name, {}) and not all(isinstance(d, int) for d in info.shape)}
-                for name, session in self.sessions.items()}
+        return self.dynamic_inputs_only(wanted)
 
     # ---- checks ------------------------------------------------------------------------------------------------
     def check_inputs(self, prompt, prompt_2, prompt_3, height, width, negative_prompt, negative_prompt_2,

@@ -417,6 +417,19 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
             else:  # dynamic graphs, and a graph whose request shapes are not known before the call (depth)
                 session.compile()
 
+    def vae_request_shapes(self, images: int, height: int, width: int) -> dict[str, dict[str, tuple]]:
+        """The VAE graphs' input shapes at a request of `images` images of height x width (request_shapes)."""
+        latent = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        return {VAE_DECODER: {"latent_sample": (images, self.vae_config.get("latent_channels", 4), *latent)},
+                VAE_ENCODER: {"sample": (images, self.vae_config.get("in_channels", 3), height, width)}}
+
+    def dynamic_inputs_only(self, wanted: dict[str, dict[str, tuple]]) -> dict[str, dict[str, tuple]]:
+        """`wanted` {component: {input: shape}} kept for the inputs each graph declares with a dynamic axis
+        (request_shapes: a fixed input keeps its size)."""
+        return {name: {info.name: wanted[name][info.name] for info in session.inputs
+                       if info.name in wanted.get(name, {}) and not all(isinstance(d, int) for d in info.shape)}
+                for name, session in self.sessions.items()}
+
     def prepare_request(self, batch_size: int, height: int, width: int, num_images_per_prompt: int,
                         guidance: bool) -> None:
         """Called as a generation starts: a request seen before (same batch, size, guidance) is compiled static
