@@ -108,6 +108,38 @@ def run_diffship(pipe, scheduler: str, seed: int = 0, **kwargs):
     return pipe(generator=TorchNoise(seed), **kwargs).images
 
 
+# diffusers' images per (pipeline, seed, arguments), computed once and shared by both backends' tests.
+_DIFFUSERS_IMAGES: dict = {}
+
+
+def diffusers_images(pipe, seed: int = 0, **kwargs) -> np.ndarray:
+    """diffusers' output_type="np" images for these call arguments (`latents` as numpy, given to diffusers as
+    torch), its generator seeded with `seed`; computed once per pipeline and arguments."""
+    key = (id(pipe), seed, repr(sorted((k, repr(v)) for k, v in kwargs.items())))
+    if key not in _DIFFUSERS_IMAGES:
+        kwargs = dict(kwargs)
+        if kwargs.get("latents") is not None:
+            kwargs["latents"] = torch.from_numpy(kwargs["latents"])
+        with one_torch_thread():
+            _DIFFUSERS_IMAGES[key] = pipe(generator=torch.Generator().manual_seed(seed), output_type="np",
+                                          **kwargs).images
+    return _DIFFUSERS_IMAGES[key]
+
+
+def diffship_images(pipe, seed: int = 0, **kwargs) -> np.ndarray:
+    """diffship's output_type="np" images for the same arguments, its noise drawn as torch draws it from `seed`."""
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(generator=TorchNoise(seed), output_type="np", **kwargs).images
+
+
+def check_parity(case: str, expected, got) -> None:
+    """diffship's images against diffusers': the same shape and max abs below ATOL (printed for the tables)."""
+    diff = max_abs(expected, got)
+    report(case, diff)
+    assert np.asarray(got).shape == np.asarray(expected).shape
+    assert diff < ATOL, f"{case}: max abs {diff:.2e} >= {ATOL}"
+
+
 def max_abs(a, b) -> float:
     return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
 

@@ -35,7 +35,17 @@ from diffship.pipelines import (
     StableDiffusionXLControlNetPipeline,
 )
 from diffship.testing.tiny_controlnets import save_tiny_controlnet
-from image_tasks import ATOL, BACKENDS, TorchNoise, latents, mask_image, max_abs, one_torch_thread, report, rgb_image
+from image_tasks import (
+    ATOL,
+    BACKENDS,
+    TorchNoise,
+    check_parity,
+    latents,
+    mask_image,
+    max_abs,
+    one_torch_thread,
+    rgb_image,
+)
 
 PROMPTS = ["a red circle on the left", "an oil painting of a castle at sunset"]
 STEPS = 3
@@ -108,13 +118,6 @@ def _ours(pipe_class, folder, backend, nets, **kwargs):
     return pipe(generator=TorchNoise(0), output_type="np", **kwargs).images
 
 
-def _check(case, expected, got):
-    diff = max_abs(expected, got)
-    report(case, diff)
-    assert np.asarray(got).shape == np.asarray(expected).shape
-    assert diff < ATOL, f"{case}: max abs {diff:.2e} >= {ATOL}"
-
-
 # case -> (kind, diffusers/diffship class name, ControlNets used, arguments). Control images at 40x64 (a 5x8 latent,
 # which the tiny UNets' up factor 4 does not divide) and 64x64.
 CASES = {
@@ -162,7 +165,7 @@ def test_controlnet_matches_diffusers(case, backend, tiny_model_dirs, controlnet
     kind, class_name, nets, kwargs = CASES[case]
     expected = _reference(tiny_model_dirs, controlnet_dirs, kind, class_name, nets, **kwargs)
     got = _ours(CLASSES[class_name], controlnet_exports(kind), backend, nets, **kwargs)
-    _check(f"controlnet {case} {backend}", expected, got)
+    check_parity(f"controlnet {case} {backend}", expected, got)
 
 
 def test_the_controlnets_change_the_images(tiny_model_dirs, controlnet_dirs, controlnet_exports):
@@ -180,7 +183,7 @@ def test_the_controlnets_change_the_images(tiny_model_dirs, controlnet_dirs, con
     plain = StableDiffusionPipeline.from_pretrained(controlnet_exports("sd1"), inference_precision="f32")
     plain.set_progress_bar_config(disable=True)
     got = plain(generator=TorchNoise(0), output_type="np", **kwargs).images
-    _check("controlnet export, plain pipeline (zero residuals)", expected, got)
+    check_parity("controlnet export, plain pipeline (zero residuals)", expected, got)
     guided = _ours(StableDiffusionControlNetPipeline, controlnet_exports("sd1"), "onnxruntime", [0],
                    image=rgb_image(64, 64, seed=3), **kwargs)
     assert max_abs(got, guided) > 20 * ATOL

@@ -27,7 +27,7 @@ from diffship.errors import DiffshipError
 from diffship.families import family_for
 from diffship.families.flux import FluxFillPipeline, FluxPipeline, pack_latents
 from diffship.pipelines import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
-from image_tasks import ATOL, BACKENDS, TorchNoise, mask_image, max_abs, one_torch_thread, report, rgb_image
+from image_tasks import BACKENDS, check_parity, diffship_images, diffusers_images, mask_image, report, rgb_image
 
 SIZES = [(64, 64), (48, 80)]
 PROMPTS = ["a red circle on the left", "an oil painting of a castle at sunset"]
@@ -35,7 +35,6 @@ LATENT_CHANNELS = 16
 EXPORT_SIZE = 64
 
 _PIPES: dict = {}  # diffusers pipelines per (kind, class, scheduler overrides)
-_REFERENCES: dict = {}  # diffusers' images per case, computed once for both backends
 
 
 def flux_latents(batch: int, height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -55,32 +54,6 @@ def _reference(tiny_model_dirs, kind: str, class_name: str = "FluxPipeline", sch
         pipe.set_progress_bar_config(disable=True)
         _PIPES[key] = pipe
     return _PIPES[key]
-
-
-def _run_reference(pipe, seed=0, **kwargs):
-    import torch
-
-    key = (id(pipe), seed, repr(sorted((k, repr(v)) for k, v in kwargs.items())))
-    if key not in _REFERENCES:
-        kwargs = dict(kwargs)
-        if kwargs.get("latents") is not None:
-            kwargs["latents"] = torch.from_numpy(kwargs["latents"])
-        with one_torch_thread():
-            _REFERENCES[key] = pipe(generator=torch.Generator().manual_seed(seed), output_type="np",
-                                    **kwargs).images
-    return _REFERENCES[key]
-
-
-def _run(pipe, seed=0, **kwargs):
-    pipe.set_progress_bar_config(disable=True)
-    return pipe(generator=TorchNoise(seed), output_type="np", **kwargs).images
-
-
-def _check(case, expected, got):
-    diff = max_abs(expected, got)
-    report(case, diff)
-    assert np.asarray(got).shape == np.asarray(expected).shape
-    assert diff < ATOL, f"{case}: max abs {diff:.2e} >= {ATOL}"
 
 
 # Formats per kind: the dev-style model to both; schnell and Fill to ONNX only (OpenVINO runs model.onnx).
@@ -114,12 +87,12 @@ def test_flux_dev_text_to_image(backend, height, width, tiny_model_dirs, flux_ex
     shifted by mu from the patch count (dynamic shifting), packed latents given; two prompts."""
     kwargs = dict(prompt=PROMPTS, num_inference_steps=3, guidance_scale=3.5, height=height, width=width,
                   max_sequence_length=48, latents=flux_latents(2, height, width))
-    expected = _run_reference(_reference(tiny_model_dirs, "flux"), **kwargs)
+    expected = diffusers_images(_reference(tiny_model_dirs, "flux"), **kwargs)
     pipe = _load(flux_exports("flux"), backend)
     batches = []
     real_run = pipe.transformer.run
     pipe.transformer.run = lambda feeds: batches.append(feeds["guidance"].tolist()) or real_run(feeds)
-    _check(f"flux dev text-to-image {backend} {height}x{width}", expected, _run(pipe, **kwargs))
+    check_parity(f"flux dev text-to-image {backend} {height}x{width}", expected, diffship_images(pipe, **kwargs))
     assert batches == [[3.5, 3.5]] * 3
 
 
@@ -130,11 +103,11 @@ def test_flux_schnell_text_to_image(backend, height, width, tiny_model_dirs, flu
     dynamic), guidance_scale 0, max_sequence_length 256 as schnell is run; noise drawn from the generator."""
     kwargs = dict(prompt=PROMPTS, num_inference_steps=4, guidance_scale=0.0, height=height, width=width,
                   max_sequence_length=256)
-    expected = _run_reference(_reference(tiny_model_dirs, "flux-schnell"), seed=1, **kwargs)
+    expected = diffusers_images(_reference(tiny_model_dirs, "flux-schnell"), seed=1, **kwargs)
     pipe = AutoPipelineForText2Image.from_pretrained(flux_exports("flux-schnell"), backend=backend,
                                                      inference_precision="f32")
     assert isinstance(pipe, FluxPipeline) and "guidance" not in [i.name for i in pipe.transformer.inputs]
-    _check(f"flux schnell text-to-image {backend} {height}x{width}", expected, _run(pipe, seed=1, **kwargs))
+    check_parity(f"flux schnell text-to-image {backend} {height}x{width}", expected, diffship_images(pipe, seed=1, **kwargs))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -145,9 +118,9 @@ def test_flux_fixed_shift_and_true_cfg(backend, tiny_model_dirs, flux_exports):
     overrides = {"use_dynamic_shifting": False, "shift": 3.0}
     kwargs = dict(prompt=PROMPTS, negative_prompt=["blurry", "low quality"], true_cfg_scale=2.0,
                   num_inference_steps=3, guidance_scale=3.5, height=48, width=80)
-    expected = _run_reference(_reference(tiny_model_dirs, "flux", scheduler_overrides=overrides), seed=2, **kwargs)
+    expected = diffusers_images(_reference(tiny_model_dirs, "flux", scheduler_overrides=overrides), seed=2, **kwargs)
     pipe = _load(flux_exports("flux"), backend, scheduler_overrides=overrides)
-    _check(f"flux fixed shift 3, true cfg {backend} 48x80", expected, _run(pipe, seed=2, **kwargs))
+    check_parity(f"flux fixed shift 3, true cfg {backend} 48x80", expected, diffship_images(pipe, seed=2, **kwargs))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -160,13 +133,13 @@ def test_flux_image_to_image(backend, kind, tiny_model_dirs, flux_exports):
 
     kwargs = dict(prompt=PROMPTS, image=rgb_image(40, 64), strength=0.5, num_inference_steps=5, guidance_scale=3.5,
                   height=48, width=80, max_sequence_length=48)
-    expected = _run_reference(_reference(tiny_model_dirs, kind, "FluxImg2ImgPipeline"), **kwargs)
+    expected = diffusers_images(_reference(tiny_model_dirs, kind, "FluxImg2ImgPipeline"), **kwargs)
     pipe = AutoPipelineForImage2Image.from_pretrained(flux_exports(kind), backend=backend, inference_precision="f32")
     assert isinstance(pipe, FluxImg2ImgPipeline)
     steps = []
     real_run = pipe.transformer.run
     pipe.transformer.run = lambda feeds: steps.append(1) or real_run(feeds)
-    _check(f"{kind} image-to-image {backend} 48x80", expected, _run(pipe, **kwargs))
+    check_parity(f"{kind} image-to-image {backend} 48x80", expected, diffship_images(pipe, **kwargs))
     assert len(steps) == 3
 
 
@@ -182,10 +155,10 @@ def test_flux_inpainting(backend, kind, height, width, strength, tiny_model_dirs
     kwargs = dict(prompt=PROMPTS[0], image=rgb_image(height, width), mask_image=mask_image(height, width),
                   strength=strength, num_inference_steps=4, guidance_scale=3.5, height=height, width=width,
                   max_sequence_length=48)
-    expected = _run_reference(_reference(tiny_model_dirs, kind, "FluxInpaintPipeline"), **kwargs)
+    expected = diffusers_images(_reference(tiny_model_dirs, kind, "FluxInpaintPipeline"), **kwargs)
     pipe = AutoPipelineForInpainting.from_pretrained(flux_exports(kind), backend=backend, inference_precision="f32")
     assert isinstance(pipe, FluxInpaintPipeline)
-    _check(f"{kind} inpainting {backend} {height}x{width} strength {strength}", expected, _run(pipe, **kwargs))
+    check_parity(f"{kind} inpainting {backend} {height}x{width} strength {strength}", expected, diffship_images(pipe, **kwargs))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -195,11 +168,11 @@ def test_flux_fill(backend, tiny_model_dirs, flux_exports):
     AutoPipelineForInpainting picks FluxFillPipeline from the transformer's width."""
     kwargs = dict(prompt=PROMPTS, image=rgb_image(48, 80), mask_image=mask_image(48, 80), num_inference_steps=3,
                   guidance_scale=30.0, height=48, width=80, max_sequence_length=48)
-    expected = _run_reference(_reference(tiny_model_dirs, "flux-fill", "FluxFillPipeline"), **kwargs)
+    expected = diffusers_images(_reference(tiny_model_dirs, "flux-fill", "FluxFillPipeline"), **kwargs)
     pipe = AutoPipelineForInpainting.from_pretrained(flux_exports("flux-fill"), backend=backend,
                                                      inference_precision="f32")
     assert isinstance(pipe, FluxFillPipeline) and pipe.denoiser_config["in_channels"] == 384
-    _check(f"flux fill {backend} 48x80", expected, _run(pipe, **kwargs))
+    check_parity(f"flux fill {backend} 48x80", expected, diffship_images(pipe, **kwargs))
 
 
 def test_flux_export_layout_is_optimums(flux_exports):
@@ -284,13 +257,13 @@ def test_flux_generate_command_and_static_shapes(flux_exports, tmp_path, capsys)
     pipe = _load(folder, "openvino")
     kwargs = dict(prompt=PROMPTS[0], num_inference_steps=2, height=48, width=80, max_sequence_length=32,
                   latents=flux_latents(1, 48, 80))
-    first = _run(pipe, **kwargs)
+    first = diffship_images(pipe, **kwargs)
     shapes = pipe.request_shapes(1, 48, 80)
     assert shapes["text_encoder_2"]["input_ids"] == (1, 32)
     assert shapes["transformer"]["hidden_states"] == (1, 15, 64) and shapes["transformer"]["img_ids"] == (15, 3)
-    second = _run(pipe, **kwargs)  # the repeat runs static graphs
+    second = diffship_images(pipe, **kwargs)  # the repeat runs static graphs
     assert pipe.transformer._static is not None and pipe.transformer._static[0]["txt_ids"] == (32, 3)
-    _check("flux static shapes openvino 48x80", first, second)
+    check_parity("flux static shapes openvino 48x80", first, second)
 
 
 OPTIMUM_FLUX = Path(__file__).parent / "fixtures" / "optimum-flux" / "onnx"
@@ -304,14 +277,14 @@ def test_optimums_flux_export_runs_in_diffship(backend, tiny_model_dirs):
     which the pipeline feeds as the graph declares."""
     kwargs = dict(prompt=PROMPTS, num_inference_steps=3, guidance_scale=3.5, height=48, width=80,
                   max_sequence_length=48, latents=flux_latents(2, 48, 80))
-    expected = _run_reference(_reference(tiny_model_dirs, "flux"), **kwargs)
+    expected = diffusers_images(_reference(tiny_model_dirs, "flux"), **kwargs)
     pipe = AutoPipelineForText2Image.from_pretrained(OPTIMUM_FLUX, backend=backend, inference_precision="f32")
     assert isinstance(pipe, FluxPipeline) and family_for("ORTFluxPipeline", OPTIMUM_FLUX).name == "flux"
     assert [i.name for i in pipe.transformer.inputs] == ["hidden_states", "encoder_hidden_states",
                                                          "pooled_projections", "timestep", "img_ids", "txt_ids",
                                                          "guidance"]
     assert {i.name: i.dtype for i in pipe.transformer.inputs}["img_ids"] == np.int64
-    _check(f"optimum's flux export {backend} 48x80", expected, _run(pipe, **kwargs))
+    check_parity(f"optimum's flux export {backend} 48x80", expected, diffship_images(pipe, **kwargs))
 
 
 def test_openvino_genai_runs_the_flux_export(flux_exports, tmp_path):
@@ -347,7 +320,7 @@ def test_openvino_genai_runs_the_flux_export(flux_exports, tmp_path):
     drawn = np.asarray(genai.generate(PROMPTS[0], width=64, height=64, num_inference_steps=3, guidance_scale=3.5,
                                       max_sequence_length=32, generator=generator).data)[0]
     assert [d.shape for d in generator.drawn] == [(1, LATENT_CHANNELS, 8, 8)]
-    ours = _run(_load(folder, "openvino"), prompt=PROMPTS[0], num_inference_steps=3, guidance_scale=3.5, height=64,
+    ours = diffship_images(_load(folder, "openvino"), prompt=PROMPTS[0], num_inference_steps=3, guidance_scale=3.5, height=64,
                 width=64, max_sequence_length=32, latents=pack_latents(generator.drawn[0]))[0]
     diff = int(np.abs(drawn.astype(np.int32) - np.round(ours * 255).astype(np.int32)).max())
     report("flux OpenVINO GenAI vs diffship (of 255)", diff)

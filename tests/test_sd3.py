@@ -20,14 +20,13 @@ import pytest
 
 from diffship.families.stable_diffusion_3 import StableDiffusion3Pipeline
 from diffship.pipelines import AutoPipelineForText2Image
-from image_tasks import ATOL, BACKENDS, TorchNoise, max_abs, one_torch_thread, report
+from image_tasks import ATOL, BACKENDS, check_parity, diffship_images, diffusers_images, max_abs, report
 
 SIZES = [(64, 64), (48, 80)]
 PROMPTS = ["a red circle on the left", "an oil painting of a castle at sunset"]
 LATENT_CHANNELS = 16
 
 _PIPES: dict = {}  # diffusers pipelines per scheduler setting
-_REFERENCES: dict = {}  # diffusers' images per case, computed once for both backends
 
 
 def sd3_latents(batch: int, height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -45,32 +44,6 @@ def _reference(tiny_model_dirs, scheduler_overrides: dict):
         pipe.set_progress_bar_config(disable=True)
         _PIPES[key] = pipe
     return _PIPES[key]
-
-
-def _run_reference(pipe, seed=0, **kwargs):
-    import torch
-
-    key = (id(pipe), seed, repr(sorted((k, repr(v)) for k, v in kwargs.items())))
-    if key not in _REFERENCES:
-        kwargs = dict(kwargs)
-        if kwargs.get("latents") is not None:
-            kwargs["latents"] = torch.from_numpy(kwargs["latents"])
-        with one_torch_thread():
-            _REFERENCES[key] = pipe(generator=torch.Generator().manual_seed(seed), output_type="np",
-                                    **kwargs).images
-    return _REFERENCES[key]
-
-
-def _run(pipe, seed=0, **kwargs):
-    pipe.set_progress_bar_config(disable=True)
-    return pipe(generator=TorchNoise(seed), output_type="np", **kwargs).images
-
-
-def _check(case, expected, got):
-    diff = max_abs(expected, got)
-    report(case, diff)
-    assert np.asarray(got).shape == np.asarray(expected).shape
-    assert diff < ATOL, f"{case}: max abs {diff:.2e} >= {ATOL}"
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +68,9 @@ def test_sd3_text_to_image(backend, height, width, tiny_model_dirs, sd3_export):
     reference = _reference(tiny_model_dirs, {})
     kwargs = dict(prompt=PROMPTS, negative_prompt=["blurry", "low quality"], num_inference_steps=3,
                   guidance_scale=5.0, height=height, width=width, latents=sd3_latents(2, height, width))
-    expected = _run_reference(reference, **kwargs)
+    expected = diffusers_images(reference, **kwargs)
     pipe = _load(sd3_export, backend)
-    _check(f"sd3 text-to-image {backend} {height}x{width}", expected, _run(pipe, **kwargs))
+    check_parity(f"sd3 text-to-image {backend} {height}x{width}", expected, diffship_images(pipe, **kwargs))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -108,9 +81,9 @@ def test_sd3_dynamic_shifting(backend, tiny_model_dirs, sd3_export):
     reference = _reference(tiny_model_dirs, overrides)
     kwargs = dict(prompt="a blue square", prompt_2="on the top", prompt_3="a photo of a cat", num_inference_steps=4,
                   guidance_scale=4.0, height=48, width=80, max_sequence_length=32)
-    expected = _run_reference(reference, seed=3, **kwargs)
+    expected = diffusers_images(reference, seed=3, **kwargs)
     pipe = _load(sd3_export, backend, overrides)
-    _check(f"sd3 dynamic shifting {backend} 48x80", expected, _run(pipe, seed=3, **kwargs))
+    check_parity(f"sd3 dynamic shifting {backend} 48x80", expected, diffship_images(pipe, seed=3, **kwargs))
 
 
 def test_sd3_unguided_and_auto_pipeline(tiny_model_dirs, sd3_export):
@@ -121,13 +94,13 @@ def test_sd3_unguided_and_auto_pipeline(tiny_model_dirs, sd3_export):
     long_prompt = " ".join(["a red cat on a wooden table"] * 10)
     kwargs = dict(prompt=long_prompt, num_inference_steps=2, guidance_scale=1.0, max_sequence_length=16,
                   latents=sd3_latents(1, 64, 64, seed=1))
-    expected = _run_reference(reference, **kwargs)
+    expected = diffusers_images(reference, **kwargs)
     pipe = AutoPipelineForText2Image.from_pretrained(sd3_export, backend="onnxruntime", inference_precision="f32")
     assert isinstance(pipe, StableDiffusion3Pipeline)
     batches = []
     real_run = pipe.transformer.run
     pipe.transformer.run = lambda feeds: batches.append(feeds["hidden_states"].shape[0]) or real_run(feeds)
-    _check("sd3 unguided, auto pipeline", expected, _run(pipe, **kwargs))
+    check_parity("sd3 unguided, auto pipeline", expected, diffship_images(pipe, **kwargs))
     assert batches == [1, 1]
 
 
@@ -193,13 +166,13 @@ def test_sd3_image_to_image(backend, tiny_model_dirs, sd3_export):
         _PIPES["img2img"].set_progress_bar_config(disable=True)
     kwargs = dict(prompt=PROMPTS, negative_prompt=["blurry", "dark"], image=rgb_image(40, 64), strength=0.5,
                   num_inference_steps=5, guidance_scale=5.0, height=48, width=80)
-    expected = _run_reference(_PIPES["img2img"], **kwargs)
+    expected = diffusers_images(_PIPES["img2img"], **kwargs)
     pipe = AutoPipelineForImage2Image.from_pretrained(sd3_export, backend=backend, inference_precision="f32")
     assert isinstance(pipe, StableDiffusion3Img2ImgPipeline)
     steps = []
     real_run = pipe.transformer.run
     pipe.transformer.run = lambda feeds: steps.append(1) or real_run(feeds)
-    _check(f"sd3 image-to-image {backend} 48x80", expected, _run(pipe, **kwargs))
+    check_parity(f"sd3 image-to-image {backend} 48x80", expected, diffship_images(pipe, **kwargs))
     assert len(steps) == 3
 
 
@@ -237,10 +210,10 @@ def test_sd3_inpainting(backend, height, width, strength, tiny_model_dirs, sd3_e
         _PIPES["inpaint"].set_progress_bar_config(disable=True)
     kwargs = dict(prompt=PROMPTS, image=rgb_image(height, width), mask_image=mask_image(height, width),
                   strength=strength, num_inference_steps=4, guidance_scale=5.0, height=height, width=width)
-    expected = _run_reference(_PIPES["inpaint"], **kwargs)
+    expected = diffusers_images(_PIPES["inpaint"], **kwargs)
     pipe = AutoPipelineForInpainting.from_pretrained(sd3_export, backend=backend, inference_precision="f32")
     assert isinstance(pipe, StableDiffusion3InpaintPipeline)
-    _check(f"sd3 inpainting {backend} {height}x{width} strength {strength}", expected, _run(pipe, **kwargs))
+    check_parity(f"sd3 inpainting {backend} {height}x{width} strength {strength}", expected, diffship_images(pipe, **kwargs))
 
 
 def test_sd3_static_shapes_on_openvino(tiny_model_dirs, sd3_export):
@@ -249,13 +222,13 @@ def test_sd3_static_shapes_on_openvino(tiny_model_dirs, sd3_export):
     pipe = _load(sd3_export, "openvino")
     kwargs = dict(prompt=PROMPTS[0], num_inference_steps=2, guidance_scale=5.0, height=48, width=80,
                   max_sequence_length=32, latents=sd3_latents(1, 48, 80))
-    first = _run(pipe, **kwargs)
+    first = diffship_images(pipe, **kwargs)
     shapes = pipe.request_shapes(1, 48, 80)  # the request's: its max_sequence_length
     assert shapes["transformer"]["encoder_hidden_states"][:2] == (2, 77 + 32)
     assert shapes["text_encoder_3"]["input_ids"] == (1, 32)
-    second = _run(pipe, **kwargs)  # the repeat runs static graphs
+    second = diffship_images(pipe, **kwargs)  # the repeat runs static graphs
     assert pipe.transformer._static is not None and pipe.transformer._static[0]["hidden_states"] == (2, 16, 6, 10)
-    _check("sd3 static shapes openvino 48x80", first, second)
+    check_parity("sd3 static shapes openvino 48x80", first, second)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -272,11 +245,11 @@ def test_sd3_inpainting_33_channels(backend, tiny_model_dirs, exported_dirs):
         _PIPES["inpaint-33"].set_progress_bar_config(disable=True)
     kwargs = dict(prompt=PROMPTS[0], image=rgb_image(48, 80), mask_image=mask_image(48, 80), strength=0.8,
                   num_inference_steps=3, guidance_scale=5.0, height=48, width=80)
-    expected = _run_reference(_PIPES["inpaint-33"], **kwargs)
+    expected = diffusers_images(_PIPES["inpaint-33"], **kwargs)
     pipe = AutoPipelineForInpainting.from_pretrained(exported_dirs("sd3-inpaint", ("onnx",)), backend=backend,
                                                      inference_precision="f32")
     assert isinstance(pipe, StableDiffusion3InpaintPipeline) and pipe.denoiser_config["in_channels"] == 33
-    _check(f"sd3 inpainting 33-channel {backend} 48x80", expected, _run(pipe, **kwargs))
+    check_parity(f"sd3 inpainting 33-channel {backend} 48x80", expected, diffship_images(pipe, **kwargs))
 
 
 def test_openvino_genai_runs_the_sd3_export(sd3_export):
@@ -304,7 +277,7 @@ def test_openvino_genai_runs_the_sd3_export(sd3_export):
     drawn = np.asarray(genai.generate(PROMPTS[0], width=64, height=64, num_inference_steps=4, guidance_scale=5.0,
                                       generator=generator).data)[0]
     assert [d.shape for d in generator.drawn] == [(1, LATENT_CHANNELS, 8, 8)]
-    ours = _run(_load(sd3_export, "openvino"), prompt=PROMPTS[0], num_inference_steps=4, guidance_scale=5.0,
+    ours = diffship_images(_load(sd3_export, "openvino"), prompt=PROMPTS[0], num_inference_steps=4, guidance_scale=5.0,
                 latents=generator.drawn[0])[0]
     diff = int(np.abs(drawn.astype(np.int32) - np.round(ours * 255).astype(np.int32)).max())
     report("sd3 OpenVINO GenAI vs diffship (of 255)", diff)
@@ -322,12 +295,12 @@ def test_optimums_sd3_export_runs_in_diffship(backend, tiny_model_dirs):
     reference = _reference(tiny_model_dirs, {})
     kwargs = dict(prompt=PROMPTS, negative_prompt=["blurry", "dark"], num_inference_steps=3, guidance_scale=5.0,
                   height=48, width=80, latents=sd3_latents(2, 48, 80))
-    expected = _run_reference(reference, **kwargs)
+    expected = diffusers_images(reference, **kwargs)
     pipe = AutoPipelineForText2Image.from_pretrained(OPTIMUM_SD3, backend=backend, inference_precision="f32")
     assert isinstance(pipe, StableDiffusion3Pipeline)
     assert [i.name for i in pipe.transformer.inputs] == ["hidden_states", "encoder_hidden_states",
                                                          "pooled_projections", "timestep"]
-    _check(f"optimum's sd3 export {backend} 48x80", expected, _run(pipe, **kwargs))
+    check_parity(f"optimum's sd3 export {backend} 48x80", expected, diffship_images(pipe, **kwargs))
 
 
 def test_sd3_save_pretrained_and_reload(sd3_export, tmp_path):
@@ -344,7 +317,7 @@ def test_sd3_save_pretrained_and_reload(sd3_export, tmp_path):
     again = AutoPipelineForText2Image.from_pretrained(saved, backend="onnxruntime", inference_precision="f32")
     assert isinstance(again, StableDiffusion3Pipeline) and again.scheduler.config.use_dynamic_shifting
     kwargs = dict(prompt=PROMPTS[0], num_inference_steps=2, guidance_scale=4.0, latents=sd3_latents(1, 64, 64))
-    np.testing.assert_array_equal(_run(pipe, **kwargs), _run(again, **kwargs))
+    np.testing.assert_array_equal(diffship_images(pipe, **kwargs), diffship_images(again, **kwargs))
 
 
 @pytest.fixture(scope="module")
@@ -371,9 +344,9 @@ def test_sd35_text_to_image(backend, tiny_model_dirs, sd35_export):
     assert reference.transformer.config.qk_norm == "rms_norm"
     kwargs = dict(prompt=PROMPTS, num_inference_steps=3, guidance_scale=5.0, height=48, width=80,
                   latents=sd3_latents(2, 48, 80))
-    expected = _run_reference(reference, **kwargs)
+    expected = diffusers_images(reference, **kwargs)
     pipe = StableDiffusion3Pipeline.from_pretrained(sd35_export, backend=backend, inference_precision="f32")
-    _check(f"sd3.5 text-to-image {backend} 48x80", expected, _run(pipe, **kwargs))
+    check_parity(f"sd3.5 text-to-image {backend} 48x80", expected, diffship_images(pipe, **kwargs))
 
 
 # Skip-layer guidance: the first block (3.5's dual attention), the last (context_pre_only: no text tokens out) and
@@ -386,11 +359,11 @@ def test_sd35_skip_layer_guidance(backend, layers, tiny_model_dirs, sd35_export)
                   height=64, width=64, latents=sd3_latents(2, 64, 64, seed=5))
     guidance = dict(skip_guidance_layers=layers, skip_layer_guidance_scale=2.8, skip_layer_guidance_start=0.0,
                     skip_layer_guidance_stop=0.7)
-    expected = _run_reference(reference, **kwargs, **guidance)
+    expected = diffusers_images(reference, **kwargs, **guidance)
     pipe = StableDiffusion3Pipeline.from_pretrained(sd35_export, backend=backend, inference_precision="f32")
-    _check(f"sd3.5 skip-layer guidance {layers} {backend}", expected, _run(pipe, **kwargs, **guidance))
+    check_parity(f"sd3.5 skip-layer guidance {layers} {backend}", expected, diffship_images(pipe, **kwargs, **guidance))
     # The extra pass changes the image: diffusers' image without it is far from this one.
-    assert max_abs(_run_reference(reference, **kwargs), expected) > 10 * ATOL
+    assert max_abs(diffusers_images(reference, **kwargs), expected) > 10 * ATOL
 
 
 def test_skip_layer_guidance_errors(sd3_export, sd35_export, tiny_model_dirs, tmp_path):
@@ -456,9 +429,9 @@ def test_dtype_per_component(tiny_model_dirs, sd3_export, tmp_path):
     assert report["options"]["component_dtype"] == {"text_encoder_3": "fp16", "transformer": "fp16"}
     kwargs = dict(prompt=PROMPTS, num_inference_steps=3, guidance_scale=5.0, latents=sd3_latents(2, 64, 64))
     for backend in BACKENDS:
-        got = _run(StableDiffusion3Pipeline.from_pretrained(out, backend=backend, inference_precision="f32"),
+        got = diffship_images(StableDiffusion3Pipeline.from_pretrained(out, backend=backend, inference_precision="f32"),
                    **kwargs)
-        expected = _run(_load(sd3_export, backend), **kwargs)
+        expected = diffship_images(_load(sd3_export, backend), **kwargs)
         mse = float(np.mean((np.asarray(got, np.float64) - expected) ** 2))
         assert np.isfinite(got).all() and 10 * np.log10(1 / max(mse, 1e-20)) >= 35, (backend, mse)
     with pytest.raises(DiffshipError, match="vae_fp16"):

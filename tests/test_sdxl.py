@@ -26,7 +26,18 @@ from diffship.pipelines import (
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
 )
-from image_tasks import ATOL, BACKENDS, TorchNoise, latents, mask_image, max_abs, one_torch_thread, report, rgb_image
+from image_tasks import (
+    BACKENDS,
+    TorchNoise,
+    check_parity,
+    diffship_images,
+    diffusers_images,
+    latents,
+    mask_image,
+    one_torch_thread,
+    report,
+    rgb_image,
+)
 
 SIZES = [(64, 64), (40, 64)]
 VARIANT = ("onnx",)  # the export formats of the variants (see the module's docstring)
@@ -47,37 +58,6 @@ def _reference(tiny_model_dirs, kind, cls_name, **overrides):
     return _PIPES[kind, cls_name]
 
 
-_REFERENCES: dict = {}  # diffusers' images per case, computed once for both backends
-
-
-def _run_reference(pipe, seed=0, **kwargs):
-    key = (id(pipe), type(pipe).__name__, seed, repr(sorted((k, repr(v)) for k, v in kwargs.items())))
-    if key not in _REFERENCES:
-        _REFERENCES[key] = _diffusers_images(pipe, seed, **kwargs)
-    return _REFERENCES[key]
-
-
-def _diffusers_images(pipe, seed=0, **kwargs):
-    import torch
-
-    if kwargs.get("latents") is not None:
-        kwargs["latents"] = torch.from_numpy(kwargs["latents"])
-    with one_torch_thread():
-        return pipe(generator=torch.Generator().manual_seed(seed), output_type="np", **kwargs).images
-
-
-def _run(pipe, seed=0, **kwargs):
-    pipe.set_progress_bar_config(disable=True)
-    return pipe(generator=TorchNoise(seed), output_type="np", **kwargs).images
-
-
-def _check(case, expected, got):
-    diff = max_abs(expected, got)
-    report(case, diff)
-    assert np.asarray(got).shape == np.asarray(expected).shape
-    assert diff < ATOL, f"{case}: max abs {diff:.2e} >= {ATOL}"
-
-
 @pytest.fixture
 def sdxl(tiny_model_dirs):
     return _reference(tiny_model_dirs, "sdxl", "StableDiffusionXLPipeline", add_watermarker=False)
@@ -90,9 +70,9 @@ def test_sdxl_text_to_image(backend, height, width, sdxl, exported_dirs):
     kwargs = dict(prompt=PROMPTS, negative_prompt=["blurry", "low quality"], num_inference_steps=3,
                   guidance_scale=6.0, guidance_rescale=0.3, height=height, width=width,
                   latents=latents(2, height, width))
-    expected = _run_reference(sdxl, **kwargs)
+    expected = diffusers_images(sdxl, **kwargs)
     pipe = StableDiffusionXLPipeline.from_pretrained(exported_dirs("sdxl"), backend=backend, inference_precision="f32")
-    _check(f"sdxl text-to-image {backend} {height}x{width}", expected, _run(pipe, **kwargs))
+    check_parity(f"sdxl text-to-image {backend} {height}x{width}", expected, diffship_images(pipe, **kwargs))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -101,10 +81,10 @@ def test_sdxl_empty_negative_is_zeros_and_sizes_condition(backend, sdxl, exporte
     kwargs = dict(prompt="a blue square", prompt_2="on the top", num_inference_steps=2, guidance_scale=5.0,
                   clip_skip=1, original_size=(128, 96), crops_coords_top_left=(8, 4), target_size=(64, 64),
                   negative_original_size=(32, 32), negative_target_size=(64, 64), latents=latents(1))
-    expected = _run_reference(sdxl, **kwargs)
+    expected = diffusers_images(sdxl, **kwargs)
     pipe = AutoPipelineForText2Image.from_pretrained(exported_dirs("sdxl"), backend=backend, inference_precision="f32")
     assert isinstance(pipe, StableDiffusionXLPipeline)
-    _check(f"sdxl text-to-image options {backend}", expected, _run(pipe, **kwargs))
+    check_parity(f"sdxl text-to-image options {backend}", expected, diffship_images(pipe, **kwargs))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -112,9 +92,9 @@ def test_sdxl_image_to_image(backend, tiny_model_dirs, exported_dirs):
     reference = _reference(tiny_model_dirs, "sdxl", "StableDiffusionXLImg2ImgPipeline", add_watermarker=False)
     kwargs = dict(prompt=PROMPTS[0], image=rgb_image(40, 64), strength=0.6, num_inference_steps=5,
                   guidance_scale=5.0, negative_prompt="dark")
-    expected = _run_reference(reference, **kwargs)
+    expected = diffusers_images(reference, **kwargs)
     pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(exported_dirs("sdxl"), backend=backend, inference_precision="f32")
-    _check(f"sdxl image-to-image {backend} 40x64", expected, _run(pipe, **kwargs))
+    check_parity(f"sdxl image-to-image {backend} 40x64", expected, diffship_images(pipe, **kwargs))
 
 
 @pytest.mark.parametrize("height,width", SIZES)
@@ -123,9 +103,9 @@ def test_sdxl_inpainting(backend, height, width, tiny_model_dirs, exported_dirs)
     reference = _reference(tiny_model_dirs, "sdxl", "StableDiffusionXLInpaintPipeline", add_watermarker=False)
     kwargs = dict(prompt=PROMPTS[1], image=rgb_image(height, width), mask_image=mask_image(height, width),
                   height=height, width=width, strength=0.8, num_inference_steps=4, guidance_scale=6.0)
-    expected = _run_reference(reference, **kwargs)
+    expected = diffusers_images(reference, **kwargs)
     pipe = StableDiffusionXLInpaintPipeline.from_pretrained(exported_dirs("sdxl"), backend=backend, inference_precision="f32")
-    _check(f"sdxl inpainting {backend} {height}x{width}", expected, _run(pipe, **kwargs))
+    check_parity(f"sdxl inpainting {backend} {height}x{width}", expected, diffship_images(pipe, **kwargs))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -145,11 +125,11 @@ def test_sdxl_base_to_refiner(backend, sdxl, tiny_model_dirs, exported_dirs):
     base = StableDiffusionXLPipeline.from_pretrained(exported_dirs("sdxl"), backend=backend, inference_precision="f32")
     base.set_progress_bar_config(disable=True)
     ours_handed = base(generator=TorchNoise(0), latents=latents(1), **base_kwargs).images
-    _check(f"sdxl base latents at denoising_end {backend}", handed.numpy(), ours_handed)
+    check_parity(f"sdxl base latents at denoising_end {backend}", handed.numpy(), ours_handed)
     pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(exported_dirs("sdxl-refiner", VARIANT), backend=backend, inference_precision="f32")
     assert pipe.text_encoder is None and pipe.requires_aesthetics_score
-    _check(f"sdxl refiner from denoising_start {backend}", expected,
-           _run(pipe, seed=1, image=ours_handed, **refiner_kwargs))
+    check_parity(f"sdxl refiner from denoising_start {backend}", expected,
+           diffship_images(pipe, seed=1, image=ours_handed, **refiner_kwargs))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -157,15 +137,15 @@ def test_lcm_on_sd_unet(backend, tiny_model_dirs, exported_dirs):
     reference = _reference(tiny_model_dirs, "sd1-lcm", "LatentConsistencyModelPipeline", safety_checker=None)
     kwargs = dict(prompt=PROMPTS, num_inference_steps=4, guidance_scale=8.5, height=40, width=64,
                   latents=latents(2, 40, 64))
-    expected = _run_reference(reference, **kwargs)
+    expected = diffusers_images(reference, **kwargs)
     pipe = AutoPipelineForText2Image.from_pretrained(exported_dirs("sd1-lcm", VARIANT), backend=backend, inference_precision="f32")
     assert isinstance(pipe, LatentConsistencyModelPipeline)
-    _check(f"lcm sd1 {backend} 40x64", expected, _run(pipe, **kwargs))
+    check_parity(f"lcm sd1 {backend} 40x64", expected, diffship_images(pipe, **kwargs))
     # The same LCM UNet in the regular text-to-image pipeline, as diffusers runs it (guidance as an embedding).
     diffusers_sd = _reference(tiny_model_dirs, "sd1-lcm", "StableDiffusionPipeline", safety_checker=None)
     kwargs = dict(prompt=PROMPTS[0], num_inference_steps=2, guidance_scale=3.0, latents=latents(1))
-    _check(f"lcm sd1 in StableDiffusionPipeline {backend}", _run_reference(diffusers_sd, **kwargs),
-           _run(StableDiffusionPipeline.from_pipe(pipe), **kwargs))
+    check_parity(f"lcm sd1 in StableDiffusionPipeline {backend}", diffusers_images(diffusers_sd, **kwargs),
+           diffship_images(StableDiffusionPipeline.from_pipe(pipe), **kwargs))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -173,9 +153,9 @@ def test_lcm_on_sdxl_unet(backend, tiny_model_dirs, exported_dirs):
     reference = _reference(tiny_model_dirs, "sdxl-lcm", "StableDiffusionXLPipeline", add_watermarker=False)
     kwargs = dict(prompt=PROMPTS, num_inference_steps=4, guidance_scale=8.0, height=40, width=64,
                   latents=latents(2, 40, 64))
-    expected = _run_reference(reference, **kwargs)
+    expected = diffusers_images(reference, **kwargs)
     pipe = StableDiffusionXLPipeline.from_pretrained(exported_dirs("sdxl-lcm", VARIANT), backend=backend, inference_precision="f32")
-    _check(f"lcm sdxl {backend} 40x64", expected, _run(pipe, **kwargs))
+    check_parity(f"lcm sdxl {backend} 40x64", expected, diffship_images(pipe, **kwargs))
 
 
 @pytest.mark.parametrize("steps", [1, 4])
@@ -192,7 +172,7 @@ def test_turbo(backend, family, steps, tiny_model_dirs, exported_dirs):
     base = {"sd-turbo": "sd2", "sdxl-turbo": "sdxl"}[family]
     reference = _reference(tiny_model_dirs, family, "AutoPipelineForText2Image")
     kwargs = dict(prompt=PROMPTS, num_inference_steps=steps, guidance_scale=0.0, latents=latents(2))
-    expected = _run_reference(reference, **kwargs)
+    expected = diffusers_images(reference, **kwargs)
     assert type(reference.scheduler).__name__ == TURBO_SCHEDULER["_class_name"]
     assert reference.scheduler.config.timestep_spacing == "trailing"
     pipe = AutoPipelineForText2Image.from_pretrained(exported_dirs(base), backend=backend, inference_precision="f32")
@@ -202,7 +182,7 @@ def test_turbo(backend, family, steps, tiny_model_dirs, exported_dirs):
     runs = []
     real_run = pipe.unet.run
     pipe.unet.run = lambda feeds: runs.append(feeds["sample"].shape[0]) or real_run(feeds)
-    _check(f"{family} {steps} step(s) {backend}", expected, _run(pipe, **kwargs))
+    check_parity(f"{family} {steps} step(s) {backend}", expected, diffship_images(pipe, **kwargs))
     assert runs == [2] * steps, "guidance 0 runs no unconditional batch"
 
 
@@ -232,7 +212,7 @@ def test_sdxl_inpainting_9_channels(backend, tiny_model_dirs, exported_dirs):
                            add_watermarker=False)
     kwargs = dict(prompt=PROMPTS[0], image=rgb_image(72, 48), mask_image=mask_image(72, 48), height=72, width=48,
                   num_inference_steps=3, guidance_scale=6.0)
-    expected = _run_reference(reference, **kwargs)
+    expected = diffusers_images(reference, **kwargs)
     pipe = AutoPipelineForInpainting.from_pretrained(exported_dirs("sdxl-inpaint", VARIANT), backend=backend, inference_precision="f32")
     assert isinstance(pipe, StableDiffusionXLInpaintPipeline) and pipe.unet_config["in_channels"] == 9
-    _check(f"sdxl inpainting 9-channel {backend} 72x48", expected, _run(pipe, **kwargs))
+    check_parity(f"sdxl inpainting 9-channel {backend} 72x48", expected, diffship_images(pipe, **kwargs))
