@@ -31,7 +31,7 @@ from diffship.exporters.textual_inversion import (
 )
 from diffship.exporters.component_export import export_component
 from diffship.exporters.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
-from diffship.exporters.optimize import ExportOptions, component_dtypes
+from diffship.exporters.optimize import ExportOptions, check_component_names, component_dtypes
 from diffship.output_directory import EXPORTER, REPORT_FILE, ExportDirectory, check_output, list_files
 from diffship.exporters.formats import EXPORT_FORMATS, format_name
 from diffship.families import family_for
@@ -114,10 +114,7 @@ def _atols(atol, flag: str) -> dict[str, float] | None:
     if not isinstance(atol, dict):
         check_number(atol, flag, low=0)
         return {k: float(atol) for k in GRAPH_COMPONENTS}
-    unknown = set(atol) - set(GRAPH_COMPONENTS)
-    if unknown:
-        raise DiffshipError(f"{flag} given for unknown components {sorted(unknown)}; components: "
-                            f"{', '.join(GRAPH_COMPONENTS)}")
+    check_component_names(atol, flag)
     for component, value in atol.items():
         check_number(value, f"{flag} for {component}", low=0)
     return {k: float(v) for k, v in atol.items()}

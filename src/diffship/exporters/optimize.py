@@ -24,6 +24,13 @@ VAE_FP16 = ("fp32", "mixed", "none")
 VAE_COMPONENTS = (VAE_ENCODER, VAE_DECODER)
 
 
+def check_component_names(names, flag: str) -> None:
+    """Per-component settings (--atol, --dtype) name graph components only."""
+    unknown = sorted(set(names) - set(GRAPH_COMPONENTS))
+    if unknown:
+        raise DiffshipError(f"{flag} given for unknown components {unknown}; components: {', '.join(GRAPH_COMPONENTS)}")
+
+
 def component_dtypes(dtype, flag: str = "dtype") -> tuple[str, tuple[tuple[str, str], ...]]:
     """export()'s `dtype` -> (every component's, per-component exceptions). `dtype` is "fp32" / "fp16", or a dict
     {component: dtype} (those components; the others fp32, or the dict's "default" entry): an SD3 or Flux
@@ -35,9 +42,7 @@ def component_dtypes(dtype, flag: str = "dtype") -> tuple[str, tuple[tuple[str, 
         raise DiffshipError(f"{flag} must be one of {EXPORT_DTYPES} or a dict of component -> dtype, got {dtype!r}")
     default = dtype.get("default", "fp32")
     overrides = {k: v for k, v in dtype.items() if k != "default"}
-    unknown = sorted(set(overrides) - set(GRAPH_COMPONENTS))
-    if unknown:
-        raise DiffshipError(f"{flag} given for unknown components {unknown}; components: {', '.join(GRAPH_COMPONENTS)}")
+    check_component_names(overrides, flag)
     vae = sorted(set(overrides) & set(VAE_COMPONENTS))
     if vae:
         raise DiffshipError(f"{flag} for {', '.join(vae)}: the VAE's fp16 is chosen by vae_fp16 (--vae-fp16 mixed or "

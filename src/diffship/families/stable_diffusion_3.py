@@ -290,8 +290,9 @@ class StableDiffusion3FamilyPipeline(DiffusionPipeline):
         ([negative, positive] with guidance); no layer skipped, where the graph takes skip_layers."""
         feeds = {"encoder_hidden_states": tensors["prompt_embeds"],
                  "pooled_projections": tensors["pooled_prompt_embeds"]}
-        if self.skip_layer_count:
-            feeds[SKIP_LAYERS] = np.zeros(self.skip_layer_count, dtype=np.bool_)
+        layers = self.skip_layer_count  # the graph's inputs looked up once per step, not twice
+        if layers:
+            feeds[SKIP_LAYERS] = np.zeros(layers, dtype=np.bool_)
         return feeds
 
     @property

@@ -117,17 +117,23 @@ def _model_index(pipe, staging: Path) -> dict:
 def _entry_from_files(folder: Path) -> list[str] | None:
     """A component's [library, class] as its own files name it: a diffusers config's `_class_name`, a transformers
     config's architecture, a tokenizer's `tokenizer_class` (Flux's text_encoder_2 is T5 where SD3's is CLIP)."""
-    for file, key, library in (("config.json", "_class_name", "diffusers"), ("config.json", "architectures",
-                                                                              "transformers"),
-                               ("tokenizer_config.json", "tokenizer_class", "transformers")):
-        try:
-            value = json.loads((folder / file).read_text()).get(key)
-        except (OSError, ValueError, AttributeError):
-            continue
-        value = value[0] if isinstance(value, list) and value else value
+    config, tokenizer = _json_or_empty(folder / "config.json"), _json_or_empty(folder / "tokenizer_config.json")
+    architectures = config.get("architectures")
+    for library, value in (("diffusers", config.get("_class_name")),
+                           ("transformers", architectures[0] if isinstance(architectures, list) and architectures
+                            else None),
+                           ("transformers", tokenizer.get("tokenizer_class"))):
         if isinstance(value, str) and value:
             return [library, value]
     return None
+
+
+def _json_or_empty(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _report(pipe, sources: set[Path], staging: Path) -> dict:
