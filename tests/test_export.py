@@ -285,7 +285,8 @@ def test_pages_of_a_mapped_weight_file_are_handed_back_and_read_again_unchanged(
 
         assert int(view.sum(dtype=np.int64)) == int(data.sum(dtype=np.int64))  # every page read
         assert resident() > 4096
-        hand_back_pages(path)
+        if not hand_back_pages(path):
+            pytest.skip("this kernel refuses madvise(MADV_PAGEOUT) (Linux 5.4+): exports hand no pages back here")
         assert resident() == 0
         with mapped_weights_handed_back(path, interval=0.01):
             np.testing.assert_array_equal(view, data)  # read again, the same bytes

@@ -86,14 +86,13 @@ def read_only_mappings(path) -> list[tuple[int, int]]:
     return ranges
 
 
-def hand_back_pages(path) -> None:
+def hand_back_pages(path) -> bool:
     """Drop this process's pages of its read-only mappings of `path` (reclaimed; the next access reads the file
     again). Read-only mappings only: a page that was never writable holds the file's bytes, so the next read finds
-    them again."""
+    them again. False where the kernel refused (no MADV_PAGEOUT before Linux 5.4) or there is no madvise."""
     if _MADVISE is None:
-        return
-    for start, end in read_only_mappings(path):
-        _MADVISE(start, end - start, _MADV_PAGEOUT)
+        return False
+    return all([_MADVISE(start, end - start, _MADV_PAGEOUT) == 0 for start, end in read_only_mappings(path)])
 
 
 @contextlib.contextmanager
