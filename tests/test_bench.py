@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from diffship.benchmarking import bench, default_size, installed_backends
+from diffship.benchmarking.report import format_table
 from diffship.benchmarking.summary import ADDITIVE_STAGES, SCHEMA, STAGES, stages_sum
 from diffship.cli import main
 
@@ -124,6 +125,8 @@ def test_bench_times_the_transformer_families(kind, pipeline, exported_dirs):
     (result,) = report["results"]
     assert result["info"]["pipeline"] == pipeline and result["stages"]["text_encoder"]["median"] > 0
     assert default_size(model_dir) == (64 if kind == "sd3" else 1024)
+    table = format_table(report)  # the step rows name the transformer, not a UNet
+    assert "Transformer x 2" in table and "Transformer per step (median)" in table and "UNet x" not in table
 
 
 @pytest.mark.skipif("onnxruntime" not in installed_backends(), reason="needs onnxruntime")
@@ -230,7 +233,6 @@ def test_table_markdown_and_plot_from_a_report(tmp_path):
     from PIL import Image
 
     from diffship.benchmarking import write_outputs
-    from diffship.benchmarking.report import format_table
 
     report = synthetic_report()
     ok = report["results"][0]

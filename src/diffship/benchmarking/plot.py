@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from diffship.benchmarking.report import denoiser_label
 from diffship.checks import software_exif
 
 # stage -> (legend label, colour)
 SEGMENTS = {
     "text_encoder": ("text encoder", (86, 180, 233)),
-    "unet": ("UNet", (0, 114, 178)),
+    "unet": ("UNet", (0, 114, 178)),  # or "Transformer": report.denoiser_label
     "scheduler_and_glue": ("scheduler and glue", (230, 159, 0)),
     "vae_encode": ("VAE encode", (204, 121, 167)),
     "vae_decode": ("VAE decode", (0, 158, 115)),
@@ -87,6 +88,7 @@ def plot_report(report: dict, path: str | Path, title: str | None = None) -> Pat
     legend_y = axis_y + 36
     for stage in stages:
         label, colour = SEGMENTS[stage]
+        label = denoiser_label(report) if stage == "unet" else label
         draw.rectangle([x, legend_y, x + 14, legend_y + 14], fill=colour)
         draw.text((x + 20, legend_y + 7), label, fill="black", font=small, anchor="lm")
         x += 40 + _text_width(draw, label, small)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from diffship.benchmarking.summary import stages_sum
 
-# (label, stage, statistic) rows of per-run latency, in milliseconds.
+# (label, stage, statistic) rows of per-run latency, in milliseconds. The "unet" stages are the denoiser's steps,
+# whichever it is: {denoiser} is "UNet" or "Transformer" (SD3, Flux), as the workers report it.
 LATENCY_ROWS = [
     ("text encoder", "text_encoder", "median"),
-    ("UNet x {steps}", "unet", "median"),
-    ("  UNet per step (median)", "unet_per_step", "median"),
-    ("  UNet per step (p90)", "unet_per_step", "p90"),
+    ("{denoiser} x {steps}", "unet", "median"),
+    ("  {denoiser} per step (median)", "unet_per_step", "median"),
+    ("  {denoiser} per step (p90)", "unet_per_step", "p90"),
     ("UNet shallow steps (DeepCache)", "unet_shallow", "median"),
     ("scheduler and glue", "scheduler_and_glue", "median"),
     ("VAE encode", "vae_encode", "median"),
@@ -42,15 +43,23 @@ def gflops_cell(result: dict) -> str:
     return f"{result['unet_gflops']:.0f} ({result['unet_percent_of_peak']:.0f} %{of})"
 
 
+def denoiser_label(report: dict) -> str:
+    """"Transformer" where every pipeline's denoiser is one (SD3, Flux), else "UNet" (also for reports from before
+    the workers named it)."""
+    denoisers = {(r.get("info") or {}).get("denoiser") for r in report["results"]} - {None}
+    return "Transformer" if denoisers == {"transformer"} else "UNet"
+
+
 def rows(report: dict) -> list[tuple[str, list[str]] | None]:
     """(label, one cell per result) rows; None marks a separator."""
     results = report["results"]
     steps = next((r["unet_calls_per_run"] for r in results if r.get("unet_calls_per_run")), "?")
+    denoiser = denoiser_label(report)
     out: list = []
     for label, stage, stat in LATENCY_ROWS:
         if stage in ("vae_encode", "unet_shallow") and all(_stage(r, stage) is None for r in results):
             continue  # no image to encode, no step cache
-        out.append((label.format(steps=steps), [_ms(_stage(r, stage, stat)) for r in results]))
+        out.append((label.format(steps=steps, denoiser=denoiser), [_ms(_stage(r, stage, stat)) for r in results]))
     out.append(None)
     out.append(("pipeline (median)", [_ms(_stage(r, "total")) for r in results]))
     out.append(("pipeline (p90)", [_ms(_stage(r, "total", "p90")) for r in results]))

@@ -92,7 +92,8 @@ def load(spec: dict):
         return recorder.timings(time.perf_counter() - start)
 
     info = {"pipeline": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__, "backend": pipe.backend,
-            "static": static, "unet_session": pipe.sessions[pipe.denoiser].settings(), "inference_precisions": pipe.inference_precisions}
+            "static": static, "denoiser": pipe.denoiser, "unet_session": pipe.sessions[pipe.denoiser].settings(),
+            "inference_precisions": pipe.inference_precisions}
     return run, info
 
 
