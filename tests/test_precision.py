@@ -182,3 +182,59 @@ def test_cleanup_takes_the_large_graph_route(exported_dirs, monkeypatch):
     original = len(onnx.load(str(exported_dirs("sd1") / "unet" / "model.onnx")).graph.node)
     # The file route folds a few shape subgraphs less (849 against 842 nodes), both far below the traced graph.
     assert len(small.graph.node) <= len(large.graph.node) <= 1.02 * len(small.graph.node) < 0.6 * original
+
+
+def test_cpu_fusion_runs_every_attention_on_the_multihead_kernel(precision_exports, exported_dirs):
+    """--optimize --target cpu: each of the UNet's attentions (one Softmax each in the plain export) is a
+    MultiHeadAttention node, none onnxruntime's Attention (whose CPU kernel materialises the score matrix);
+    test_pass_bounds_report_and_images checks the same export's validation and images."""
+    import onnx
+
+    def ops(path):
+        return [n.op_type for n in onnx.load(str(path / "unet" / "model.onnx"), load_external_data=False).graph.node]
+
+    fused, plain = ops(precision_exports("optimize-fp32")), ops(exported_dirs("sd1"))
+    assert "Attention" not in fused and "Softmax" not in fused
+    assert fused.count("MultiHeadAttention") == plain.count("Softmax") > 0
+
+
+def _attention_graph(channels: int, bias, extra_input: bool = False):
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((channels, 3 * channels)) / np.sqrt(channels)).astype(np.float32)
+    inputs = ["x", "w", "b"] + (["mask"] if extra_input else [])
+    graph_inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16, channels])]
+    if extra_input:
+        graph_inputs.append(helper.make_tensor_value_info("mask", TensorProto.INT32, [2, 16]))
+    node = helper.make_node("Attention", inputs, ["out"], name="attention", domain="com.microsoft", num_heads=2)
+    graph = helper.make_graph([node], "g", graph_inputs,
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 16, channels])],
+                              [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+@pytest.mark.parametrize("biased", [False, True])
+def test_self_attention_rewrite_computes_what_the_attention_node_did(biased):
+    """The rewrite (graphs.fusion.self_attention_as_multihead) against onnxruntime's own Attention kernel on the
+    same input: equal to fp32 rounding (1e-5 on O(1) outputs; the two kernels sum in different orders). A zero
+    bias (what the fusion writes for SD's bias-free projections) is dropped with its initializer, a real one
+    added; a node with a mask input is left as it is."""
+    import onnxruntime as ort
+
+    from diffship.graphs.fusion import self_attention_as_multihead
+
+    bias = np.linspace(-1, 1, 24).astype(np.float32) if biased else np.zeros(24, np.float32)
+    original, rewritten = _attention_graph(8, bias), _attention_graph(8, bias)
+    assert self_attention_as_multihead(rewritten) == 1
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert ops == ["MatMul"] + (["Add"] if biased else []) + ["Split", "MultiHeadAttention"]
+    assert ("b" in {t.name for t in rewritten.graph.initializer}) == biased
+    x = {"x": np.random.default_rng(1).standard_normal((2, 16, 8)).astype(np.float32)}
+    want, got = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+                 for m in (original, rewritten))
+    assert np.abs(want).max() > 0.1 and np.abs(got - want).max() < 1e-5
+
+    masked = _attention_graph(8, bias, extra_input=True)
+    assert self_attention_as_multihead(masked) == 0 and masked.graph.node[0].op_type == "Attention"

@@ -80,10 +80,6 @@ def _tolerant_fusion_scripts():
 
 def fuse_for_onnxruntime(model: onnx.ModelProto, component: str, target: str = "cpu") -> onnx.ModelProto:
     """Fuse `model` (a component graph) for ONNX Runtime on `target` ("cpu" or "cuda")."""
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    from diffship.graphs.model_io import is_large, load, on_disk
-
     if target not in TARGETS:
         raise ValueError(f"fusion target must be one of {TARGETS}, got {target!r}")
     model_type = MODEL_TYPES.get(component)
@@ -91,7 +87,61 @@ def fuse_for_onnxruntime(model: onnx.ModelProto, component: str, target: str = "
         return model
     options = fusion_options(model_type, target)
     with _tolerant_fusion_scripts():
-        return _optimize(model, model_type, options, target)
+        fused = _optimize(model, model_type, options, target)
+    if target == "cpu" and model_type == "unet":
+        self_attention_as_multihead(fused)
+    return fused
+
+
+def self_attention_as_multihead(model: onnx.ModelProto) -> int:
+    """Rewrite, in place, the UNet's fused self-attention for ONNX Runtime's CPU kernels: onnxruntime's fusion
+    gives each one an `Attention` node (the Q, K and V weights packed into one), whose CPU kernel materialises the
+    full score matrix; `MultiHeadAttention` on separate Q, K and V tiles it (flash attention on CPU). At SD 1.5's
+    4096 tokens (512x512) that kernel is about a fifth faster per attention, at 1024 tokens they are level
+    (benchmarks/results/attention_kernels.md). The packed projection stays one MatMul, split into Q, K and V.
+    Only the plain form the fusion writes is rewritten (input, weights, optional bias; `num_heads` alone): any
+    mask, past state or other attribute keeps its node. Returns how many nodes were rewritten."""
+    from onnx import helper, numpy_helper
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13:  # Split's sizes as an input
+        return 0
+    initializers = {t.name: t for t in model.graph.initializer}
+    nodes, rewritten, unused = [], 0, set()
+    for node in model.graph.node:
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        weight = initializers.get(node.input[1]) if node.op_type == "Attention" and len(node.input) > 1 else None
+        plain = (node.domain == "com.microsoft" and weight is not None and len(weight.dims) == 2
+                 and weight.dims[1] % 3 == 0 and len(node.input) <= 3 and len(node.output) == 1
+                 and set(attributes) == {"num_heads"})
+        if not plain:
+            nodes.append(node)
+            continue
+        width = weight.dims[1] // 3
+        name = node.name or f"self_attention_{rewritten}"
+        packed = f"{name}/qkv"
+        nodes.append(helper.make_node("MatMul", [node.input[0], node.input[1]], [packed], name=f"{name}/MatMul_QKV"))
+        bias = initializers.get(node.input[2]) if len(node.input) == 3 and node.input[2] else None
+        if bias is not None and np.any(numpy_helper.to_array(bias)):  # the fusion writes zeros for SD's bias-free Q/K/V
+            nodes.append(helper.make_node("Add", [packed, node.input[2]], [f"{packed}_biased"], name=f"{name}/Add_QKV"))
+            packed = f"{packed}_biased"
+        elif bias is not None:
+            unused.add(bias.name)
+        split = f"{name}/qkv_split"
+        model.graph.initializer.append(numpy_helper.from_array(np.array([width] * 3, np.int64), split))
+        q, k, v = (f"{name}/{part}" for part in "qkv")
+        nodes.append(helper.make_node("Split", [packed, split], [q, k, v], name=f"{name}/Split_QKV", axis=-1))
+        nodes.append(helper.make_node("MultiHeadAttention", [q, k, v], list(node.output), name=name,
+                                      domain="com.microsoft", num_heads=attributes["num_heads"]))
+        rewritten += 1
+    if rewritten:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        unused -= {name for node in nodes for name in node.input}
+        kept = [t for t in model.graph.initializer if t.name not in unused]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+    return rewritten
 
 
 def _optimize(model, model_type, options, target):
