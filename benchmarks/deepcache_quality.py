@@ -1,19 +1,22 @@
-"""DeepCache: how much faster, and how much does the picture change, per cache interval.
+"""Step caches (DeepCache, TaylorSeer): how much faster, and how much does the picture change, per cache interval.
 
-1. Speed and quality on an export made with `diffship export MODEL OUT --deepcache`: per backend, the uncached
+`--cache deepcache` (the default) or `--cache taylorseer` (the denoiser's output forecast between full steps; any
+export, no graph of its own).
+
+1. Speed and quality on an export (DeepCache: made with `diffship export MODEL OUT --deepcache`): per backend, the uncached
    generation and one per interval (default 2, 3, 5), interleaved run by run (the order rotates each round) after
    a warm-up of each; medians of the end-to-end time and of the UNet's (full plus shallow steps), and the speed-up
    over the uncached run. Quality: PSNR (dB, pixels in [0, 1]) of each interval's images against the uncached
    images from the same latents, over `--seeds` seeds.
-2. With `--shapes`: the trained shapes model (diffship.testing.shapes; README "The shapes model") exported with
-   --deepcache, all 60 prompts x 3 seeds as benchmarks/shapes_accuracy.py draws them (DDIM 25 steps, guidance 6):
+2. With `--shapes`: the trained shapes model (diffship.testing.shapes; README "The shapes model") exported (with
+   --deepcache for DeepCache), all 60 prompts x 3 seeds as benchmarks/shapes_accuracy.py draws them (DDIM 25 steps, guidance 6):
    the accuracy of colour, shape and position (scored from pixels) per interval against the uncached run.
 
-    python benchmarks/deepcache_quality.py OUT [--backend onnxruntime --backend openvino] [--steps 50]
-        [--intervals 2,3,5] [--cache-start 0] [--runs 3] [--shapes] [--write]
+    python benchmarks/deepcache_quality.py OUT [--cache deepcache|taylorseer] [--backend onnxruntime
+        --backend openvino] [--steps 50] [--intervals 2,3,5] [--cache-start N] [--runs 3] [--shapes] [--write]
 
-`--write` writes benchmarks/results/deepcache_quality.{json,md} (run it on a quiet machine); without it the
-figures are printed only.
+`--write` writes benchmarks/results/{deepcache,taylorseer}_quality.{json,md} (run it on a quiet machine); without
+it the figures are printed only.
 """
 
 from __future__ import annotations
@@ -44,9 +47,9 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
-def options(interval, cache_start: int) -> dict:
-    return {} if interval is UNCACHED else {"cache": "deepcache", "cache_interval": interval,
-                                            "cache_start": cache_start}
+def options(interval, args) -> dict:
+    return {} if interval is UNCACHED else {"cache": args.cache, "cache_interval": interval,
+                                            "cache_start": args.cache_start}
 
 
 def unet_seconds(timings: dict) -> float:
@@ -66,7 +69,7 @@ def speed_and_quality(export_dir: Path, backend: str, args) -> dict:
     def generate(interval, seed):
         return pipe(args.prompt, height=height, width=width, num_inference_steps=args.steps,
                     guidance_scale=args.guidance, latents=latents[seed], output_type="np",
-                    **options(interval, args.cache_start))
+                    **options(interval, args))
 
     for interval in configs:  # warm-up: first-call costs (allocations, OpenVINO's first inference) untimed
         for _ in range(args.warmup):
@@ -96,7 +99,9 @@ def speed_and_quality(export_dir: Path, backend: str, args) -> dict:
         uncached = np.concatenate([images[UNCACHED][s] for s in range(args.seeds)])
         rows.append({
             "interval": interval, "total_s": round(total, 4), "unet_s": round(unet, 4),
-            "full_steps": last["unet_steps"], "shallow_steps": last.get("unet_shallow_steps", 0),
+            # the steps the cache took: DeepCache's shallow ones, or the steps TaylorSeer forecast
+            "full_steps": last["unet_steps"],
+            "shallow_steps": last.get("unet_shallow_steps", runs[UNCACHED][-1]["unet_steps"] - last["unet_steps"]),
             "unet_per_step_s": round(statistics.median(t["unet_per_step"] for t in runs[interval]), 5),
             "shallow_per_step_s": (round(statistics.median(t["unet_shallow_per_step"] for t in runs[interval]), 5)
                                    if last.get("unet_shallow_steps") else None),
@@ -115,14 +120,15 @@ def shapes_accuracy_rows(args) -> dict:
     from diffship.testing import shapes
 
     model = shapes.TRAINED_MODEL.resolve()
-    out = export(model, args.work / "shapes-deepcache", ["onnx"], progress=False, overwrite=True, deepcache=True)
+    out = export(model, args.work / f"shapes-{args.cache}", ["onnx"], progress=False, overwrite=True,
+                 deepcache=args.cache == "deepcache")
     pipe = StableDiffusionPipeline.from_pretrained(out, backend="onnxruntime", inference_precision="f32")
     pipe.set_progress_bar_config(disable=True)
     images = {}
     for interval in [UNCACHED, *args.intervals]:
         images[interval] = {seed: pipe(PROMPTS, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                                        latents=latents_for(seed, model), output_type="np",
-                                       **options(interval, args.cache_start)).images for seed in SEEDS}
+                                       **options(interval, args)).images for seed in SEEDS}
         print(f"shapes {_name(interval)}: {accuracy(images[interval])}", flush=True)
     rows = []
     for interval, by_seed in images.items():
@@ -141,14 +147,18 @@ def _name(interval) -> str:
 
 def markdown(result: dict) -> str:
     m = result["machine"]
+    deepcache = result.get("cache", "deepcache") == "deepcache"
+    title, cached = ("DeepCache", "shallow") if deepcache else ("TaylorSeer", "forecast")
+    branch = f" (DeepCache branch {result['branch']})" if deepcache else ""
     lines = [
-        "# DeepCache: speed-up and image change per cache interval", "",
-        f"{result['date']} · {m.get('cpu')} ({m.get('cores')} cores) · export `{result['export']}` (DeepCache "
-        f"branch {result['branch']}) · {result['steps']} steps, guidance {result['guidance_scale']}, cache_start "
-        f"{result['cache_start']} · medians of {result['runs']} interleaved runs after {result['warmup']} warm-up "
-        f"each · PSNR over {result['seeds']} seed(s). Made by `python benchmarks/deepcache_quality.py`.", "",
-        "| backend | size | cache | full / shallow UNet steps | total s | UNet s | speed-up total | speed-up UNet | "
-        "UNet ms / full step | ms / shallow step | PSNR dB vs no cache |",
+        f"# {title}: speed-up and image change per cache interval", "",
+        f"{result['date']} · {m.get('cpu')} ({m.get('cores')} cores) · export `{result['export']}`{branch} · "
+        f"{result['steps']} steps, guidance {result['guidance_scale']}, cache_start "
+        f"{result['cache_start'] if result['cache_start'] is not None else 'default'} · medians of "
+        f"{result['runs']} interleaved runs after {result['warmup']} warm-up each · PSNR over {result['seeds']} "
+        f"seed(s). Made by `python benchmarks/deepcache_quality.py --cache {result.get('cache', 'deepcache')}`.", "",
+        f"| backend | size | cache | full / {cached} denoiser steps | total s | denoiser s | speed-up total | "
+        f"speed-up denoiser | ms / full step | ms / {cached} step | PSNR dB vs no cache |",
         "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for side in result["speed"]:
@@ -178,10 +188,13 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("export_dir", type=Path, help="an export made with --deepcache")
+    parser.add_argument("export_dir", type=Path, help="an export (made with --deepcache for --cache deepcache)")
+    parser.add_argument("--cache", choices=["deepcache", "taylorseer"], default="deepcache")
     parser.add_argument("--backend", action="append", help="onnxruntime, openvino (repeat); default both")
     parser.add_argument("--intervals", default="2,3,5", help="cache intervals, comma-separated (default 2,3,5)")
-    parser.add_argument("--cache-start", type=int, default=0, help="steps before this index run in full")
+    parser.add_argument("--cache-start", type=int, default=None,
+                        help="steps before this index run in full (default: the cache's own, DeepCache 0, "
+                             "TaylorSeer 3)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--height", type=int)
@@ -201,12 +214,12 @@ def main() -> None:
     from diffship.benchmarking.machine import machine_info, now, versions
 
     report = json.loads((args.export_dir / "export_report.json").read_text())
-    if "deepcache" not in report:
+    if args.cache == "deepcache" and "deepcache" not in report:
         parser.error(f"{args.export_dir} was exported without --deepcache")
     started = time.perf_counter()
     result = {
         "date": now(), "machine": machine_info(), "versions": versions(), "export": str(args.export_dir),
-        "branch": report["deepcache"]["branch"], "steps": args.steps, "guidance_scale": args.guidance,
+        "cache": args.cache, "branch": report.get("deepcache", {}).get("branch"), "steps": args.steps, "guidance_scale": args.guidance,
         "cache_start": args.cache_start, "runs": args.runs, "warmup": args.warmup, "seeds": args.seeds,
         "prompt": args.prompt,
         "speed": [speed_and_quality(args.export_dir, backend, args)
@@ -220,8 +233,8 @@ def main() -> None:
     print(text)
     if args.write:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "deepcache_quality.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-        (RESULTS / "deepcache_quality.md").write_text(text)
+        (RESULTS / f"{args.cache}_quality.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+        (RESULTS / f"{args.cache}_quality.md").write_text(text)
 
 
 if __name__ == "__main__":

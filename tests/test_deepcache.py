@@ -251,7 +251,7 @@ def test_cache_errors(exported_dirs):
         plain(PROMPT, num_inference_steps=2, cache="deepcache")
     pipe = StableDiffusionPipeline.from_pretrained(_export(exported_dirs, "sd1"))
     for kwargs, message in [
-        ({"cache": "fast"}, r"^cache must be None or one of 'deepcache', got 'fast'$"),
+        ({"cache": "fast"}, r"^cache must be None, a StepCache or one of 'deepcache', 'taylorseer', got 'fast'$"),
         ({"cache": "deepcache", "cache_interval": 0}, r"^cache_interval must be an integer of at least 1, got 0$"),
         ({"cache": "deepcache", "cache_interval": 2.5}, r"^cache_interval must be an integer"),
         ({"cache": "deepcache", "cache_start": -1}, r"^cache_start must be an integer of at least 0, got -1$"),

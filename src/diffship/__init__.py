@@ -32,6 +32,7 @@ from diffship.pipelines import (
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
 )
+from diffship.pipelines.step_cache import DeepCache, TaylorSeer
 
 # The schedulers at the top level, as diffusers has them (`from diffship import DDIMScheduler`).
 from diffship.schedulers import (

@@ -388,13 +388,17 @@ def _add_step_cache_flags(p) -> None:
     p.add_argument("--skip-guidance-layers", type=_layer_list, metavar="N[,N...]",
                    help="SD3 skip-layer guidance: the transformer blocks skipped in the extra guidance pass (7,8,9 for "
                         "SD3.5 medium); needs an export made with --skip-layer-guidance")
-    p.add_argument("--cache", choices=["deepcache"],
+    p.add_argument("--cache", choices=["deepcache", "taylorseer"],
                    help="step caching: deepcache runs the shallow UNet on the last full step's deep feature between "
-                        "full steps (an export made with --deepcache)")
-    p.add_argument("--cache-interval", type=int, default=3,
-                   help="with --cache: a full UNet step every N steps, at least 1 (default 3)")
-    p.add_argument("--cache-start", type=int, default=0,
-                   help="with --cache: the steps before this index all run in full (default 0)")
+                        "full steps (UNet families, an export made with --deepcache); taylorseer forecasts the "
+                        "denoiser's output between full steps from a Taylor series of the full steps' (any family, "
+                        "any export)")
+    p.add_argument("--cache-interval", type=int, default=None,
+                   help="with --cache: a full denoiser step every N steps, at least 1 (default: deepcache 3, "
+                        "taylorseer 5)")
+    p.add_argument("--cache-start", type=int, default=None,
+                   help="with --cache: the steps before this index all run in full (default: deepcache 0, "
+                        "taylorseer 3)")
 
 
 def cmd_export(args) -> None:
@@ -575,8 +579,7 @@ def _check_generate(args) -> None:
         check_scheduler_name(args.scheduler, "--scheduler")
     if args.strength is not None:  # the step count too where given; the pipeline's default is checked once loaded
         check_strength(args.strength, args.steps, names=("--strength", "--steps"))
-    check_int(args.cache_interval, "--cache-interval", 1)
-    check_int(args.cache_start, "--cache-start", 0)
+    _check_step_cache_flags(args)
     args.lora = [_adapter_file(*parse_lora_flag(text), "--lora") for text in args.lora or []]
     args.textual_inversion = [_adapter_file(*parse_textual_inversion_flag(text), "--textual-inversion")
                               for text in args.textual_inversion or []]
@@ -686,7 +689,7 @@ def cmd_generate(args) -> None:
         raise ValueError(f"--control-image needs an export with ControlNets (diffship export ... --controlnet MODEL); "
                          f"{args.model_dir} has none")
     if controlnets and args.cache:
-        raise ValueError("--cache: DeepCache does not run with ControlNets")
+        raise ValueError("--cache: step caches do not run with ControlNets")
     if "depth_map" in task_kwargs and not hasattr(pipe, "estimate_depth"):
         raise ValueError(f"--depth-map needs a depth-to-image model; {args.model_dir} runs {type(pipe).__name__}")
     if args.scheduler:
@@ -718,7 +721,8 @@ def cmd_generate(args) -> None:
         # One negative prompt for every prompt, or one per prompt (checked above); the pipeline takes prompt's type.
         negatives = args.negative_prompt * (len(args.prompt) // len(args.negative_prompt))
         negative = negatives[0] if isinstance(prompt, str) else negatives
-    # eta (DDIM's) and the step caches are options of the UNet families' pipelines, skip-layer guidance SD3's,
+    # eta (DDIM's) is an option of the UNet families' pipelines, the step caches not of the ControlNet ones,
+    # skip-layer guidance SD3's,
     # clip_skip not Flux's, a negative prompt not FluxFillPipeline's: a flag given for a pipeline without the option
     # is refused rather than ignored.
     extra = {"eta": args.eta, "cache": args.cache, "cache_interval": args.cache_interval,
@@ -793,9 +797,15 @@ def _check_bench(args, backends: list[str] | None) -> None:
             check_output_file(path, flag, image=image, overwrite=args.overwrite)
 
 
+def _check_step_cache_flags(args) -> None:
+    if args.cache_interval is not None:
+        check_int(args.cache_interval, "--cache-interval", 1)
+    if args.cache_start is not None:
+        check_int(args.cache_start, "--cache-start", 0)
+
+
 def _step_cache_kwargs(args) -> dict:
-    check_int(args.cache_interval, "--cache-interval", 1)
-    check_int(args.cache_start, "--cache-start", 0)
+    _check_step_cache_flags(args)
     if args.cache is None:
         return {}
     return {"cache": args.cache, "cache_interval": args.cache_interval, "cache_start": args.cache_start}

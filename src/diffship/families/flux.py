@@ -45,6 +45,7 @@ from diffship.layout import (
 from diffship.pipelines.base import DiffusionPipeline
 from diffship.pipelines.image_processing import VaeImageProcessor
 from diffship.pipelines.prompts import as_list, check_prompts, run_text_encoder, warn_truncated
+from diffship.pipelines.step_cache import check_step_cache, step_cache
 from diffship.pipelines.steps import as_generator, check_generation_options, retrieve_timesteps, tile_to_batch
 from diffship.pipelines.tasks import (
     FlowImageToImage,
@@ -401,8 +402,10 @@ class FluxFamilyPipeline(DiffusionPipeline):
                  guidance_scale=3.5, num_images_per_prompt=1, generator=None, latents=None, prompt_embeds=None,
                  pooled_prompt_embeds=None, negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
                  output_type="pil", return_dict=True, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs=("latents",), max_sequence_length=512):
-        """One generation (see the module's docstring); inputs are checked by the caller."""
+                 callback_on_step_end_tensor_inputs=("latents",), max_sequence_length=512,
+                 cache=None, cache_interval=None, cache_start=None):
+        """One generation (see the module's docstring); inputs are checked by the caller. `cache`: a step
+        cache (pipelines/step_cache.py: "taylorseer", the transformer's output forecast between full steps)."""
         start = time.perf_counter()
         timer = StageTimer()
         height, width = task.size(self, height, width)
@@ -450,6 +453,7 @@ class FluxFamilyPipeline(DiffusionPipeline):
         if self.denoiser_config.get("guidance_embeds", False):
             conditioning["guidance"] = np.full((images * (2 if do_true_cfg else 1),), guidance_scale, np.float32)
 
+        self.step_cache = step_cache(cache, cache_interval, cache_start)
         # 6. Denoising loop (DiffusionPipeline.denoise): true guidance, if any, over the [negative, positive] batch.
         tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds}
         latents = self.denoise(task, timesteps, tensors, conditioning, do_true_cfg, true_cfg_scale, 0.0, {}, timer,
@@ -475,7 +479,7 @@ class FluxPipeline(FluxFamilyPipeline):
                  num_images_per_prompt=1, generator=None, latents=None, prompt_embeds=None, pooled_prompt_embeds=None,
                  negative_prompt_embeds=None, negative_pooled_prompt_embeds=None, output_type="pil",
                  return_dict=True, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
-                 max_sequence_length=512):
+                 max_sequence_length=512, cache=None, cache_interval=None, cache_start=None):
         task = FluxText2Image()
         height, width = task.size(self, height, width)
         self.check_inputs(prompt, prompt_2, height, width, negative_prompt, negative_prompt_2, prompt_embeds,
@@ -484,11 +488,13 @@ class FluxPipeline(FluxFamilyPipeline):
                           num_inference_steps, sigmas, guidance_scale, true_cfg_scale)
         _check_packed_latents(self, latents, prompt, prompt_embeds, num_images_per_prompt, height, width,
                               self.denoiser_latent_channels)
+        check_step_cache(self, cache, cache_interval, cache_start)
         return self.generate(task, prompt, prompt_2, negative_prompt, negative_prompt_2, true_cfg_scale, height,
                              width, num_inference_steps, sigmas, guidance_scale, num_images_per_prompt, generator,
                              latents, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
                              negative_pooled_prompt_embeds, output_type, return_dict, callback_on_step_end,
-                             callback_on_step_end_tensor_inputs, max_sequence_length)
+                             callback_on_step_end_tensor_inputs, max_sequence_length,
+                             cache=cache, cache_interval=cache_interval, cache_start=cache_start)
 
 
 class FluxImg2ImgPipeline(FluxFamilyPipeline):
@@ -503,7 +509,8 @@ class FluxImg2ImgPipeline(FluxFamilyPipeline):
                  guidance_scale=7.0, num_images_per_prompt=1, generator=None, latents=None, prompt_embeds=None,
                  pooled_prompt_embeds=None, negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
                  output_type="pil", return_dict=True, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs=("latents",), max_sequence_length=512):
+                 callback_on_step_end_tensor_inputs=("latents",), max_sequence_length=512,
+                 cache=None, cache_interval=None, cache_start=None):
         task = FluxImageToImage(image, strength)
         height, width = task.size(self, height, width)
         self.check_inputs(prompt, prompt_2, height, width, negative_prompt, negative_prompt_2, prompt_embeds,
@@ -515,11 +522,13 @@ class FluxImg2ImgPipeline(FluxFamilyPipeline):
             raise ValueError(f"{type(self).__name__} needs image (PIL images or numpy arrays in [0, 1])")
         _check_packed_latents(self, latents, prompt, prompt_embeds, num_images_per_prompt, height, width,
                               self.denoiser_latent_channels)
+        check_step_cache(self, cache, cache_interval, cache_start)
         return self.generate(task, prompt, prompt_2, negative_prompt, negative_prompt_2, true_cfg_scale, height,
                              width, num_inference_steps, sigmas, guidance_scale, num_images_per_prompt, generator,
                              latents, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
                              negative_pooled_prompt_embeds, output_type, return_dict, callback_on_step_end,
-                             callback_on_step_end_tensor_inputs, max_sequence_length)
+                             callback_on_step_end_tensor_inputs, max_sequence_length,
+                             cache=cache, cache_interval=cache_interval, cache_start=cache_start)
 
 
 class FluxInpaintPipeline(FluxFamilyPipeline):
@@ -535,7 +544,7 @@ class FluxInpaintPipeline(FluxFamilyPipeline):
                  num_images_per_prompt=1, generator=None, latents=None, prompt_embeds=None, pooled_prompt_embeds=None,
                  negative_prompt_embeds=None, negative_pooled_prompt_embeds=None, output_type="pil",
                  return_dict=True, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
-                 max_sequence_length=512):
+                 max_sequence_length=512, cache=None, cache_interval=None, cache_start=None):
         task = FluxInpaint(image, mask_image, masked_image_latents, strength, padding_mask_crop)
         height, width = task.size(self, height, width)
         self.check_inputs(prompt, prompt_2, height, width, negative_prompt, negative_prompt_2, prompt_embeds,
@@ -544,11 +553,13 @@ class FluxInpaintPipeline(FluxFamilyPipeline):
                           num_inference_steps, sigmas, guidance_scale, true_cfg_scale)
         check_inpaint_inputs(image, mask_image, strength, output_type, padding_mask_crop, None)
         check_flow_strength(strength, num_inference_steps, sigmas)
+        check_step_cache(self, cache, cache_interval, cache_start)
         return self.generate(task, prompt, prompt_2, negative_prompt, negative_prompt_2, true_cfg_scale, height,
                              width, num_inference_steps, sigmas, guidance_scale, num_images_per_prompt, generator,
                              latents, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
                              negative_pooled_prompt_embeds, output_type, return_dict, callback_on_step_end,
-                             callback_on_step_end_tensor_inputs, max_sequence_length)
+                             callback_on_step_end_tensor_inputs, max_sequence_length,
+                             cache=cache, cache_interval=cache_interval, cache_start=cache_start)
 
 
 class FluxFillPipeline(FluxFamilyPipeline):
@@ -571,7 +582,8 @@ class FluxFillPipeline(FluxFamilyPipeline):
                  height=None, width=None, strength=1.0, num_inference_steps=50, sigmas=None, guidance_scale=30.0,
                  num_images_per_prompt=1, generator=None, latents=None, prompt_embeds=None, pooled_prompt_embeds=None,
                  output_type="pil", return_dict=True, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs=("latents",), max_sequence_length=512):
+                 callback_on_step_end_tensor_inputs=("latents",), max_sequence_length=512,
+                 cache=None, cache_interval=None, cache_start=None):
         task = FluxFill(image, mask_image, masked_image_latents, strength)
         height, width = task.size(self, height, width)
         self.check_inputs(prompt, prompt_2, height, width, None, None, prompt_embeds, None, pooled_prompt_embeds,
@@ -586,10 +598,12 @@ class FluxFillPipeline(FluxFamilyPipeline):
             raise ValueError("pass either mask_image or masked_image_latents, not both")
         _check_packed_latents(self, latents, prompt, prompt_embeds, num_images_per_prompt, height, width,
                               self.denoiser_latent_channels)
+        check_step_cache(self, cache, cache_interval, cache_start)
         return self.generate(task, prompt, prompt_2, None, None, 1.0, height, width, num_inference_steps, sigmas,
                              guidance_scale, num_images_per_prompt, generator, latents, prompt_embeds,
                              pooled_prompt_embeds, None, None, output_type, return_dict, callback_on_step_end,
-                             callback_on_step_end_tensor_inputs, max_sequence_length)
+                             callback_on_step_end_tensor_inputs, max_sequence_length,
+                             cache=cache, cache_interval=cache_interval, cache_start=cache_start)
 
 
 FAMILY = Family(

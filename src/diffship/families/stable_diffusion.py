@@ -156,7 +156,7 @@ class StableDiffusionFamilyPipeline(DiffusionPipeline):
     def check_inputs(self, prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
                      output_type, callback_on_step_end_tensor_inputs, num_images_per_prompt, *,
                      num_inference_steps=50, timesteps=None, sigmas=None, guidance_scale=7.5, eta=0.0,
-                     clip_skip=None, guidance_rescale=0.0, cache=None, cache_interval=3, cache_start=0):
+                     clip_skip=None, guidance_rescale=0.0, cache=None, cache_interval=None, cache_start=None):
         """diffusers' checks, and the ranges of the values it leaves unchecked, before any graph runs. height and
         width None: the size comes from an input image (checked when it is preprocessed)."""
         check_image_size({"height": height, "width": width}, max(IMAGE_SIZE_MULTIPLE, self.vae_scale_factor))
@@ -199,11 +199,12 @@ class StableDiffusionFamilyPipeline(DiffusionPipeline):
                  sigmas=None, guidance_scale=7.5, negative_prompt=None, num_images_per_prompt=1, eta=0.0,
                  generator=None, latents=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil",
                  return_dict=True, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
-                 clip_skip=None, guidance_rescale=0.0, set_timesteps_kwargs=None, cache=None, cache_interval=3,
-                 cache_start=0, control: ControlNetConditioning | None = None):
+                 clip_skip=None, guidance_rescale=0.0, set_timesteps_kwargs=None, cache=None, cache_interval=None,
+                 cache_start=None, control: ControlNetConditioning | None = None):
         """One generation, for every task (see the module's docstring); inputs are checked by the caller. `cache`:
-        a step cache ("deepcache": a full UNet step every `cache_interval` steps from `cache_start` on, every step
-        before it, and the shallow UNet on the cached deep feature at the others; pipelines/step_cache.py).
+        a step cache (pipelines/step_cache.py: "deepcache", a full UNet step every `cache_interval` steps from
+        `cache_start` on, every step before it, and the shallow UNet on the cached deep feature at the others;
+        "taylorseer", the UNet's output forecast between full steps).
         `control`: the ControlNets' inputs (pipelines/controlnet.py), preprocessed by the caller."""
         start = time.perf_counter()
         timer = StageTimer()
@@ -290,8 +291,8 @@ class StableDiffusionPipeline(StableDiffusionFamilyPipeline):
         clip_skip: int | None = None,
         guidance_rescale: float = 0.0,
         cache: str | None = None,
-        cache_interval: int = 3,
-        cache_start: int = 0,
+        cache_interval: int | None = None,
+        cache_start: int | None = None,
     ):
         task = Task()
         height, width = task.size(self, height, width)
@@ -332,8 +333,8 @@ class LatentConsistencyModelPipeline(StableDiffusionFamilyPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         clip_skip: int | None = None,
         cache: str | None = None,
-        cache_interval: int = 3,
-        cache_start: int = 0,
+        cache_interval: int | None = None,
+        cache_start: int | None = None,
     ):
         if self.unet_config.get("time_cond_proj_dim") is None:
             raise DiffshipError(f"{type(self).__name__} needs an LCM UNet (one with time_cond_proj_dim, which takes "
@@ -385,8 +386,8 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionFamilyPipeline):
         clip_skip: int | None = None,
         guidance_rescale: float = 0.0,
         cache: str | None = None,
-        cache_interval: int = 3,
-        cache_start: int = 0,
+        cache_interval: int | None = None,
+        cache_start: int | None = None,
     ):
         # The size comes from the image (checked when it is preprocessed).
         self.check_inputs(prompt, None, None, negative_prompt, prompt_embeds, negative_prompt_embeds, output_type,
@@ -440,8 +441,8 @@ class StableDiffusionInpaintPipeline(StableDiffusionFamilyPipeline):
         clip_skip: int | None = None,
         guidance_rescale: float = 0.0,
         cache: str | None = None,
-        cache_interval: int = 3,
-        cache_start: int = 0,
+        cache_interval: int | None = None,
+        cache_start: int | None = None,
     ):
         task = Inpaint(image, mask_image, masked_image_latents, strength, padding_mask_crop)
         # Like diffusers, the size defaults to the UNet's, not to the image's: image and mask are resized to it.
@@ -567,8 +568,8 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionFamilyPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         clip_skip: int | None = None,
         cache: str | None = None,
-        cache_interval: int = 3,
-        cache_start: int = 0,
+        cache_interval: int | None = None,
+        cache_start: int | None = None,
     ):
         self.check_inputs(prompt, None, None, negative_prompt, prompt_embeds, negative_prompt_embeds, output_type,
                           callback_on_step_end_tensor_inputs, num_images_per_prompt,

@@ -52,6 +52,7 @@ from diffship.pipelines.prompts import (
     run_text_encoder,
     warn_truncated,
 )
+from diffship.pipelines.step_cache import check_step_cache, step_cache
 from diffship.pipelines.steps import as_generator, check_generation_options, retrieve_timesteps
 from diffship.pipelines.tasks import FlowImageToImage, FlowInpaint, Task, check_flow_strength, check_inpaint_inputs
 from diffship.pipelines.timing import STEP_STAGE, StageTimer, stage_of
@@ -360,8 +361,10 @@ class StableDiffusion3FamilyPipeline(DiffusionPipeline):
                  negative_pooled_prompt_embeds=None, output_type="pil", return_dict=True, clip_skip=None,
                  callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
                  max_sequence_length=256, mu=None, skip_guidance_layers=None, skip_layer_guidance_scale=2.8,
-                 skip_layer_guidance_stop=0.2, skip_layer_guidance_start=0.01):
-        """One generation (see the module's docstring); inputs are checked by the caller."""
+                 skip_layer_guidance_stop=0.2, skip_layer_guidance_start=0.01,
+                 cache=None, cache_interval=None, cache_start=None):
+        """One generation (see the module's docstring); inputs are checked by the caller. `cache`: a step
+        cache (pipelines/step_cache.py: "taylorseer", the transformer's output forecast between full steps)."""
         start = time.perf_counter()
         timer = StageTimer()
         height, width = task.size(self, height, width)
@@ -401,6 +404,7 @@ class StableDiffusion3FamilyPipeline(DiffusionPipeline):
         latents = task.prepare_latents(self, images, height, width, generator, latents, timesteps,
                                        do_classifier_free_guidance, timer)
 
+        self.step_cache = step_cache(cache, cache_interval, cache_start)
         # 6. Denoising loop (DiffusionPipeline.denoise), the transformer fed by denoiser_inputs. diffusers' SD3
         # pipeline steps the scheduler with no generator (nor eta): none here either.
         tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds}
@@ -426,7 +430,7 @@ class StableDiffusion3Pipeline(StableDiffusion3FamilyPipeline):
                  output_type="pil", return_dict=True, clip_skip=None, callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs=("latents",), max_sequence_length=256, skip_guidance_layers=None,
                  skip_layer_guidance_scale=2.8, skip_layer_guidance_stop=0.2, skip_layer_guidance_start=0.01,
-                 mu=None):
+                 mu=None, cache=None, cache_interval=None, cache_start=None):
         """`skip_guidance_layers` (e.g. [7, 8, 9] for SD3.5 medium): skip-layer guidance, on an export made with
         --skip-layer-guidance; the other arguments as diffusers'."""
         task = Task()
@@ -438,13 +442,15 @@ class StableDiffusion3Pipeline(StableDiffusion3FamilyPipeline):
                           clip_skip)
         self.check_skip_guidance_layers(skip_guidance_layers, skip_layer_guidance_scale, skip_layer_guidance_start,
                                         skip_layer_guidance_stop)
+        check_step_cache(self, cache, cache_interval, cache_start)
         return self.generate(task, prompt, prompt_2, prompt_3, height, width, num_inference_steps, sigmas,
                              guidance_scale, negative_prompt, negative_prompt_2, negative_prompt_3,
                              num_images_per_prompt, generator, latents, prompt_embeds, negative_prompt_embeds,
                              pooled_prompt_embeds, negative_pooled_prompt_embeds, output_type, return_dict, clip_skip,
                              callback_on_step_end, callback_on_step_end_tensor_inputs, max_sequence_length, mu,
                              skip_guidance_layers, skip_layer_guidance_scale, skip_layer_guidance_stop,
-                             skip_layer_guidance_start)
+                             skip_layer_guidance_start,
+                             cache=cache, cache_interval=cache_interval, cache_start=cache_start)
 
 
 class StableDiffusion3Img2ImgPipeline(StableDiffusion3FamilyPipeline):
@@ -460,7 +466,7 @@ class StableDiffusion3Img2ImgPipeline(StableDiffusion3FamilyPipeline):
                  latents=None, prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
                  negative_pooled_prompt_embeds=None, output_type="pil", return_dict=True, clip_skip=None,
                  callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), max_sequence_length=256,
-                 mu=None):
+                 mu=None, cache=None, cache_interval=None, cache_start=None):
         task = FlowImageToImage(image, strength)
         height, width = task.size(self, height, width)
         self.check_inputs(prompt, prompt_2, prompt_3, height, width, negative_prompt, negative_prompt_2,
@@ -471,11 +477,13 @@ class StableDiffusion3Img2ImgPipeline(StableDiffusion3FamilyPipeline):
         check_flow_strength(strength, num_inference_steps, sigmas)
         if image is None:
             raise ValueError(f"{type(self).__name__} needs image (PIL images or numpy arrays in [0, 1])")
+        check_step_cache(self, cache, cache_interval, cache_start)
         return self.generate(task, prompt, prompt_2, prompt_3, height, width, num_inference_steps, sigmas,
                              guidance_scale, negative_prompt, negative_prompt_2, negative_prompt_3,
                              num_images_per_prompt, generator, latents, prompt_embeds, negative_prompt_embeds,
                              pooled_prompt_embeds, negative_pooled_prompt_embeds, output_type, return_dict, clip_skip,
-                             callback_on_step_end, callback_on_step_end_tensor_inputs, max_sequence_length, mu)
+                             callback_on_step_end, callback_on_step_end_tensor_inputs, max_sequence_length, mu,
+                             cache=cache, cache_interval=cache_interval, cache_start=cache_start)
 
 
 class StableDiffusion3InpaintPipeline(StableDiffusion3FamilyPipeline):
@@ -501,7 +509,7 @@ class StableDiffusion3InpaintPipeline(StableDiffusion3FamilyPipeline):
                  latents=None, prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
                  negative_pooled_prompt_embeds=None, output_type="pil", return_dict=True, clip_skip=None,
                  callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), max_sequence_length=256,
-                 mu=None):
+                 mu=None, cache=None, cache_interval=None, cache_start=None):
         task = FlowInpaint(image, mask_image, masked_image_latents, strength, padding_mask_crop)
         height, width = task.size(self, height, width)
         self.check_inputs(prompt, prompt_2, prompt_3, height, width, negative_prompt, negative_prompt_2,
@@ -511,11 +519,13 @@ class StableDiffusion3InpaintPipeline(StableDiffusion3FamilyPipeline):
                           clip_skip)
         check_inpaint_inputs(image, mask_image, strength, output_type, padding_mask_crop, None)
         check_flow_strength(strength, num_inference_steps, sigmas)
+        check_step_cache(self, cache, cache_interval, cache_start)
         return self.generate(task, prompt, prompt_2, prompt_3, height, width, num_inference_steps, sigmas,
                              guidance_scale, negative_prompt, negative_prompt_2, negative_prompt_3,
                              num_images_per_prompt, generator, latents, prompt_embeds, negative_prompt_embeds,
                              pooled_prompt_embeds, negative_pooled_prompt_embeds, output_type, return_dict, clip_skip,
-                             callback_on_step_end, callback_on_step_end_tensor_inputs, max_sequence_length, mu)
+                             callback_on_step_end, callback_on_step_end_tensor_inputs, max_sequence_length, mu,
+                             cache=cache, cache_interval=cache_interval, cache_start=cache_start)
 
 
 FAMILY = Family(

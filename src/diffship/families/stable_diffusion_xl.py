@@ -157,7 +157,7 @@ class StableDiffusionXLFamilyPipeline(DiffusionPipeline):
                      negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, output_type,
                      callback_on_step_end_tensor_inputs, num_images_per_prompt, *, num_inference_steps=50,
                      timesteps=None, sigmas=None, guidance_scale=5.0, eta=0.0, clip_skip=None, guidance_rescale=0.0,
-                     denoising_start=None, denoising_end=None, cache=None, cache_interval=3, cache_start=0):
+                     denoising_start=None, denoising_end=None, cache=None, cache_interval=None, cache_start=None):
         """diffusers' checks, and the ranges of the values it leaves unchecked, before any graph runs."""
         check_image_size({"height": height, "width": width}, max(IMAGE_SIZE_MULTIPLE, self.vae_scale_factor))
         if prompt is None and prompt_embeds is None:
@@ -291,8 +291,8 @@ class StableDiffusionXLFamilyPipeline(DiffusionPipeline):
                  original_size=None, crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                  negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score=6.0,
                  negative_aesthetic_score=2.5, clip_skip=None, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs=("latents",), cache=None, cache_interval=3,
-                 cache_start=0, control: ControlNetConditioning | None = None):
+                 callback_on_step_end_tensor_inputs=("latents",), cache=None, cache_interval=None,
+                 cache_start=None, control: ControlNetConditioning | None = None):
         """One generation, for every task; inputs are checked by the caller. `cache`: a step cache, as for Stable
         Diffusion (StableDiffusionFamilyPipeline.generate). `control`: the ControlNets' inputs, preprocessed by the
         caller (pipelines/controlnet.py)."""
@@ -411,7 +411,7 @@ class StableDiffusionXLPipeline(StableDiffusionXLFamilyPipeline):
                  crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                  negative_crops_coords_top_left=(0, 0), negative_target_size=None, clip_skip=None,
                  callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), cache=None,
-                 cache_interval=3, cache_start=0):
+                 cache_interval=None, cache_start=None):
         task = Task()
         height, width = task.size(self, height, width)
         self.check_inputs(prompt, prompt_2, height, width, negative_prompt, negative_prompt_2, prompt_embeds,
@@ -447,8 +447,8 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLFamilyPipeline):
                  original_size=None, crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                  negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score=6.0,
                  negative_aesthetic_score=2.5, clip_skip=None, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs=("latents",), cache=None, cache_interval=3,
-                 cache_start=0):
+                 callback_on_step_end_tensor_inputs=("latents",), cache=None, cache_interval=None,
+                 cache_start=None):
         self.check_inputs(prompt, prompt_2, None, None, negative_prompt, negative_prompt_2, prompt_embeds,
                           negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, output_type,
                           callback_on_step_end_tensor_inputs, num_images_per_prompt,
@@ -492,8 +492,8 @@ class StableDiffusionXLInpaintPipeline(StableDiffusionXLFamilyPipeline):
                  original_size=None, crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                  negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score=6.0,
                  negative_aesthetic_score=2.5, clip_skip=None, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs=("latents",), cache=None, cache_interval=3,
-                 cache_start=0):
+                 callback_on_step_end_tensor_inputs=("latents",), cache=None, cache_interval=None,
+                 cache_start=None):
         start_at = denoising_start if valid_fraction(denoising_start) else None
         task = Inpaint(image, mask_image, masked_image_latents, strength, padding_mask_crop, start_at)
         height, width = task.size(self, height, width)

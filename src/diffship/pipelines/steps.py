@@ -58,7 +58,7 @@ def check_schedule(scheduler, num_inference_steps, timesteps, sigmas) -> None:
 
 def check_generation_options(pipe, output_type, callback_on_step_end_tensor_inputs, num_images_per_prompt,
                              num_inference_steps, timesteps, sigmas, guidance_scale, eta, guidance_rescale,
-                             cache=None, cache_interval=3, cache_start=0) -> None:
+                             cache=None, cache_interval=None, cache_start=None) -> None:
     """The options every family's check_inputs checks alike: output type, callback tensors, counts, schedule, the
     guidance numbers and the step cache."""
     if output_type not in OUTPUT_TYPES:
