@@ -96,9 +96,10 @@ def fuse_for_onnxruntime(model: onnx.ModelProto, component: str, target: str = "
 def self_attention_as_multihead(model: onnx.ModelProto) -> int:
     """Rewrite, in place, the UNet's fused self-attention for ONNX Runtime's CPU kernels: onnxruntime's fusion
     gives each one an `Attention` node (the Q, K and V weights packed into one), whose CPU kernel materialises the
-    full score matrix; `MultiHeadAttention` on separate Q, K and V tiles it (flash attention on CPU). At SD 1.5's
-    4096 tokens (512x512) that kernel is about a fifth faster per attention, at 1024 tokens they are level
-    (benchmarks/results/attention_kernels.md). The packed projection stays one MatMul, split into Q, K and V.
+    full score matrix; `MultiHeadAttention` on separate Q, K and V tiles it (flash attention on CPU). Over SD 1.5's
+    self-attentions that is 0.78x the time per UNet step at 256x256 and 0.92x at 512x512, though not at every
+    level (0.46x to 1.23x; benchmarks/results/attention_kernels.md). The packed projection stays one MatMul, split
+    into Q, K and V.
     Only the plain form the fusion writes is rewritten (input, weights, optional bias; `num_heads` alone): any
     mask, past state or other attribute keeps its node. Returns how many nodes were rewritten."""
     from onnx import helper, numpy_helper
