@@ -148,6 +148,10 @@ def test_taylorseer_errors(exported_dirs):
         sd3("a cat", num_inference_steps=2, cache="taylorseer", cache_interval=0)
     with pytest.raises(ValueError, match="order"):
         TaylorSeer(order=0)
+    with pytest.raises(ValueError, match=r"^interval must be an integer of at least 1, got 0$"):
+        TaylorSeer(interval=0)
+    with pytest.raises(ValueError, match="cache must be None, a StepCache or one of"):
+        sd3("a cat", num_inference_steps=2, cache=["taylorseer"])
     sd1 = StableDiffusionPipeline.from_pretrained(exported_dirs("sd1"), backend="onnxruntime")
     with pytest.raises(DiffshipError, match="needs the unet_shallow graph"):  # DeepCache still needs its export
         sd1("a cat", num_inference_steps=2, cache=DeepCache())

@@ -44,6 +44,10 @@ class StepCache:
     default_interval, default_start = 3, 0
 
     def __init__(self, interval: int | None = None, start: int | None = None):
+        if interval is not None:
+            check_int(interval, "interval", 1)
+        if start is not None:
+            check_int(start, "start", 0)
         self.interval = self.default_interval if interval is None else interval
         self.start = self.default_start if start is None else start
 
@@ -147,7 +151,7 @@ def check_step_cache(pipe, cache, cache_interval=None, cache_start=None) -> None
             raise ValueError("pass cache_interval and cache_start to the StepCache given as cache, not beside it")
         cache_class = type(cache)
         cache = next((name for name, cls in STEP_CACHES.items() if cls is cache_class), cache_class.__name__)
-    elif cache not in STEP_CACHES:
+    elif not isinstance(cache, str) or cache not in STEP_CACHES:
         raise ValueError(f"cache must be None, a StepCache or one of {', '.join(map(repr, STEP_CACHES))}, "
                          f"got {cache!r}")
     else:
