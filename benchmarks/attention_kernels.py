@@ -31,6 +31,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from diffship.benchmarking.machine import load_average, machine_info, now, versions
+from diffship.benchmarking.report import write_report
 from diffship.graphs.fusion import self_attention_as_multihead
 
 HEADS, BATCH = 8, 2
@@ -112,10 +113,7 @@ def main() -> int:
             report["cases"].append(case)
             print(json.dumps(case), file=sys.stderr, flush=True)
     report["load_average_end"] = load_average()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    print(write_report(args.out, report, markdown(report)))
     return 0
 
 

@@ -3,14 +3,15 @@
 `--cache deepcache` (the default) or `--cache taylorseer` (the denoiser's output forecast between full steps; any
 export, no graph of its own).
 
-1. Speed and quality on an export (DeepCache: made with `diffship export MODEL OUT --deepcache`): per backend, the uncached
-   generation and one per interval (default 2, 3, 5), interleaved run by run (the order rotates each round) after
-   a warm-up of each; medians of the end-to-end time and of the UNet's (full plus shallow steps), and the speed-up
-   over the uncached run. Quality: PSNR (dB, pixels in [0, 1]) of each interval's images against the uncached
-   images from the same latents, over `--seeds` seeds.
+1. Speed and quality on an export (DeepCache: made with `diffship export MODEL OUT --deepcache`): per backend, the
+   uncached generation and one per interval (default 2, 3, 5), interleaved run by run (the order rotates each round)
+   after a warm-up of each; medians of the end-to-end time and of the UNet's (full plus shallow steps), and the
+   speed-up over the uncached run. Quality: PSNR (dB, pixels in [0, 1]) of each interval's images against the
+   uncached images from the same latents, over `--seeds` seeds.
 2. With `--shapes`: the trained shapes model (diffship.testing.shapes; README "The shapes model") exported (with
-   --deepcache for DeepCache), all 60 prompts x 3 seeds as benchmarks/shapes_accuracy.py draws them (DDIM 25 steps, guidance 6):
-   the accuracy of colour, shape and position (scored from pixels) per interval against the uncached run.
+   --deepcache for DeepCache), all 60 prompts x 3 seeds as benchmarks/shapes_accuracy.py draws them (DDIM 25 steps,
+   guidance 6): the accuracy of colour, shape and position (scored from pixels) per interval against the uncached
+   run.
 
     python benchmarks/deepcache_quality.py OUT [--cache deepcache|taylorseer] [--backend onnxruntime
         --backend openvino] [--steps 50] [--intervals 2,3,5] [--cache-start N] [--runs 3] [--shapes] [--write]
@@ -219,7 +220,8 @@ def main() -> None:
     started = time.perf_counter()
     result = {
         "date": now(), "machine": machine_info(), "versions": versions(), "export": str(args.export_dir),
-        "cache": args.cache, "branch": report.get("deepcache", {}).get("branch"), "steps": args.steps, "guidance_scale": args.guidance,
+        "cache": args.cache, "branch": report.get("deepcache", {}).get("branch"), "steps": args.steps,
+        "guidance_scale": args.guidance,
         "cache_start": args.cache_start, "runs": args.runs, "warmup": args.warmup, "seeds": args.seeds,
         "prompt": args.prompt,
         "speed": [speed_and_quality(args.export_dir, backend, args)

@@ -113,6 +113,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from diffship.benchmarking.machine import machine_info, now
+    from diffship.benchmarking.report import write_report
 
     log = StageLog()
     start = time.perf_counter()
@@ -125,9 +126,7 @@ def main() -> int:
     text = to_markdown(report)
     print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-        args.out.with_suffix(".md").write_text(text)
+        write_report(args.out, report, text)
     return 0
 
 

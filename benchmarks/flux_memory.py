@@ -108,6 +108,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from diffship.benchmarking.machine import machine_info, now, versions
+    from diffship.benchmarking.report import write_report
 
     machine = machine_info()
     found = multipliers()
@@ -149,10 +150,7 @@ def main() -> int:
     report = {"schema": "diffship-flux-memory/1", "date": now(), "command": " ".join(sys.argv), "machine": machine,
               "versions": versions(("diffship", "torch", "diffusers", "transformers")),
               "multipliers": found, "multiplier": {"source": source, **chosen}, "components": rows, "notes": notes}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(to_markdown(report))
-    print(args.out.with_suffix(".md").read_text())
+    print(write_report(args.out, report, to_markdown(report)))
     return 0
 
 

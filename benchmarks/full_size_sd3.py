@@ -178,6 +178,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from diffship.benchmarking.machine import machine_info, now, versions
+    from diffship.benchmarking.report import write_report
 
     work = args.work.resolve()
     model, export, logs = work / "model", work / "export", work / "logs"
@@ -226,10 +227,7 @@ def main() -> int:
         for backend, precision in configs:
             report["steps"].append(step(export, backend, precision, size, args.runs, logs))
             args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(to_markdown(report))
-    print(args.out.with_suffix(".md").read_text())
+    print(write_report(args.out, report, to_markdown(report)))
     return 0
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from diffship.benchmarking.machine import machine_info, now, versions
+from diffship.benchmarking.report import write_report
 
 RESULTS = Path(__file__).parent / "results"
 PROMPT = "a photo of an astronaut riding a horse on mars"
@@ -84,10 +85,7 @@ def main() -> None:
               "peak_rss_mib_all_sides": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "export_report": json.loads((args.exported / "export_report.json").read_text())["components"]["unet"],
               "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    print(write_report(args.out, report, markdown(report)))
 
 
 def markdown(report: dict) -> str:

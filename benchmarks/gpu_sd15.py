@@ -157,6 +157,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from diffship.benchmarking.machine import machine_info, now, versions
+    from diffship.benchmarking.report import write_report
     from diffship.runtimes.engines import ShapeRange, check_tensorrt
 
     check_tensorrt()  # TensorRT, CUDA's binding and a GPU, before minutes of export
@@ -186,10 +187,7 @@ def main() -> int:
               "results": [{"name": c.name, "load": c.load, "settings": getattr(c, "settings", None),
                            "median": {s: statistics.median(r[s] for r in runs[c.name]) for s in STAGES},
                            "runs": runs[c.name]} for c in contestants]}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    print(write_report(args.out, report, markdown(report)))
     return 0
 
 

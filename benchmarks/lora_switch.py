@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from diffship.benchmarking.machine import machine_info, now, versions
+from diffship.benchmarking.report import write_report
 
 CHILD = r"""
 import json, resource, sys, time
@@ -139,9 +140,7 @@ def main() -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-        args.out.with_suffix(".md").write_text(text)
+        write_report(args.out, report, text)
     return 0
 
 

@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from diffship.benchmarking.machine import machine_info, now, versions
+from diffship.benchmarking.report import write_report
 from diffship.serving.options import APP_NAME, MODEL_DEPLOYMENT, ServeOptions
 
 BACKEND = "onnxruntime"
@@ -227,10 +228,7 @@ def main() -> int:
         ray.shutdown()
     for config in results["configs"]:
         config.pop("digests", None)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(results))
-    print(markdown(results))
+    print(write_report(args.out, results, markdown(results)))
     failed = [c for c in results["configs"] if not passed(c)] + [
         name for name, check in results["checks"].items() if not check["passed"]]
     return 1 if failed else 0

@@ -237,6 +237,7 @@ def main() -> int:
     args.out_root.mkdir(parents=True, exist_ok=True)
 
     from diffship.benchmarking.machine import machine_info, now, versions
+    from diffship.benchmarking.report import write_report
 
     earlier, earlier_machine = {}, None
     if args.out.with_suffix(".json").is_file():
@@ -287,10 +288,7 @@ def main() -> int:
         log(f"  {name}: {figures['wall_s'] / 60:.1f} min, peak RSS {figures['peak_rss_mb'] / 1024:.2f} GiB"
             + (f" ({ratio:.2f}x the UNet's fp32 weights)" if ratio else "") + (f"; FAILED: {figures['error']}"
                                                                               if figures["error"] else ""))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(format_markdown(report))
-    print(args.out.with_suffix(".md").read_text())
+    print(write_report(args.out, report, format_markdown(report)))
     return 0 if all(not e.get("error") for e in report["exports"].values()) else 1
 
 

@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from diffship.benchmarking.summary import stages_sum
+
+
+def write_report(out: str | Path, report: dict, markdown: str) -> str:
+    """A benchmark script's results: OUT.json (the figures, JSON; anything else written as its str) and OUT.md
+    (their tables), the folder made if need be. Returns `markdown`, for the script to print."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    out.with_suffix(".md").write_text(markdown)
+    return markdown
 
 # (label, stage, statistic) rows of per-run latency, in milliseconds. The "unet" stages are the denoiser's steps,
 # whichever it is: {denoiser} is "UNet" or "Transformer" (SD3, Flux), as the workers report it.
