@@ -40,10 +40,11 @@ def _external_length(tensor: onnx.TensorProto, base_dir: Path | None) -> int:
         return 0
 
 
-def initializers(model: onnx.ModelProto):
-    """Every initializer of the graph and of its subgraphs (If / Loop bodies), as onnx's writer visits them."""
+def graphs(model: onnx.ModelProto):
+    """The graph and its subgraphs (If / Loop bodies), depth first, each before the subgraphs of its nodes: the
+    order onnx's writer visits them in."""
     def walk(graph):
-        yield from graph.initializer
+        yield graph
         for node in graph.node:
             for attribute in node.attribute:
                 if attribute.type == onnx.AttributeProto.GRAPH:
@@ -55,22 +56,21 @@ def initializers(model: onnx.ModelProto):
     yield from walk(model.graph)
 
 
+def initializers(model: onnx.ModelProto):
+    """Every initializer of the graph and of its subgraphs, as onnx's writer visits them."""
+    for graph in graphs(model):
+        yield from graph.initializer
+
+
 def attribute_tensors(model: onnx.ModelProto):
     """Every tensor held by a node attribute (Constant values), of the graph and its subgraphs."""
-    def walk(graph):
+    for graph in graphs(model):
         for node in graph.node:
             for attribute in node.attribute:
                 if attribute.type == onnx.AttributeProto.TENSOR:
                     yield attribute.t
                 elif attribute.type == onnx.AttributeProto.TENSORS:
                     yield from attribute.tensors
-                elif attribute.type == onnx.AttributeProto.GRAPH:
-                    yield from walk(attribute.g)
-                elif attribute.type == onnx.AttributeProto.GRAPHS:
-                    for subgraph in attribute.graphs:
-                        yield from walk(subgraph)
-
-    yield from walk(model.graph)
 
 
 def is_external(tensor: onnx.TensorProto) -> bool:
