@@ -56,19 +56,17 @@ def _diffusers_taylorseer(tiny_model_dirs, family, interval, start, order, end, 
     from diffusers.hooks.taylorseer_cache import TaylorSeerCacheConfig, apply_taylorseer_cache
 
     kind, class_name, denoiser_name, output_layer, _ = FAMILIES[family]
-    pipe = getattr(diffusers, class_name).from_pretrained(tiny_model_dirs(kind), safety_checker=None) \
-        if family == "sd1" else getattr(diffusers, class_name).from_pretrained(tiny_model_dirs(kind))
+    pipe = getattr(diffusers, class_name).from_pretrained(tiny_model_dirs(kind))
     if family == "sd1":  # one timestep per step (PNDM repeats one)
         pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     denoiser = getattr(pipe, denoiser_name)
-    if interval is not None:
-        config = TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=start, max_order=order,
-                                       disable_cache_after_step=end, taylor_factors_dtype=torch.float32,
-                                       cache_identifiers=[output_layer])
-        apply_taylorseer_cache(denoiser, config)
-        # FluxPipeline names each denoiser call's context itself; the others call the denoiser without one.
-        _set_cache_context(denoiser, CacheContext("generation"))
+    config = TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=start, max_order=order,
+                                   disable_cache_after_step=end, taylor_factors_dtype=torch.float32,
+                                   cache_identifiers=[output_layer])
+    apply_taylorseer_cache(denoiser, config)
+    # FluxPipeline names each denoiser call's context itself; the others call the denoiser without one.
+    _set_cache_context(denoiser, CacheContext("generation"))
     kwargs = dict(kwargs, latents=torch.from_numpy(kwargs["latents"]))
     with one_torch_thread():
         return pipe(generator=torch.Generator().manual_seed(0), output_type="np", **kwargs).images

@@ -45,7 +45,7 @@ from diffship.layout import (
 from diffship.pipelines.base import DiffusionPipeline
 from diffship.pipelines.image_processing import VaeImageProcessor
 from diffship.pipelines.prompts import as_list, check_prompts, run_text_encoder, warn_truncated
-from diffship.pipelines.step_cache import check_step_cache, step_cache
+from diffship.pipelines.step_cache import step_cache
 from diffship.pipelines.steps import as_generator, check_generation_options, retrieve_timesteps, tile_to_batch
 from diffship.pipelines.tasks import (
     FlowImageToImage,
@@ -338,7 +338,8 @@ class FluxFamilyPipeline(DiffusionPipeline):
     def check_inputs(self, prompt, prompt_2, height, width, negative_prompt, negative_prompt_2, prompt_embeds,
                      negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, output_type,
                      callback_on_step_end_tensor_inputs, num_images_per_prompt, max_sequence_length,
-                     num_inference_steps, sigmas, guidance_scale, true_cfg_scale) -> None:
+                     num_inference_steps, sigmas, guidance_scale, true_cfg_scale, *, cache=None, cache_interval=None,
+                     cache_start=None) -> None:
         """diffusers' checks, and the ranges of the values it leaves unchecked, before any graph runs. Sizes that
         are no multiple of 16 (VAE 8 x packing 2) are refused: diffusers warns and draws a smaller image."""
         check_image_size({"height": height, "width": width}, self.size_multiple)
@@ -350,7 +351,8 @@ class FluxFamilyPipeline(DiffusionPipeline):
         # guidance_scale is the guidance-distilled transformer's input (schnell ignores it); true_cfg_scale is the
         # classifier-free guidance scale the loop guides with.
         check_generation_options(self, output_type, callback_on_step_end_tensor_inputs, num_images_per_prompt,
-                                 num_inference_steps, None, sigmas, guidance_scale, 0.0, 0.0)
+                                 num_inference_steps, None, sigmas, guidance_scale, 0.0, 0.0, cache, cache_interval,
+                                 cache_start)
         check_number(true_cfg_scale, "true_cfg_scale")
 
     # ---- Flux's own steps ----------------------------------------------------------------------------------------
@@ -485,10 +487,10 @@ class FluxPipeline(FluxFamilyPipeline):
         self.check_inputs(prompt, prompt_2, height, width, negative_prompt, negative_prompt_2, prompt_embeds,
                           negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, output_type,
                           callback_on_step_end_tensor_inputs, num_images_per_prompt, max_sequence_length,
-                          num_inference_steps, sigmas, guidance_scale, true_cfg_scale)
+                          num_inference_steps, sigmas, guidance_scale, true_cfg_scale,
+                          cache=cache, cache_interval=cache_interval, cache_start=cache_start)
         _check_packed_latents(self, latents, prompt, prompt_embeds, num_images_per_prompt, height, width,
                               self.denoiser_latent_channels)
-        check_step_cache(self, cache, cache_interval, cache_start)
         return self.generate(task, prompt, prompt_2, negative_prompt, negative_prompt_2, true_cfg_scale, height,
                              width, num_inference_steps, sigmas, guidance_scale, num_images_per_prompt, generator,
                              latents, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
@@ -516,13 +518,13 @@ class FluxImg2ImgPipeline(FluxFamilyPipeline):
         self.check_inputs(prompt, prompt_2, height, width, negative_prompt, negative_prompt_2, prompt_embeds,
                           negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, output_type,
                           callback_on_step_end_tensor_inputs, num_images_per_prompt, max_sequence_length,
-                          num_inference_steps, sigmas, guidance_scale, true_cfg_scale)
+                          num_inference_steps, sigmas, guidance_scale, true_cfg_scale,
+                          cache=cache, cache_interval=cache_interval, cache_start=cache_start)
         check_flow_strength(strength, num_inference_steps, sigmas)
         if image is None:
             raise ValueError(f"{type(self).__name__} needs image (PIL images or numpy arrays in [0, 1])")
         _check_packed_latents(self, latents, prompt, prompt_embeds, num_images_per_prompt, height, width,
                               self.denoiser_latent_channels)
-        check_step_cache(self, cache, cache_interval, cache_start)
         return self.generate(task, prompt, prompt_2, negative_prompt, negative_prompt_2, true_cfg_scale, height,
                              width, num_inference_steps, sigmas, guidance_scale, num_images_per_prompt, generator,
                              latents, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
@@ -550,10 +552,10 @@ class FluxInpaintPipeline(FluxFamilyPipeline):
         self.check_inputs(prompt, prompt_2, height, width, negative_prompt, negative_prompt_2, prompt_embeds,
                           negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, output_type,
                           callback_on_step_end_tensor_inputs, num_images_per_prompt, max_sequence_length,
-                          num_inference_steps, sigmas, guidance_scale, true_cfg_scale)
+                          num_inference_steps, sigmas, guidance_scale, true_cfg_scale,
+                          cache=cache, cache_interval=cache_interval, cache_start=cache_start)
         check_inpaint_inputs(image, mask_image, strength, output_type, padding_mask_crop, None)
         check_flow_strength(strength, num_inference_steps, sigmas)
-        check_step_cache(self, cache, cache_interval, cache_start)
         return self.generate(task, prompt, prompt_2, negative_prompt, negative_prompt_2, true_cfg_scale, height,
                              width, num_inference_steps, sigmas, guidance_scale, num_images_per_prompt, generator,
                              latents, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
@@ -588,7 +590,8 @@ class FluxFillPipeline(FluxFamilyPipeline):
         height, width = task.size(self, height, width)
         self.check_inputs(prompt, prompt_2, height, width, None, None, prompt_embeds, None, pooled_prompt_embeds,
                           None, output_type, callback_on_step_end_tensor_inputs, num_images_per_prompt,
-                          max_sequence_length, num_inference_steps, sigmas, guidance_scale, 1.0)
+                          max_sequence_length, num_inference_steps, sigmas, guidance_scale, 1.0,
+                          cache=cache, cache_interval=cache_interval, cache_start=cache_start)
         check_flow_strength(strength, num_inference_steps, sigmas)
         if image is None:
             raise ValueError("FluxFillPipeline needs image, the picture to paint into")
@@ -598,7 +601,6 @@ class FluxFillPipeline(FluxFamilyPipeline):
             raise ValueError("pass either mask_image or masked_image_latents, not both")
         _check_packed_latents(self, latents, prompt, prompt_embeds, num_images_per_prompt, height, width,
                               self.denoiser_latent_channels)
-        check_step_cache(self, cache, cache_interval, cache_start)
         return self.generate(task, prompt, prompt_2, None, None, 1.0, height, width, num_inference_steps, sigmas,
                              guidance_scale, num_images_per_prompt, generator, latents, prompt_embeds,
                              pooled_prompt_embeds, None, None, output_type, return_dict, callback_on_step_end,

@@ -52,7 +52,7 @@ from diffship.pipelines.prompts import (
     run_text_encoder,
     warn_truncated,
 )
-from diffship.pipelines.step_cache import check_step_cache, step_cache
+from diffship.pipelines.step_cache import step_cache
 from diffship.pipelines.steps import as_generator, check_generation_options, retrieve_timesteps
 from diffship.pipelines.tasks import FlowImageToImage, FlowInpaint, Task, check_flow_strength, check_inpaint_inputs
 from diffship.pipelines.timing import STEP_STAGE, StageTimer, stage_of
@@ -195,7 +195,7 @@ class StableDiffusion3FamilyPipeline(DiffusionPipeline):
                      negative_prompt_3, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
                      negative_pooled_prompt_embeds, output_type, callback_on_step_end_tensor_inputs,
                      num_images_per_prompt, max_sequence_length, num_inference_steps, sigmas, guidance_scale,
-                     clip_skip) -> None:
+                     clip_skip, *, cache=None, cache_interval=None, cache_start=None) -> None:
         """diffusers' checks, and the ranges of the values it leaves unchecked, before any graph runs."""
         if height is not None or width is not None:
             check_image_size({"height": height, "width": width}, self.size_multiple)
@@ -205,7 +205,8 @@ class StableDiffusion3FamilyPipeline(DiffusionPipeline):
                       pooled_prompt_embeds, negative_pooled_prompt_embeds, "both CLIP encoders' pooled outputs")
         check_int(max_sequence_length, "max_sequence_length", 1, 512)
         check_generation_options(self, output_type, callback_on_step_end_tensor_inputs, num_images_per_prompt,
-                                 num_inference_steps, None, sigmas, guidance_scale, 0.0, 0.0)
+                                 num_inference_steps, None, sigmas, guidance_scale, 0.0, 0.0, cache, cache_interval,
+                                 cache_start)
         self.check_clip_skip(clip_skip)
 
     def check_clip_skip(self, clip_skip, name: str = "clip_skip") -> None:
@@ -439,10 +440,10 @@ class StableDiffusion3Pipeline(StableDiffusion3FamilyPipeline):
                           negative_prompt_3, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
                           negative_pooled_prompt_embeds, output_type, callback_on_step_end_tensor_inputs,
                           num_images_per_prompt, max_sequence_length, num_inference_steps, sigmas, guidance_scale,
-                          clip_skip)
+                          clip_skip,
+                          cache=cache, cache_interval=cache_interval, cache_start=cache_start)
         self.check_skip_guidance_layers(skip_guidance_layers, skip_layer_guidance_scale, skip_layer_guidance_start,
                                         skip_layer_guidance_stop)
-        check_step_cache(self, cache, cache_interval, cache_start)
         return self.generate(task, prompt, prompt_2, prompt_3, height, width, num_inference_steps, sigmas,
                              guidance_scale, negative_prompt, negative_prompt_2, negative_prompt_3,
                              num_images_per_prompt, generator, latents, prompt_embeds, negative_prompt_embeds,
@@ -473,11 +474,11 @@ class StableDiffusion3Img2ImgPipeline(StableDiffusion3FamilyPipeline):
                           negative_prompt_3, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
                           negative_pooled_prompt_embeds, output_type, callback_on_step_end_tensor_inputs,
                           num_images_per_prompt, max_sequence_length, num_inference_steps, sigmas, guidance_scale,
-                          clip_skip)
+                          clip_skip,
+                          cache=cache, cache_interval=cache_interval, cache_start=cache_start)
         check_flow_strength(strength, num_inference_steps, sigmas)
         if image is None:
             raise ValueError(f"{type(self).__name__} needs image (PIL images or numpy arrays in [0, 1])")
-        check_step_cache(self, cache, cache_interval, cache_start)
         return self.generate(task, prompt, prompt_2, prompt_3, height, width, num_inference_steps, sigmas,
                              guidance_scale, negative_prompt, negative_prompt_2, negative_prompt_3,
                              num_images_per_prompt, generator, latents, prompt_embeds, negative_prompt_embeds,
@@ -516,10 +517,10 @@ class StableDiffusion3InpaintPipeline(StableDiffusion3FamilyPipeline):
                           negative_prompt_3, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
                           negative_pooled_prompt_embeds, output_type, callback_on_step_end_tensor_inputs,
                           num_images_per_prompt, max_sequence_length, num_inference_steps, sigmas, guidance_scale,
-                          clip_skip)
+                          clip_skip,
+                          cache=cache, cache_interval=cache_interval, cache_start=cache_start)
         check_inpaint_inputs(image, mask_image, strength, output_type, padding_mask_crop, None)
         check_flow_strength(strength, num_inference_steps, sigmas)
-        check_step_cache(self, cache, cache_interval, cache_start)
         return self.generate(task, prompt, prompt_2, prompt_3, height, width, num_inference_steps, sigmas,
                              guidance_scale, negative_prompt, negative_prompt_2, negative_prompt_3,
                              num_images_per_prompt, generator, latents, prompt_embeds, negative_prompt_embeds,
