@@ -23,6 +23,8 @@ def test_tiny_model_export_generate(tmp_path, capsys):
     assert main(["export", str(tmp_path / "tiny"), str(tmp_path / "out"), "--backend", "onnx,openvino"]) == 0
     out = capsys.readouterr().out
     assert "unet" in out and "onnxruntime fp32 max abs" in out and "openvino fp32 max abs" in out
+    unet_line = next(line for line in out.splitlines() if line.strip().startswith("unet "))
+    assert "model_ort_cpu.onnx (" in unet_line and "attentions on MultiHeadAttention, for the CPU) max abs" in unet_line
 
     image = tmp_path / "img.png"
     assert main(["generate", str(tmp_path / "out"), "--prompt", "a red circle", "--prompt", "a blue square",

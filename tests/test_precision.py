@@ -187,8 +187,11 @@ def test_cleanup_takes_the_large_graph_route(exported_dirs, monkeypatch):
 def test_cpu_fusion_runs_every_attention_on_the_multihead_kernel(precision_exports, exported_dirs):
     """--optimize --target cpu: each of the UNet's attentions (one Softmax each in the plain export) is a
     MultiHeadAttention node, none onnxruntime's Attention (whose CPU kernel materialises the score matrix);
-    test_pass_bounds_report_and_images checks the same export's validation and images."""
+    test_pass_bounds_report_and_images checks the same export's validation and images. Its model.onnx is the
+    CPU graph already: no second one (layout.ORT_CPU_MODEL) beside it."""
     import onnx
+
+    from diffship.layout import ORT_CPU_MODEL
 
     def ops(path):
         return [n.op_type for n in onnx.load(str(path / "unet" / "model.onnx"), load_external_data=False).graph.node]
@@ -196,6 +199,7 @@ def test_cpu_fusion_runs_every_attention_on_the_multihead_kernel(precision_expor
     fused, plain = ops(precision_exports("optimize-fp32")), ops(exported_dirs("sd1"))
     assert "Attention" not in fused and "Softmax" not in fused
     assert fused.count("MultiHeadAttention") == plain.count("Softmax") > 0
+    assert not (precision_exports("optimize-fp32") / "unet" / ORT_CPU_MODEL).exists()
 
 
 def _attention_graph(channels: int, bias, extra_input: bool = False):

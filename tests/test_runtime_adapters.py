@@ -172,6 +172,28 @@ def test_the_map_covers_every_lora_layer_in_both_formats(swappable_exports):
     assert report_["components"]["unet"]["lora_weights"]["layers"] > 0
 
 
+
+def test_the_cpu_graph_reads_the_swappable_weights_where_they_lie(swappable_exports):
+    """onnxruntime on the CPU runs the unet's CPU graph (layout.ORT_CPU_MODEL; the state-by-state test above runs
+    LoRA swaps on it): it holds no weight of its own, every initializer points at model.onnx's weight file, which
+    is what a swap replaces by name."""
+    import onnx
+
+    from diffship.layout import ONNX_DATA, ONNX_MODEL, ORT_CPU_MODEL
+    from diffship.runtimes.onnxruntime import OnnxRuntimeSession
+
+    folder = swappable_exports("sd1") / "unet"
+    assert OnnxRuntimeSession(folder, cache_dir=False).path.endswith(ORT_CPU_MODEL)
+    cpu = onnx.load(str(folder / ORT_CPU_MODEL), load_external_data=False)
+    portable = onnx.load(str(folder / ONNX_MODEL), load_external_data=False)
+    external = {t.name: {e.key: e.value for e in t.external_data} for t in cpu.graph.initializer
+                if t.data_location == onnx.TensorProto.EXTERNAL}
+    assert external and all(entry["location"] == ONNX_DATA for entry in external.values())
+    assert external == {t.name: {e.key: e.value for e in t.external_data} for t in portable.graph.initializer
+                        if t.name in external}
+    assert (folder / ORT_CPU_MODEL).stat().st_size < 2 * (folder / ONNX_MODEL).stat().st_size
+
+
 def test_bad_runtime_loras_are_refused(swappable_exports, lora_files, exported_dirs, tmp_path):
     pipe = _pipeline(swappable_exports("sd1"), "onnxruntime")
     with pytest.raises(DiffshipError, match="does not exist"):

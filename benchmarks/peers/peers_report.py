@@ -83,8 +83,7 @@ def format_peers_markdown(report: dict, plot_name: str | None = None) -> str:
         "",
         f"{report['date']} · {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM, {m['os']} · "
         f"load average {load[0]} at start, {load_end[0]} at end (other jobs share this machine) · "
-        f"{report['duration_s'] / 60:.1f} min. Made by `flock /tmp/diffship-bench.lock .venv/bin/python "
-        f"benchmarks/compare_peers.py --size {s['height']}`.",
+        f"{report['duration_s'] / 60:.1f} min. Made by `python {report['command']}`.",
         "",
         f"Full-size Stable Diffusion 1.5 UNet, text encoder and VAE with random weights (fp32), text-to-image, "
         f"batch 1 with classifier-free guidance (UNet batch 2), {s['steps']} steps of {s['scheduler']} on every "

@@ -457,6 +457,10 @@ def cmd_export(args) -> None:
         if bf16 and bf16.get("bf16"):
             figures += (f"; bf16 inference max rel {bf16['bf16']['max_rel']:.2e} (rtol {bf16['bf16']['rtol']:g}): "
                         f"runs {bf16['choice']}")
+        cpu = entry.get("onnxruntime_cpu")
+        if cpu:
+            figures += (f"; {cpu['file']} ({cpu['multihead_attention']} attentions on MultiHeadAttention, for the "
+                        f"CPU) max abs {cpu['validation']['max_abs']:.2e}")
         print(f"  {name:<13} {figures}")
     for name, entry in report.get("tokenizers", {}).items():
         same = entry["checked_prompts"] - len(entry["mismatches"])

@@ -61,6 +61,10 @@ SOURCE_VAE = "vae"
 # Graph files, per format.
 ONNX_MODEL = "model.onnx"
 ONNX_DATA = "model.onnx_data"
+# The UNet-type graphs' copy for ONNX Runtime on the CPU, beside model.onnx (exporters/formats.py): attention as
+# onnxruntime's MultiHeadAttention (its tiled CPU kernel), reading model.onnx's weights (the same file and names).
+# model.onnx stays the portable graph that TensorRT, Optimum and other ONNX consumers read.
+ORT_CPU_MODEL = "model_ort_cpu.onnx"
 OPENVINO_MODEL = "openvino_model.xml"
 OPENVINO_WEIGHTS = "openvino_model.bin"
 GRAPH_FILES = (ONNX_MODEL, OPENVINO_MODEL)

@@ -22,7 +22,7 @@ from diffship.graphs.external_data import (
     save_model,
 )
 from diffship.graphs.model_io import on_disk
-from diffship.layout import LORA_COMPONENTS, ONNX_MODEL, TRANSFORMER
+from diffship.layout import LORA_COMPONENTS, ONNX_MODEL, ORT_CPU_MODEL, TRANSFORMER
 
 
 @dataclass
@@ -120,6 +120,43 @@ def export_onnx(traced: Traced, folder: Path, bounds, entry: dict) -> None:
             onnxruntime_validation_session(folder), "onnxruntime", precision=precision, **bounds(precision))
         release()  # the session's weights, before the next format loads its own
     entry["files"] += [f.name for f in files]
+    if writes_ort_cpu_graph(options, spec.name):
+        status("writing the CPU graph (attention on onnxruntime's kernel)")
+        cpu = _write_ort_cpu_graph(folder, traced.reference, precision, bounds(precision))
+        if cpu is not None:
+            entry["onnxruntime_cpu"] = cpu
+            entry["files"].append(ORT_CPU_MODEL)
+
+
+def writes_ort_cpu_graph(options, component: str) -> bool:
+    """Whether the ONNX export writes ORT_CPU_MODEL beside model.onnx for this component: fp32 UNet-type graphs
+    as traced (an --optimize export's model.onnx is already fused for its target; fp16 and quantized graphs
+    keep their own form)."""
+    from diffship.graphs.fusion import MULTIHEAD_COMPONENTS
+
+    return (component in MULTIHEAD_COMPONENTS and not options.optimize
+            and options.precision(component, "onnx") == "fp32")
+
+
+def _write_ort_cpu_graph(folder: Path, reference, precision: str, bound: dict) -> dict | None:
+    """model.onnx with its attention on onnxruntime's MultiHeadAttention (graphs/fusion.attention_as_multihead),
+    written as ORT_CPU_MODEL and validated against PyTorch at every shape set model.onnx was; None (nothing
+    written) where no attention was found. Its weights are model.onnx's: the external data file is shared
+    (read where it lies, never loaded here), weights held in the graph are copied with it."""
+    import onnx
+
+    from diffship.graphs.fusion import attention_as_multihead
+
+    model = onnx.load(str(folder / ONNX_MODEL), load_external_data=False)
+    count = attention_as_multihead(model)
+    if not count:
+        return None
+    onnx.save_model(model, str(folder / ORT_CPU_MODEL))
+    model = None
+    validation = reference.check(onnxruntime_validation_session(folder / ORT_CPU_MODEL), "onnxruntime (CPU graph)",
+                                 precision=precision, **bound)
+    release()
+    return {"file": ORT_CPU_MODEL, "multihead_attention": count, "validation": validation}
 
 
 def export_openvino(traced: Traced, folder: Path, bounds, entry: dict) -> None:

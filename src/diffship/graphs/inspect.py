@@ -155,6 +155,11 @@ def format_inspection(result: dict, max_ops: int = 8) -> str:
             v = entry.get("validation", {}).get(backend)
             if v:
                 lines.append(f"  validation {_figures(v)}")
+            cpu = entry.get("onnxruntime_cpu")
+            if graph["format"] == "onnx" and isinstance(cpu, dict) and cpu.get("validation"):
+                lines.append(f"  cpu graph {cpu.get('file')} beside it ({cpu.get('multihead_attention')} attentions "
+                             f"on MultiHeadAttention; what onnxruntime runs on the CPU): validation "
+                             f"{_figures(cpu['validation'])}")
             engine, v = entry.get("tensorrt"), entry.get("validation", {}).get("tensorrt")
             if graph["format"] == "onnx" and isinstance(engine, dict) and v:  # built from this graph, beside it
                 lines.append(f"  tensorrt engine {engine.get('engine')} for {engine.get('device')}, "

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from diffship.errors import BackendError, GPUUnavailableError
-from diffship.layout import ONNX_DATA, ONNX_MODEL
+from diffship.layout import ONNX_DATA, ONNX_MODEL, ORT_CPU_MODEL
 from diffship.runtimes.cache import cache_root, graph_key, remove_entry
 from diffship.runtimes.base import TensorInfo, check_feeds, run_error
 
@@ -116,7 +116,7 @@ class OnnxRuntimeSession:
             raise BackendError("cuda_graph=True is a CUDA provider setting: give provider='cuda'")
         path = Path(path)
         if path.is_dir():
-            path = path / ONNX_MODEL
+            path = graph_in(path, providers)
         if not path.is_file():
             raise BackendError(f"no ONNX model at {path}: export the component first (diffship export)")
         self.path = str(path)
@@ -259,10 +259,20 @@ class OnnxRuntimeSession:
     def settings(self) -> dict:
         options = self._session.get_session_options()
         return {"providers": self._session.get_providers(), "intra_op_num_threads": options.intra_op_num_threads,
-                "graph_optimization_level": str(options.graph_optimization_level)}
+                "graph_optimization_level": str(options.graph_optimization_level), "graph": Path(self.path).name}
 
     def __repr__(self) -> str:
         return f"OnnxRuntimeSession({self.path!r}, providers={self.providers})"
+
+
+def graph_in(folder: Path, providers: list) -> Path:
+    """The graph a session on a component folder loads: on the CPU alone, the export's CPU graph where it wrote
+    one (ORT_CPU_MODEL: attention on onnxruntime's tiled CPU kernel, validated against PyTorch like model.onnx),
+    else model.onnx. A session given a file loads that file."""
+    cpu = folder / ORT_CPU_MODEL
+    if [_name(p) for p in providers] == ["CPUExecutionProvider"] and cpu.is_file():
+        return cpu
+    return folder / ONNX_MODEL
 
 
 def _gpu_provider_options(providers: list, cache_dir, cuda_graph: bool) -> list[dict] | None:
