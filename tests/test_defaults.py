@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from diffship.errors import DiffshipError
-from diffship.layout import REPORT_FILE, UNET
+from diffship.layout import ORT_CPU_MODEL, REPORT_FILE, UNET
 from diffship.pipelines import StableDiffusionPipeline
 from diffship.runtimes.openvino import OpenVINOSession, has_bf16
 
@@ -138,7 +138,7 @@ def test_second_load_reads_the_compile_cache(exported_dirs, tmp_path):
     np.testing.assert_array_equal(first.run(feeds)["out_sample"], second.run(feeds)["out_sample"])
     (entries[0] / "model.onnx").write_bytes(b"not a graph")
     rebuilt = OnnxRuntimeSession(folder, cache_dir=tmp_path)
-    assert rebuilt._session._model_path == str(folder / "model.onnx")
+    assert rebuilt._session._model_path == str(folder / ORT_CPU_MODEL)  # the graph the folder's CPU session runs
     assert OnnxRuntimeSession(folder, cache_dir=tmp_path)._session._model_path.startswith(str(entries[0]))
 
     OpenVINOSession(folder, cache_dir=tmp_path / "ov").compile()
@@ -169,7 +169,7 @@ def test_a_cache_that_cannot_be_written_does_not_stop_a_load(exported_dirs, tmp_
     (staging / "model.onnx_data").mkdir(parents=True)
     monkeypatch.setattr(ort_runtime, "_staging", lambda cached: staging)
     session = ort_runtime.OnnxRuntimeSession(exported_dirs("sd1") / UNET, cache_dir=tmp_path / "cache")
-    assert session._session._model_path == str(exported_dirs("sd1") / UNET / "model.onnx")
+    assert session._session._model_path == str(exported_dirs("sd1") / UNET / ORT_CPU_MODEL)
     assert not staging.exists()
 
 
@@ -184,8 +184,27 @@ def test_a_re_export_replaces_its_cache_entry(exported_dirs, tmp_path):
     shutil.copytree(exported_dirs("sd1") / UNET, folder)
     OnnxRuntimeSession(folder, cache_dir=tmp_path / "cache")
     first = sorted((tmp_path / "cache" / "onnxruntime").iterdir())
-    stat = (folder / "model.onnx").stat()
-    os.utime(folder / "model.onnx", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # as a re-export would
+    for path in folder.iterdir():  # as a re-export would
+        stat = path.stat()
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     OnnxRuntimeSession(folder, cache_dir=tmp_path / "cache")
     second = sorted((tmp_path / "cache" / "onnxruntime").iterdir())
     assert len(first) == len(second) == 1 and first != second
+
+
+def test_the_cache_key_follows_the_weights_a_graph_reads(tmp_path):
+    """The CPU graph (ORT_CPU_MODEL) reads model.onnx's weight file: new weights there are a new key for both
+    graphs; another graph's own data file is not."""
+    from diffship.layout import ONNX_DATA, ONNX_MODEL
+    from diffship.runtimes.cache import graph_key
+
+    for name in (ONNX_MODEL, ORT_CPU_MODEL, ONNX_DATA, "other.onnx", "other.onnx_data"):
+        (tmp_path / name).write_bytes(b"x")
+    keys = {name: graph_key(tmp_path / name, "v") for name in (ONNX_MODEL, ORT_CPU_MODEL, "other.onnx")}
+    (tmp_path / ONNX_DATA).write_bytes(b"new weights")
+    assert graph_key(tmp_path / ONNX_MODEL, "v") != keys[ONNX_MODEL]
+    assert graph_key(tmp_path / ORT_CPU_MODEL, "v") != keys[ORT_CPU_MODEL]
+    before = graph_key(tmp_path / ORT_CPU_MODEL, "v")
+    (tmp_path / "other.onnx_data").write_bytes(b"changed")
+    assert graph_key(tmp_path / ORT_CPU_MODEL, "v") == before
+    assert graph_key(tmp_path / "other.onnx", "v") != keys["other.onnx"]

@@ -16,6 +16,8 @@ import platform
 import shutil
 from pathlib import Path
 
+from diffship.layout import ONNX_DATA
+
 CACHE_ENV = "DIFFSHIP_CACHE_DIR"
 
 
@@ -45,10 +47,12 @@ def _cpu_model() -> str:
 def graph_key(model_file: Path, *parts: str) -> str:
     """A key for `model_file` as it is now: its path, and the size and modification time of it and its external
     data files (a re-export changes them; reading gigabytes of weights to hash them would cost what the cache
-    saves), with `parts` (runtime version, options) and the CPU."""
+    saves), with `parts` (runtime version, options) and the CPU. The export's ONNX weight file counts for every
+    graph beside it: the CPU graph (ORT_CPU_MODEL) reads model.onnx's."""
     model_file = Path(model_file).resolve()
+    weights = (model_file.name + "_data", ONNX_DATA)
     files = [model_file] + sorted(p for p in model_file.parent.iterdir()
-                                  if p.is_file() and p.name.startswith(model_file.name + "_data")
+                                  if p.is_file() and p.name.startswith(weights)
                                   or p.suffix == ".bin" and p.stem == model_file.stem)
     digest = hashlib.sha256()
     for path in files:
