@@ -35,9 +35,10 @@ def count_flops(onnx_path: str | os.PathLike, input_shapes: dict[str, list[int]]
     read, not the weights."""
     import onnx
 
+    from diffship.graphs.external_data import weights_as_inputs
+
     onnx_path = Path(onnx_path)
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    _load_small_external_constants(model, onnx_path.parent)
+    model = weights_as_inputs(onnx.load(str(onnx_path), load_external_data=False), onnx_path.parent)
     for graph_input in model.graph.input:
         if graph_input.name in input_shapes:
             dims = graph_input.type.tensor_type.shape.dim
@@ -73,27 +74,6 @@ def count_flops(onnx_path: str | os.PathLike, input_shapes: dict[str, list[int]]
             macs = math.prod(output) * (a[0] if trans_a else a[-1])
         by_op[node.op_type] += 2 * macs
     return {"flops": sum(by_op.values()), "by_op": by_op, "uncounted_nodes": uncounted, "shape_inference": how}
-
-
-def _load_small_external_constants(model, folder: Path, max_elements: int = 1024) -> None:
-    """Shape constants (Reshape targets and the like) in the external data file are read into the graph: shape
-    inference needs their values. The weights become graph inputs of their shape: it needs only that."""
-    from onnx import helper
-    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
-
-    weights = []
-    for tensor in model.graph.initializer:
-        if not uses_external_data(tensor):
-            continue
-        if math.prod(tensor.dims) <= max_elements:
-            load_external_data_for_tensor(tensor, str(folder))
-            tensor.data_location = 0  # DEFAULT: the data is in the proto now
-            del tensor.external_data[:]
-        else:
-            weights.append(tensor)
-    for tensor in weights:
-        model.graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
-        model.graph.initializer.remove(tensor)
 
 
 def _infer_shapes(model):

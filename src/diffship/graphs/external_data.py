@@ -9,6 +9,7 @@ export's peak. The files are laid out as onnx's writer lays them out: tensors in
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -75,6 +76,32 @@ def attribute_tensors(model: onnx.ModelProto):
 
 def is_external(tensor: onnx.TensorProto) -> bool:
     return tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def weights_as_inputs(model: onnx.ModelProto, base_dir: str | Path | None = None,
+                      max_elements: int = 1024) -> onnx.ModelProto:
+    """A copy of `model` for shape or type inference, which needs the weights' types and shapes only: every
+    initializer past `max_elements` becomes a graph input of its type and shape; the small ones (Reshape targets
+    and the like, whose values inference reads) stay, those in external data read from `base_dir` (without it,
+    they become inputs too). `model` is left as it is, its weights never loaded."""
+    from onnx import helper
+
+    small, weights = [], []
+    for tensor in model.graph.initializer:
+        if math.prod(tensor.dims) > max_elements or (is_external(tensor) and base_dir is None):
+            weights.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+            continue
+        copy = onnx.TensorProto()
+        copy.CopyFrom(tensor)
+        if is_external(copy):
+            load_external_data_for_tensor(copy, str(base_dir))
+            copy.data_location = onnx.TensorProto.DEFAULT  # the data is in the proto now
+            del copy.external_data[:]
+        small.append(copy)
+    graph = helper.make_graph(model.graph.node, model.graph.name, [*model.graph.input, *weights],
+                              model.graph.output, small, value_info=model.graph.value_info)
+    return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version,
+                             functions=model.functions)
 
 
 def tensor_bytes(model: onnx.ModelProto, base_dir: str | Path | None = None) -> int:

@@ -12,7 +12,7 @@ import contextlib
 import numpy as np
 import onnx
 
-from diffship.graphs.external_data import is_external
+from diffship.graphs.external_data import weights_as_inputs
 from diffship.layout import (
     CONTROLNET,
     TEXT_ENCODER,
@@ -209,7 +209,7 @@ def attention_as_multihead(model: onnx.ModelProto) -> int:
         value_info = list(model.graph.value_info)
         # Element types from ONNX's type inference, which reads no weight (onnxruntime's symbolic shape inference
         # would check the weights are there), for the Cast removal below.
-        model.graph.value_info.extend(onnx.shape_inference.infer_shapes(_without_weights(model)).graph.value_info)
+        model.graph.value_info.extend(onnx.shape_inference.infer_shapes(weights_as_inputs(model)).graph.value_info)
         wrapped = sys.modules["onnx_model_unet"].UnetOnnxModel(model)
         wrapped.disable_shape_inference()
         # What onnxruntime's UNet optimizer does before its attention fusion, so that its matcher sees the form
@@ -232,20 +232,6 @@ def attention_as_multihead(model: onnx.ModelProto) -> int:
         if not any(o.domain == "com.microsoft" for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return rewritten
-
-
-def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    """`model` for type inference alone: its weights declared as graph inputs of their type and shape (small
-    tensors, such as Reshape's shapes, stay initializers: inference reads their values)."""
-    from onnx import helper
-
-    small = [t for t in model.graph.initializer if not is_external(t) and len(t.raw_data) <= 1024]
-    kept = {t.name for t in small}
-    weights = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-               for t in model.graph.initializer if t.name not in kept]
-    graph = helper.make_graph(model.graph.node, model.graph.name, [*model.graph.input, *weights],
-                              model.graph.output, small)
-    return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
 
 
 def _optimize(model, model_type, options, target):
